@@ -1,0 +1,347 @@
+//! The dataplane's contract: every map key, map value and constant that the XDP program and the
+//! control plane both touch, defined once.
+//!
+//! `#![no_std]` so the XDP crate can use it; with the `user` feature the types implement
+//! `aya::Pod` for the control plane. Every struct is `#[repr(C)]` with explicit padding (always
+//! zeroed) so both sides agree on the bytes, and every address field holds 16 bytes so IPv6 fits
+//! without a layout change. Addresses and ports are kept in network byte order, exactly as they
+//! appear in the packet, so the XDP program never swaps bytes on the fast path.
+//!
+//! The pure decisions that must behave identically in the kernel and in tests (the WLC
+//! comparison, the TCP state machine, which states count as active) live here too, so the unit
+//! tests exercise the very code the XDP program runs.
+#![no_std]
+
+pub mod sched;
+pub mod state;
+
+/// Largest number of virtual services; service ids index per-service arrays.
+pub const MAX_SERVICES: u32 = 4096;
+/// Largest number of real servers over all services; real ids index per-real arrays.
+pub const MAX_REALS: u32 = 65536;
+/// Real servers one service can schedule over (bounded loop in the XDP scheduler).
+pub const MAX_REALS_PER_SERVICE: usize = 256;
+/// Real sets are double-buffered: the control plane writes the idle copy, then flips the
+/// service's `realset` index, so the XDP program never sees a half-written set.
+pub const MAX_REALSETS: u32 = MAX_SERVICES * 2;
+/// Default size of the connection table (the control plane may resize it at load time).
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// "No real" marker in real-id fields.
+pub const NO_REAL: u32 = u32::MAX;
+
+/// Address family codes used in keys (ours, not the kernel's AF_* numbers).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Map names, shared so the loader never spells one differently from the program.
+pub mod maps {
+    pub const SERVICES: &str = "SERVICES";
+    pub const REALSETS: &str = "REALSETS";
+    pub const REALS: &str = "REALS";
+    pub const REAL_CONNS: &str = "REAL_CONNS";
+    pub const REAL_STATS: &str = "REAL_STATS";
+    pub const SERVICE_STATE: &str = "SERVICE_STATE";
+    pub const CONNS: &str = "CONNS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const STATS: &str = "STATS";
+}
+
+/// Program names in the object.
+pub mod progs {
+    /// The packet path, attached to the director's interface.
+    pub const XDP_MAIN: &str = "xdpvs";
+    /// Retires one connection-table entry exactly once; run by the control plane through
+    /// BPF_PROG_TEST_RUN so expiry and packet-driven state changes serialise on the entry.
+    pub const XDP_EXPIRE: &str = "xdpvs_expire";
+}
+
+/// An IPv4 or IPv6 address in network byte order; IPv4 uses `w[0]` and leaves the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+pub struct Addr {
+    pub w: [u32; 4],
+}
+
+/// Key of `SERVICES`: a virtual service as the packet names it.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Scheduler kinds, per service.
+pub mod sched_kind {
+    pub const WLC: u8 = 0;
+    pub const LC: u8 = 1;
+    pub const RR: u8 = 2;
+    pub const WRR: u8 = 3;
+    pub const SH: u8 = 4;
+    pub const MH: u8 = 5;
+}
+
+/// Forwarding methods, per service.
+pub mod fwd_kind {
+    /// Direct routing: rewrite MACs only; the real answers the client itself.
+    pub const DR: u8 = 0;
+    pub const NAT: u8 = 1;
+    pub const TUNNEL: u8 = 2;
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Service {
+    /// Index into per-service arrays (`SERVICE_STATE`).
+    pub id: u32,
+    /// Index into `REALSETS` of the set currently in force.
+    pub realset: u32,
+    /// Real used for new connections while no real in the set may take one; `NO_REAL` if none.
+    pub fallback: u32,
+    pub sched: u8,
+    pub fwd: u8,
+    pub flags: u8,
+    pub _pad0: u8,
+    /// Persistence (client affinity) timeout in seconds; 0 = off. Reserved for persistence.
+    pub persist_timeout_s: u32,
+    /// Persistence netmask (prefix length); reserved.
+    pub persist_prefix: u8,
+    pub _pad1: [u8; 3],
+}
+
+/// One entry of a real set: which real, with which effective weight.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct RealSlot {
+    pub real: u32,
+    /// Effective weight: configured weight unless health or an operator says otherwise; 0 takes
+    /// no new connections.
+    pub weight: u32,
+}
+
+/// Value of `REALSETS`: the reals a service schedules over, in configuration order.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct RealSet {
+    pub count: u32,
+    pub _pad: u32,
+    pub slots: [RealSlot; MAX_REALS_PER_SERVICE],
+}
+
+impl Default for RealSet {
+    fn default() -> Self {
+        RealSet {
+            count: 0,
+            _pad: 0,
+            slots: [RealSlot::default(); MAX_REALS_PER_SERVICE],
+        }
+    }
+}
+
+/// Real flags.
+pub const REAL_F_VALID: u8 = 1;
+
+/// Value of `REALS`, indexed by real id: where to send a connection's packets.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Real {
+    pub addr: Addr,
+    /// Network byte order; the destination port for NAT.
+    pub port: u16,
+    pub family: u8,
+    /// `REAL_F_VALID` while the real exists; connections to a real without it are cut.
+    pub flags: u8,
+    pub _pad: u32,
+}
+
+/// Value of `REAL_CONNS`, indexed by real id: live connection counts, changed with atomic adds
+/// by every writer (any CPU's packet path, the expiry program), read by the scheduler.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct RealConns {
+    pub active: u64,
+    pub inactive: u64,
+}
+
+/// Value of `REAL_STATS` (per-CPU), indexed by real id: monotonic traffic counters.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct RealStats {
+    /// Connections scheduled to this real.
+    pub conns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Value of `SERVICE_STATE`, indexed by service id: scheduler state that outlives one packet.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct ServiceState {
+    /// Round-robin cursor (rr/wrr), advanced atomically.
+    pub rr_cursor: u64,
+}
+
+/// Key of `CONNS`: a flow as the client sends it.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+pub struct ConnKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `CONNS`: one tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Conn {
+    pub real: u32,
+    pub service: u32,
+    /// One of `state::*`; changed only by compare-and-swap so that each transition's counter
+    /// update happens exactly once however many CPUs see the flow.
+    pub state: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at creation.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// NAT translation (reserved for NAT forwarding): the real's address and port.
+    pub nat_addr: Addr,
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `SETTINGS` (one element): runtime configuration the XDP program reads per packet.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Settings {
+    /// Idle timeouts in nanoseconds, by connection state (index = `state::*`).
+    pub timeout_ns: [u64; state::COUNT],
+    pub flags: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        const S: u64 = 1_000_000_000;
+        let mut timeout_ns = [0u64; state::COUNT];
+        timeout_ns[state::SYN_RECV as usize] = 60 * S;
+        timeout_ns[state::ESTABLISHED as usize] = 900 * S;
+        timeout_ns[state::FIN_WAIT as usize] = 120 * S;
+        timeout_ns[state::CLOSE as usize] = 10 * S;
+        timeout_ns[state::UDP as usize] = 300 * S;
+        Settings {
+            timeout_ns,
+            flags: 0,
+        }
+    }
+}
+
+/// Request passed as the "packet" to `XDP_EXPIRE` through BPF_PROG_TEST_RUN.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct ExpireRequest {
+    pub key: ConnKey,
+    /// `EXPIRE_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Retire the entry even if it is not idle (its real was removed with connections cut).
+pub const EXPIRE_F_FORCE: u32 = 1;
+
+/// Return codes of `XDP_EXPIRE` (XDP action numbers, since that is what test-run reports).
+pub mod expire_rc {
+    /// Entry retired and counters adjusted.
+    pub const RETIRED: u32 = 2; // XDP_PASS
+    /// Entry missing, still live, or retired by someone else.
+    pub const KEPT: u32 = 1; // XDP_DROP
+}
+
+/// Indexes of `STATS` (per-CPU u64 counters of what the dataplane did with packets).
+pub mod stat {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed to the kernel.
+    pub const PASS_NOT_IP: u32 = 0;
+    /// IP but not to a virtual service: passed.
+    pub const PASS_NOT_VIP: u32 = 1;
+    /// Sent back out of the ingress interface (XDP_TX).
+    pub const TX: u32 = 2;
+    /// Redirected to another interface.
+    pub const REDIRECT: u32 = 3;
+    /// Header truncated or inconsistent: never forwarded.
+    pub const MALFORMED: u32 = 4;
+    /// A new connection found no real with weight > 0 and no fallback.
+    pub const DROP_NO_REAL: u32 = 5;
+    /// The real's next hop has no resolved MAC yet.
+    pub const DROP_NO_NEIGH: u32 = 6;
+    /// Route lookup to the real failed.
+    pub const DROP_FIB: u32 = 7;
+    /// Connection table full: forwarded without tracking.
+    pub const CONNTRACK_FULL: u32 = 8;
+    /// New connections scheduled.
+    pub const NEW_CONN: u32 = 9;
+    /// Mid-flow TCP packet with no connection entry: dropped (never guessed to a real).
+    pub const DROP_NO_CONN: u32 = 10;
+    /// Packet of a connection whose real was removed: dropped, entry retired.
+    pub const DROP_REAL_GONE: u32 = 11;
+    /// IPv4 fragment to a virtual service address: dropped (no L4 header to schedule on).
+    pub const DROP_FRAGMENT: u32 = 12;
+    pub const COUNT: u32 = 16;
+}
+
+/// Human names for `stat::*`, in index order (labels of `xdpvs_dataplane_packets_total`).
+pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
+    "pass_not_ip",
+    "pass_not_vip",
+    "tx",
+    "redirect",
+    "malformed",
+    "drop_no_real",
+    "drop_no_neigh",
+    "drop_fib",
+    "conntrack_full",
+    "new_conn",
+    "drop_no_conn",
+    "drop_real_gone",
+    "drop_fragment",
+    "unused13",
+    "unused14",
+    "unused15",
+];
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)], Copy, made of integers with explicit padding fields, so every
+    // bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for RealSet {}
+    unsafe impl aya::Pod for Real {}
+    unsafe impl aya::Pod for RealConns {}
+    unsafe impl aya::Pod for RealStats {}
+    unsafe impl aya::Pod for ServiceState {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for Conn {}
+    unsafe impl aya::Pod for Settings {}
+}
+
+// Layout guards: a size change here is a change to the dataplane ABI.
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<Service>() == 24);
+const _: () = assert!(core::mem::size_of::<Real>() == 24);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
+const _: () = assert!(core::mem::size_of::<Conn>() == 56);
+const _: () = assert!(core::mem::size_of::<ExpireRequest>() == 48);
+const _: () = assert!(core::mem::size_of::<RealSet>() == 8 + 8 * MAX_REALS_PER_SERVICE);

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Idempotent machine setup for building and testing xdpvs (Debian 12, root).
+# Installs the Debian toolchain used for the eBPF crate (see shared/TOOLCHAIN.md),
+# the lab's tools, and bpf-linker. Safe to run repeatedly: it only installs what is missing.
+set -euo pipefail
+
+PKGS=(rustc-web cargo-web rust-web-src llvm-22-dev clang-19 bpftool iproute2 ethtool
+      nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng)
+
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The Debian nginx package starts a default server on :80 in the root namespace; the lab
+    # runs its own instances inside namespaces, so keep the system one stopped.
+    (systemctl disable --now nginx 2>/dev/null || service nginx stop 2>/dev/null || pkill -x nginx) >/dev/null 2>&1 || true
+fi
+
+if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
+    echo "setup: building bpf-linker 0.13.0 against LLVM 22 (a few minutes, once)"
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
+        --no-default-features --features llvm-22
+fi
+echo "setup: ok"
