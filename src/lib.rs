@@ -6,4 +6,6 @@
 //! real for every new connection from those maps.
 
 pub mod config;
+pub mod dataplane;
 pub mod health;
+pub mod state;

@@ -1,1 +1,197 @@
-//! Health checks (in progress).
+//! Health checks, in the manner of keepalived's `check/` (and ldirectord's checkers).
+//!
+//! A director must stop sending new connections to a real that no longer serves. This module
+//! finds out which reals serve: it probes each one periodically with the check its configuration
+//! names ([`CheckConfig`]) and turns the stream of probe results into an up/down state with
+//! rise/fall hysteresis, so one lost packet does not flap a real.
+//!
+//! How it fits together:
+//!
+//! * one checker per module ([`tcp`], [`http`] for HTTP and HTTPS, [`exec`], [`dns`]), all behind
+//!   [`probe`], which dispatches on [`CheckKind`] and bounds the whole probe by `cfg.timeout`;
+//! * [`machine`] holds the rise/fall state machine, written once, outside the checkers;
+//! * [`scheduler`] runs one task per (service, real) on tokio, feeds results to the state machine
+//!   and sends a [`HealthEvent`] per result on a channel.
+//!
+//! The caller (the daemon) owns the consequences: it applies transitions to the dataplane (the
+//! real's effective weight, or its removal, per the service's `on_failure`) and records metrics.
+//! Nothing here touches the dataplane.
+
+pub mod dns;
+pub mod exec;
+pub mod http;
+pub mod machine;
+pub mod scheduler;
+pub mod tcp;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use crate::config::{CheckConfig, CheckKind, Initially};
+pub use machine::{HealthState, Transition};
+pub use scheduler::{HealthChecker, HealthEvent, Target};
+
+/// Why a probe failed: a short, human-readable reason ("connection refused", "status 503",
+/// "timeout after 500ms"), shown in logs, `list` output and events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure(String);
+
+impl Failure {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Failure(reason.into())
+    }
+
+    /// "timeout after 500ms".
+    pub fn timeout(after: Duration) -> Self {
+        Failure(format!("timeout after {}", fmt_duration(after)))
+    }
+
+    /// A short reason for a socket error ("connection refused", "host unreachable", ...).
+    pub fn io(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        let short = match e.kind() {
+            K::ConnectionRefused => "connection refused",
+            K::ConnectionReset => "connection reset",
+            K::ConnectionAborted => "connection aborted",
+            K::TimedOut => "timed out",
+            K::AddrNotAvailable => "address not available",
+            K::UnexpectedEof => "connection closed",
+            _ => match e.raw_os_error() {
+                Some(libc::EHOSTUNREACH) => "host unreachable",
+                Some(libc::ENETUNREACH) => "network unreachable",
+                _ => return Failure(e.to_string()),
+            },
+        };
+        Failure(short.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The port a check connects to: the check's `port`, else the real's.
+pub fn check_port(cfg: &CheckConfig, real: SocketAddr) -> u16 {
+    cfg.port.unwrap_or(real.port())
+}
+
+/// The address a check connects to: the real's IP and [`check_port`].
+pub fn check_addr(cfg: &CheckConfig, real: SocketAddr) -> SocketAddr {
+    SocketAddr::new(real.ip(), check_port(cfg, real))
+}
+
+/// Runs one probe of `real` (its IP; the port is [`check_port`]). `Ok(())` means up.
+///
+/// The whole probe (connect, TLS, request, body) is bounded by `cfg.timeout`. `exec` and `dns`
+/// apply the same timeout themselves: `exec` must kill the command's process group rather than
+/// merely drop it, and `dns` reports a silent server as "no answer".
+pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
+    match cfg.kind {
+        CheckKind::None => Ok(()),
+        CheckKind::Off => Err(Failure::new("check type off")),
+        CheckKind::Exec => exec::probe(cfg, real).await,
+        CheckKind::Tcp => bounded(cfg.timeout, tcp::probe(cfg, real)).await,
+        CheckKind::Http => bounded(cfg.timeout, http::probe(cfg, real, false)).await,
+        CheckKind::Https => bounded(cfg.timeout, http::probe(cfg, real, true)).await,
+        CheckKind::Dns => dns::probe(cfg, real).await,
+    }
+}
+
+async fn bounded<F>(limit: Duration, fut: F) -> Result<(), Failure>
+where
+    F: std::future::Future<Output = Result<(), Failure>>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::timeout(limit)),
+    }
+}
+
+/// "500ms", "2s", "1.5s": durations as operators write them.
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    let (secs, rem) = (ms / 1000, ms % 1000);
+    match (secs, rem) {
+        (0, 0) if !d.is_zero() => format!("{}us", d.as_micros()),
+        (0, _) => format!("{ms}ms"),
+        (_, 0) => format!("{secs}s"),
+        _ => {
+            let frac = format!("{rem:03}");
+            format!("{secs}.{}s", frac.trim_end_matches('0'))
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+
+    /// A check of `kind` with short test timings.
+    pub fn cfg(kind: CheckKind) -> CheckConfig {
+        CheckConfig {
+            kind,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+            ..CheckConfig::default_tcp()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(fmt_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(fmt_duration(Duration::from_secs(2)), "2s");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(fmt_duration(Duration::ZERO), "0ms");
+        assert_eq!(
+            Failure::timeout(Duration::from_millis(500)).to_string(),
+            "timeout after 500ms"
+        );
+    }
+
+    #[test]
+    fn io_reasons() {
+        let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(Failure::io(&e).as_str(), "connection refused");
+        let e = std::io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert_eq!(Failure::io(&e).as_str(), "host unreachable");
+    }
+
+    #[tokio::test]
+    async fn none_and_off() {
+        let real: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(probe(&testutil::cfg(CheckKind::None), real).await, Ok(()));
+        assert_eq!(
+            probe(&testutil::cfg(CheckKind::Off), real).await,
+            Err(Failure::new("check type off"))
+        );
+    }
+
+    #[test]
+    fn addresses() {
+        let real: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let mut c = testutil::cfg(CheckKind::Tcp);
+        assert_eq!(check_addr(&c, real), real);
+        c.port = Some(8080);
+        assert_eq!(check_addr(&c, real), "10.0.0.1:8080".parse().unwrap());
+    }
+}

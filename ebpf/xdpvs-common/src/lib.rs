@@ -116,6 +116,10 @@ pub struct Service {
     pub _pad1: [u8; 3],
 }
 
+/// Service flag: removed from the configuration, kept only so its open connections can finish;
+/// new connections are not accepted (passed to the kernel as for any non-service address).
+pub const SVC_F_DRAINING: u8 = 1;
+
 /// One entry of a real set: which real, with which effective weight.
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]

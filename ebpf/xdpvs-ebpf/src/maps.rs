@@ -1,0 +1,48 @@
+//! The maps, declared once; their types and names come from `xdpvs-common`.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use xdpvs_common::{
+    Conn, ConnKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
+    Settings, DEFAULT_CONN_TABLE_SIZE, MAX_REALS, MAX_REALSETS, MAX_SERVICES,
+};
+
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "REALSETS")]
+pub static REALSETS: Array<RealSet> = Array::with_max_entries(MAX_REALSETS, 0);
+
+#[map(name = "REALS")]
+pub static REALS: Array<Real> = Array::with_max_entries(MAX_REALS, 0);
+
+#[map(name = "REAL_CONNS")]
+pub static REAL_CONNS: Array<RealConns> = Array::with_max_entries(MAX_REALS, 0);
+
+#[map(name = "REAL_STATS")]
+pub static REAL_STATS: PerCpuArray<RealStats> = PerCpuArray::with_max_entries(MAX_REALS, 0);
+
+#[map(name = "SERVICE_STATE")]
+pub static SERVICE_STATE: Array<ServiceState> = Array::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "CONNS")]
+pub static CONNS: HashMap<ConnKey, Conn> = HashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
+
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(xdpvs_common::stat::COUNT, 0);
+
+/// Bumps one of the per-CPU `stat::*` counters.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        unsafe { *p += 1 };
+    }
+}
+
+/// Per-CPU scratch for the scheduler's running best (see `schedule::Best`).
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::schedule::Best> = PerCpuArray::with_max_entries(1, 0);

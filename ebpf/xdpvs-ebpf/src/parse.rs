@@ -1,0 +1,219 @@
+//! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4, TCP/UDP.
+//!
+//! Every read is bounds-checked against the frame's end (the verifier insists, and a truncated
+//! or lying header must never be forwarded). Anything we do not balance is passed to the kernel
+//! untouched; anything claiming to be IPv4 but inconsistent is dropped and counted.
+use aya_ebpf::programs::XdpContext;
+use xdpvs_common::{
+    stat, state::TCP_ACK, state::TCP_SYN, Addr, ConnKey, ServiceKey, FAMILY_V4, PROTO_TCP,
+    PROTO_UDP,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_MIN_HLEN: usize = 20;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+
+/// What the forwarder needs to know about a packet, addresses and ports in network order.
+pub struct Packet {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub tcp_flags: u8,
+    /// First fragment of a fragmented datagram.
+    pub fragment: bool,
+    /// IP total length (host order), for route lookups and byte counters.
+    pub ip_len: u16,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+
+    #[inline(always)]
+    pub fn conn_key(&self) -> ConnKey {
+        ConnKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// A connection-opening SYN (not a SYN-ACK).
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+pub enum Parsed {
+    Packet(Packet),
+    /// Not ours: hand to the kernel; the `stat::*` to count.
+    Pass(u32),
+    /// Broken: drop; the `stat::*` to count.
+    Drop(u32),
+}
+
+/// Pointer to a `T` at `off` bytes into the frame, if it lies wholly inside it.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
+    at::<[u8; 2]>(ctx, off).map(|p| u16::from_be_bytes(unsafe { *p }))
+}
+
+/// The IPv4 header's fixed part, as on the wire.
+#[repr(C)]
+struct Ipv4Hdr {
+    vihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    csum: [u8; 2],
+    src: u32,
+    dst: u32,
+}
+
+/// The first bytes of a TCP header (ports, sequence numbers, offset and flags); UDP uses the
+/// first 8 (ports, length, checksum).
+#[repr(C)]
+struct L4Hdr {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    doff: u8,
+    flags: u8,
+}
+
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let mut ethertype = match be16(ctx, 12) {
+        Some(t) => t,
+        None => return Parsed::Drop(stat::MALFORMED),
+    };
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = match be16(ctx, 16) {
+            Some(t) => t,
+            None => return Parsed::Drop(stat::MALFORMED),
+        };
+        l3 += 4;
+    }
+    if ethertype != ETH_P_IP {
+        return Parsed::Pass(stat::PASS_NOT_IP);
+    }
+    parse_ipv4(ctx, l3)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
+    let ip = match at::<Ipv4Hdr>(ctx, l3) {
+        Some(p) => unsafe { &*p },
+        None => return Parsed::Drop(stat::MALFORMED),
+    };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Parsed::Drop(stat::MALFORMED);
+    }
+    let tot_len = u16::from_be_bytes(ip.tot_len);
+    // The IP length must cover the header and fit in the frame (trailing padding is fine).
+    if (tot_len as usize) < ihl || ctx.data() + l3 + tot_len as usize > ctx.data_end() {
+        return Parsed::Drop(stat::MALFORMED);
+    }
+    let proto = ip.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::Pass(stat::PASS_NOT_VIP);
+    }
+    let frag = u16::from_be_bytes(ip.frag);
+    if frag & 0x1fff != 0 {
+        // A later fragment: no ports to match a service on. The kernel reassembles or drops it.
+        return Parsed::Pass(stat::PASS_NOT_VIP);
+    }
+    let more_fragments = frag & 0x2000 != 0;
+    let (src, dst) = (ip.src, ip.dst);
+    let l4_len = tot_len as usize - ihl;
+    let min_len = if proto == PROTO_TCP {
+        TCP_MIN_HLEN
+    } else {
+        UDP_HLEN
+    };
+    if l4_len < min_len {
+        return Parsed::Drop(stat::MALFORMED);
+    }
+    let l4 = match at::<L4Hdr>(ctx, l3 + ihl) {
+        Some(p) => unsafe { &*p },
+        // A UDP datagram shorter than a TCP header is fine: re-read just its ports.
+        None if proto == PROTO_UDP => {
+            return match at::<[u16; 2]>(ctx, l3 + ihl) {
+                Some(p) => {
+                    let ports = unsafe { *p };
+                    packet(src, dst, ports[0], ports[1], proto, 0, more_fragments, tot_len)
+                }
+                None => Parsed::Drop(stat::MALFORMED),
+            };
+        }
+        None => return Parsed::Drop(stat::MALFORMED),
+    };
+    let mut tcp_flags = 0;
+    if proto == PROTO_TCP {
+        let hlen = ((l4.doff >> 4) as usize) * 4;
+        if hlen < TCP_MIN_HLEN || l4_len < hlen {
+            return Parsed::Drop(stat::MALFORMED);
+        }
+        tcp_flags = l4.flags;
+    }
+    packet(src, dst, l4.sport, l4.dport, proto, tcp_flags, more_fragments, tot_len)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn packet(
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    tcp_flags: u8,
+    fragment: bool,
+    ip_len: u16,
+) -> Parsed {
+    Parsed::Packet(Packet {
+        src: Addr { w: [src, 0, 0, 0] },
+        dst: Addr { w: [dst, 0, 0, 0] },
+        sport,
+        dport,
+        proto,
+        family: FAMILY_V4,
+        tcp_flags,
+        fragment,
+        ip_len,
+    })
+}

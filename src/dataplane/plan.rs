@@ -1,0 +1,586 @@
+//! What a reload (or a health change) does to the maps: the diff from the last applied state
+//! to a new [`Desired`] snapshot, as an ordered list of map writes.
+//!
+//! Pure and deterministic, so it is tested without a kernel. Three rules keep live traffic
+//! safe while the maps change underneath it:
+//! - ids are stable: a service or real that stays keeps its id, so its connections, counters and
+//!   scheduler state carry on;
+//! - a service's real set is written to the idle one of its two buffers before the service entry
+//!   is pointed at it, so the XDP program never reads a half-written set;
+//! - a real's id is freed only once no connection counts against it, so a tracked flow can never
+//!   be delivered to a different real that reused the id.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+
+use xdpvs_common::{
+    Real, RealSet, RealSlot, Service, ServiceKey, Settings, MAX_REALS, MAX_REALS_PER_SERVICE,
+    MAX_SERVICES, NO_REAL, REAL_F_VALID, SVC_F_DRAINING,
+};
+
+use crate::config::Timeouts;
+use crate::state::{addr, Desired};
+
+/// One write to the dataplane's maps, in the order it must happen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Zero `REAL_CONNS[id]` and `REAL_STATS[id]` before the id's first use.
+    ResetReal(u32),
+    Real(u32, Real),
+    RealSet(u32, Box<RealSet>),
+    Service(ServiceKey, Service),
+    DeleteService(ServiceKey),
+    Settings(Settings),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("too many services (the dataplane holds {MAX_SERVICES})")]
+    TooManyServices,
+    #[error("too many real servers (the dataplane holds {MAX_REALS} over all services)")]
+    TooManyReals,
+}
+
+/// Identifies a real's dataplane id: (service key, real address).
+type RealKey = (ServiceKey, SocketAddr);
+
+#[derive(Debug, Clone)]
+struct SvcEntry {
+    id: u32,
+    /// Which of the service's two real-set buffers is live.
+    buffer: u32,
+    service: Service,
+    set: RealSet,
+    cut_on_remove: bool,
+    /// Removed from the config; kept until its reals' connections end.
+    draining: bool,
+}
+
+#[derive(Debug, Clone)]
+struct RealEntry {
+    id: u32,
+    real: Real,
+    /// In a live real set or a fallback: it may get new connections.
+    in_use: bool,
+}
+
+/// The applied state of the maps, and the id allocators.
+#[derive(Debug, Default)]
+pub struct Planner {
+    services: HashMap<ServiceKey, SvcEntry>,
+    reals: HashMap<RealKey, RealEntry>,
+    free_service_ids: VecDeque<u32>,
+    next_service_id: u32,
+    /// Freed ids are reused oldest first, which delays reuse as long as possible.
+    free_real_ids: VecDeque<u32>,
+    next_real_id: u32,
+    settings: Option<Settings>,
+}
+
+/// A real kept after leaving every real set, until its connections end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draining {
+    pub id: u32,
+    pub address: SocketAddr,
+    pub service: ServiceKey,
+    /// Its connections are being cut (else they are left to finish).
+    pub cut: bool,
+}
+
+impl Planner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The dataplane id of a real of a service, if it holds one.
+    pub fn real_id(&self, service: &ServiceKey, real: SocketAddr) -> Option<u32> {
+        self.reals.get(&(*service, real)).map(|r| r.id)
+    }
+
+    /// Reals that hold an id but take no new connections.
+    pub fn draining(&self) -> Vec<Draining> {
+        let mut v: Vec<Draining> = self
+            .reals
+            .iter()
+            .filter(|(_, r)| !r.in_use)
+            .map(|((svc, address), r)| Draining {
+                id: r.id,
+                address: *address,
+                service: *svc,
+                cut: r.real.flags & REAL_F_VALID == 0,
+            })
+            .collect();
+        v.sort_by_key(|d| d.id);
+        v
+    }
+
+    fn alloc_real(&mut self) -> Result<u32, PlanError> {
+        if let Some(id) = self.free_real_ids.pop_front() {
+            return Ok(id);
+        }
+        if self.next_real_id >= MAX_REALS {
+            return Err(PlanError::TooManyReals);
+        }
+        self.next_real_id += 1;
+        Ok(self.next_real_id - 1)
+    }
+
+    fn alloc_service(&mut self) -> Result<u32, PlanError> {
+        if let Some(id) = self.free_service_ids.pop_front() {
+            return Ok(id);
+        }
+        if self.next_service_id >= MAX_SERVICES {
+            return Err(PlanError::TooManyServices);
+        }
+        self.next_service_id += 1;
+        Ok(self.next_service_id - 1)
+    }
+
+    /// Takes (or re-validates) a real's id and marks it in use.
+    fn use_real(
+        &mut self,
+        key: RealKey,
+        cut: bool,
+        writes: &mut Vec<Write>,
+    ) -> Result<u32, PlanError> {
+        let (a, family) = addr(key.1.ip());
+        let real = Real {
+            addr: a,
+            port: key.1.port().to_be(),
+            family,
+            flags: if cut { 0 } else { REAL_F_VALID },
+            _pad: 0,
+        };
+        match self.reals.get_mut(&key) {
+            Some(e) => {
+                e.in_use = !cut;
+                if e.real != real {
+                    e.real = real;
+                    writes.push(Write::Real(e.id, real));
+                }
+                Ok(e.id)
+            }
+            None => {
+                let id = self.alloc_real()?;
+                writes.push(Write::ResetReal(id));
+                writes.push(Write::Real(id, real));
+                self.reals.insert(
+                    key,
+                    RealEntry {
+                        id,
+                        real,
+                        in_use: !cut,
+                    },
+                );
+                Ok(id)
+            }
+        }
+    }
+
+    /// The writes that take the maps from the last planned state to `desired`. On error nothing
+    /// was planned and the applied state is unchanged.
+    pub fn plan(&mut self, desired: &Desired) -> Result<Vec<Write>, PlanError> {
+        let snapshot = (
+            self.services.clone(),
+            self.reals.clone(),
+            self.free_service_ids.clone(),
+            self.next_service_id,
+            self.free_real_ids.clone(),
+            self.next_real_id,
+        );
+        let r = self.plan_inner(desired);
+        if r.is_err() {
+            (
+                self.services,
+                self.reals,
+                self.free_service_ids,
+                self.next_service_id,
+                self.free_real_ids,
+                self.next_real_id,
+            ) = snapshot;
+        }
+        r
+    }
+
+    fn plan_inner(&mut self, desired: &Desired) -> Result<Vec<Write>, PlanError> {
+        let mut writes = Vec::new();
+        let settings = settings(&desired.timeouts);
+        if self.settings != Some(settings) {
+            writes.push(Write::Settings(settings));
+            self.settings = Some(settings);
+        }
+
+        let mut seen_services = HashSet::new();
+        let mut seen_reals: HashSet<RealKey> = HashSet::new();
+        for ds in &desired.services {
+            seen_services.insert(ds.key);
+            let mut set = RealSet::default();
+            for r in ds.reals.iter().take(MAX_REALS_PER_SERVICE) {
+                let key = (ds.key, r.address);
+                seen_reals.insert(key);
+                let id = self.use_real(key, r.cut, &mut writes)?;
+                if !r.cut {
+                    set.slots[set.count as usize] = RealSlot {
+                        real: id,
+                        weight: r.weight,
+                    };
+                    set.count += 1;
+                }
+            }
+            let fallback = match ds.fallback {
+                Some(f) => {
+                    let key = (ds.key, f);
+                    seen_reals.insert(key);
+                    self.use_real(key, false, &mut writes)?
+                }
+                None => NO_REAL,
+            };
+            let (id, buffer, old) = match self.services.get(&ds.key) {
+                Some(e) => (e.id, e.buffer, Some((e.service, e.set))),
+                None => (self.alloc_service()?, 1, None),
+            };
+            let mut buffer = buffer;
+            let set_changed = old.map(|(_, s)| s != set).unwrap_or(true);
+            if set_changed {
+                buffer ^= 1;
+                writes.push(Write::RealSet(id * 2 + buffer, Box::new(set)));
+            }
+            let service = Service {
+                id,
+                realset: id * 2 + buffer,
+                fallback,
+                sched: ds.sched,
+                fwd: ds.fwd,
+                ..Service::default()
+            };
+            if old.map(|(s, _)| s != service).unwrap_or(true) {
+                writes.push(Write::Service(ds.key, service));
+            }
+            self.services.insert(
+                ds.key,
+                SvcEntry {
+                    id,
+                    buffer,
+                    service,
+                    set,
+                    cut_on_remove: ds.cut_on_remove,
+                    draining: false,
+                },
+            );
+        }
+
+        // Services no longer configured: cut at once, or kept (flagged draining, taking no new
+        // connections) so their open connections can finish.
+        let mut gone: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .filter(|(k, e)| !seen_services.contains(k) && !e.draining)
+            .map(|(k, _)| *k)
+            .collect();
+        gone.sort_by_key(|k| self.services.get(k).map(|e| e.id));
+        let mut cut_services = HashSet::new();
+        for key in gone {
+            let cut = self
+                .services
+                .get(&key)
+                .map(|e| e.cut_on_remove)
+                .unwrap_or(true);
+            if cut {
+                if let Some(e) = self.services.remove(&key) {
+                    writes.push(Write::DeleteService(key));
+                    self.free_service_ids.push_back(e.id);
+                }
+                cut_services.insert(key);
+            } else if let Some(e) = self.services.get_mut(&key) {
+                e.draining = true;
+                e.service.flags |= SVC_F_DRAINING;
+                writes.push(Write::Service(key, e.service));
+            }
+        }
+
+        // Reals no longer configured: drain (stay valid, out of every set) or cut.
+        let mut unused: Vec<RealKey> = self
+            .reals
+            .keys()
+            .filter(|k| !seen_reals.contains(k))
+            .copied()
+            .collect();
+        unused.sort_by_key(|k| self.reals.get(k).map(|r| r.id));
+        for key in unused {
+            let cut = cut_services.contains(&key.0)
+                || self
+                    .services
+                    .get(&key.0)
+                    .map(|s| s.cut_on_remove)
+                    .unwrap_or(false);
+            if let Some(e) = self.reals.get_mut(&key) {
+                e.in_use = false;
+                if cut && e.real.flags & REAL_F_VALID != 0 {
+                    e.real.flags &= !REAL_F_VALID;
+                    writes.push(Write::Real(e.id, e.real));
+                }
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Frees the ids of reals out of use whose connection count (`conns(id)`) is zero, returning
+    /// the writes that invalidate them.
+    pub fn release(&mut self, conns: impl Fn(u32) -> u64) -> Vec<Write> {
+        let mut writes = Vec::new();
+        let mut freed: Vec<(RealKey, u32)> = self
+            .reals
+            .iter()
+            .filter(|(_, r)| !r.in_use && conns(r.id) == 0)
+            .map(|(k, r)| (*k, r.id))
+            .collect();
+        freed.sort_by_key(|(_, id)| *id);
+        for (key, id) in freed {
+            if let Some(e) = self.reals.remove(&key) {
+                if e.real.flags & REAL_F_VALID != 0 {
+                    writes.push(Write::Real(id, Real { flags: 0, ..e.real }));
+                }
+                self.free_real_ids.push_back(id);
+            }
+        }
+        // A draining service goes once none of its reals holds an id.
+        let mut done: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .filter(|(k, e)| e.draining && !self.reals.keys().any(|(s, _)| s == *k))
+            .map(|(k, _)| *k)
+            .collect();
+        done.sort_by_key(|k| self.services.get(k).map(|e| e.id));
+        for key in done {
+            if let Some(e) = self.services.remove(&key) {
+                writes.push(Write::DeleteService(key));
+                self.free_service_ids.push_back(e.id);
+            }
+        }
+        writes
+    }
+}
+
+/// The XDP program's idle timeouts, from the configured ones.
+pub fn settings(t: &Timeouts) -> Settings {
+    use xdpvs_common::state;
+    let mut s = Settings::default();
+    let ns = |d: std::time::Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+    s.timeout_ns[state::SYN_RECV as usize] = ns(t.tcp_syn);
+    s.timeout_ns[state::ESTABLISHED as usize] = ns(t.tcp_established);
+    s.timeout_ns[state::FIN_WAIT as usize] = ns(t.tcp_fin);
+    s.timeout_ns[state::CLOSE as usize] = ns(t.tcp_close);
+    s.timeout_ns[state::UDP as usize] = ns(t.udp);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Protocol;
+    use crate::state::{service_key, DesiredReal, DesiredService};
+
+    fn svc(name: &str, vip: &str, reals: &[(&str, u32)]) -> DesiredService {
+        let address: SocketAddr = vip.parse().unwrap();
+        DesiredService {
+            name: name.into(),
+            address,
+            key: service_key(address, Protocol::Tcp),
+            sched: 0,
+            fwd: 0,
+            fallback: None,
+            reals: reals
+                .iter()
+                .map(|(a, w)| DesiredReal {
+                    address: a.parse().unwrap(),
+                    weight: *w,
+                    cut: false,
+                })
+                .collect(),
+            cut_on_remove: false,
+        }
+    }
+
+    fn desired(services: Vec<DesiredService>) -> Desired {
+        Desired {
+            services,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    fn sets(writes: &[Write]) -> Vec<(u32, Vec<(u32, u32)>)> {
+        writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::RealSet(i, s) => Some((
+                    *i,
+                    s.slots[..s.count as usize]
+                        .iter()
+                        .map(|x| (x.real, x.weight))
+                        .collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_apply_writes_everything_in_order() {
+        let mut p = Planner::new();
+        let d = desired(vec![svc(
+            "web",
+            "198.18.0.100:80",
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 2)],
+        )]);
+        let w = p.plan(&d).unwrap();
+        assert!(matches!(w[0], Write::Settings(_)));
+        assert_eq!(sets(&w), vec![(0, vec![(0, 1), (1, 2)])]);
+        // The set is written before the service that points at it.
+        let set_pos = w.iter().position(|x| matches!(x, Write::RealSet(..)));
+        let svc_pos = w.iter().position(|x| matches!(x, Write::Service(..)));
+        assert!(set_pos < svc_pos);
+        match w.last() {
+            Some(Write::Service(_, s)) => {
+                assert_eq!((s.id, s.realset, s.fallback), (0, 0, NO_REAL))
+            }
+            other => panic!("expected a service write last, got {other:?}"),
+        }
+        // Same desired state again: nothing to write.
+        assert_eq!(p.plan(&d).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn reweight_flips_buffer_and_keeps_ids() {
+        let mut p = Planner::new();
+        let a = [("198.18.0.11:80", 1), ("198.18.0.12:80", 2)];
+        p.plan(&desired(vec![svc("web", "198.18.0.100:80", &a)]))
+            .unwrap();
+        let b = [("198.18.0.11:80", 1), ("198.18.0.12:80", 0)];
+        let w = p
+            .plan(&desired(vec![svc("web", "198.18.0.100:80", &b)]))
+            .unwrap();
+        assert_eq!(sets(&w), vec![(1, vec![(0, 1), (1, 0)])]);
+        assert!(!w
+            .iter()
+            .any(|x| matches!(x, Write::ResetReal(_) | Write::Real(..))));
+        let w = p
+            .plan(&desired(vec![svc("web", "198.18.0.100:80", &a)]))
+            .unwrap();
+        assert_eq!(sets(&w), vec![(0, vec![(0, 1), (1, 2)])]);
+    }
+
+    #[test]
+    fn removed_real_drains_until_its_connections_end() {
+        let mut p = Planner::new();
+        let a = [("198.18.0.11:80", 1), ("198.18.0.12:80", 1)];
+        p.plan(&desired(vec![svc("web", "198.18.0.100:80", &a)]))
+            .unwrap();
+        let w = p
+            .plan(&desired(vec![svc("web", "198.18.0.100:80", &a[..1])]))
+            .unwrap();
+        assert_eq!(sets(&w), vec![(1, vec![(0, 1)])]);
+        // Draining: still valid (its flows keep going), out of the set.
+        assert!(!w.iter().any(|x| matches!(x, Write::Real(..))));
+        assert_eq!(p.draining().len(), 1);
+        // Still has connections: kept.
+        assert_eq!(p.release(|id| if id == 1 { 3 } else { 0 }), vec![]);
+        // Connections gone: invalidated and its id freed for reuse.
+        let w = p.release(|_| 0);
+        assert!(matches!(w.as_slice(), [Write::Real(1, r)] if r.flags == 0));
+        assert!(p.draining().is_empty());
+        let w = p
+            .plan(&desired(vec![svc(
+                "web",
+                "198.18.0.100:80",
+                &[("198.18.0.11:80", 1), ("198.18.0.13:80", 1)],
+            )]))
+            .unwrap();
+        assert!(w.contains(&Write::ResetReal(1)));
+    }
+
+    #[test]
+    fn removed_real_with_cut_is_invalidated_at_once() {
+        let mut p = Planner::new();
+        let mut s = svc(
+            "web",
+            "198.18.0.100:80",
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
+        );
+        s.cut_on_remove = true;
+        p.plan(&desired(vec![s.clone()])).unwrap();
+        s.reals.truncate(1);
+        let w = p.plan(&desired(vec![s])).unwrap();
+        assert!(w
+            .iter()
+            .any(|x| matches!(x, Write::Real(1, r) if r.flags == 0)));
+    }
+
+    #[test]
+    fn failed_real_with_remove_is_cut_and_returns_with_same_id() {
+        let mut p = Planner::new();
+        let mut s = svc(
+            "web",
+            "198.18.0.100:80",
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
+        );
+        p.plan(&desired(vec![s.clone()])).unwrap();
+        s.reals[1].cut = true;
+        let w = p.plan(&desired(vec![s.clone()])).unwrap();
+        assert!(w
+            .iter()
+            .any(|x| matches!(x, Write::Real(1, r) if r.flags == 0)));
+        assert_eq!(sets(&w), vec![(1, vec![(0, 1)])]);
+        s.reals[1].cut = false;
+        let w = p.plan(&desired(vec![s])).unwrap();
+        assert!(w
+            .iter()
+            .any(|x| matches!(x, Write::Real(1, r) if r.flags == REAL_F_VALID)));
+        assert_eq!(sets(&w), vec![(0, vec![(0, 1), (1, 1)])]);
+    }
+
+    #[test]
+    fn removed_service_is_deleted_and_its_id_reused() {
+        let mut p = Planner::new();
+        let a = svc("a", "198.18.0.100:80", &[("198.18.0.11:80", 1)]);
+        let b = svc("b", "198.18.0.101:80", &[("198.18.0.11:80", 1)]);
+        p.plan(&desired(vec![a.clone(), b])).unwrap();
+        let w = p.plan(&desired(vec![a.clone()])).unwrap();
+        // Drains first: flagged, not deleted, while its real has connections.
+        assert!(w
+            .iter()
+            .any(|x| matches!(x, Write::Service(_, s) if s.flags & SVC_F_DRAINING != 0)));
+        assert!(!w.iter().any(|x| matches!(x, Write::DeleteService(_))));
+        assert!(p.release(|_| 1).is_empty());
+        let w = p.release(|_| 0);
+        assert!(w.iter().any(|x| matches!(x, Write::DeleteService(_))));
+        let c = svc("c", "198.18.0.102:80", &[("198.18.0.11:80", 1)]);
+        let w = p.plan(&desired(vec![a, c])).unwrap();
+        assert!(w
+            .iter()
+            .any(|x| matches!(x, Write::Service(_, s) if s.id == 1)));
+    }
+
+    #[test]
+    fn fallback_gets_a_real_id() {
+        let mut p = Planner::new();
+        let mut s = svc("web", "198.18.0.100:80", &[("198.18.0.11:80", 1)]);
+        s.fallback = Some("198.18.0.9:80".parse().unwrap());
+        let w = p.plan(&desired(vec![s])).unwrap();
+        assert!(w
+            .iter()
+            .any(|x| matches!(x, Write::Service(_, s) if s.fallback == 1)));
+    }
+
+    #[test]
+    fn real_ids_exhausted_is_an_error_and_changes_nothing() {
+        let mut p = Planner::new();
+        p.next_real_id = MAX_REALS - 1;
+        let s = svc(
+            "web",
+            "198.18.0.100:80",
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
+        );
+        assert_eq!(p.plan(&desired(vec![s])), Err(PlanError::TooManyReals));
+        assert!(p.services.is_empty() && p.reals.is_empty());
+    }
+}

@@ -1,0 +1,442 @@
+//! The real XDP program on crafted frames, through BPF_PROG_TEST_RUN: a table of named cases
+//! (frame in, verdict and frame out, map state after), like a spec of the packet path.
+//! Needs root (loads BPF, creates a network namespace per test).
+
+mod common;
+#[path = "support/dpnet.rs"]
+mod dpnet;
+#[path = "support/packet.rs"]
+mod packet;
+
+use dpnet::{service, service_on, DpNet, Harness, VIP, XDP_DROP, XDP_PASS, XDP_TX};
+use packet::{Frame, ACK, DIRECTOR_MAC, FIN, PSH, RST, SYN};
+use xdpvs_common::stat;
+
+const CLIENT: &str = "198.18.0.1";
+
+fn syn(sport: u16) -> Frame {
+    Frame::tcp(CLIENT, sport, VIP, 80, SYN)
+}
+
+#[test]
+fn vip_syn_is_sent_to_the_real_mac_and_nothing_else_changes() {
+    if !common::require_root("vip_syn_is_sent_to_the_real_mac_and_nothing_else_changes") {
+        return;
+    }
+    let net = DpNet::new("syn", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1)])]);
+        let input = syn(40000).build();
+        let out = h.run(&input);
+        assert_eq!(out.action, XDP_TX, "VIP SYN must be sent back out");
+        assert_eq!(
+            &out.frame[0..6],
+            &dpnet::real_mac(1),
+            "destination MAC = real's"
+        );
+        assert_eq!(&out.frame[6..12], &DIRECTOR_MAC, "source MAC = director's");
+        assert_eq!(
+            &out.frame[12..],
+            &input[12..],
+            "IP packet untouched in DR mode"
+        );
+        let stats = h.dp.stats().unwrap();
+        assert_eq!(stats[stat::TX as usize], 1);
+        assert_eq!(stats[stat::NEW_CONN as usize], 1);
+    });
+}
+
+#[test]
+fn vlan_tagged_vip_syn_is_forwarded() {
+    if !common::require_root("vlan_tagged_vip_syn_is_forwarded") {
+        return;
+    }
+    let net = DpNet::new("vlan", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1)])]);
+        let mut f = syn(40001);
+        f.vlan = Some(7);
+        let input = f.build();
+        let out = h.run(&input);
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(Harness::real_of(&out.frame), Some(1));
+        assert_eq!(&out.frame[12..], &input[12..]);
+    });
+}
+
+#[test]
+fn traffic_not_for_a_service_is_passed_unchanged() {
+    if !common::require_root("traffic_not_for_a_service_is_passed_unchanged") {
+        return;
+    }
+    let net = DpNet::new("pass", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1)])]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "other address",
+                Frame::tcp(CLIENT, 1, "198.18.0.2", 80, SYN).build(),
+            ),
+            (
+                "other port on the VIP",
+                Frame::tcp(CLIENT, 1, VIP, 22, SYN).build(),
+            ),
+            (
+                "UDP to the VIP port (service is TCP)",
+                Frame::udp(CLIENT, 1, VIP, 80).build(),
+            ),
+            ("ARP", packet::arp()),
+            ("IPv6", packet::ipv6_syn()),
+        ];
+        for (name, input) in cases {
+            let out = h.run(&input);
+            assert_eq!(out.action, XDP_PASS, "{name}: must be passed");
+            assert_eq!(out.frame, input, "{name}: must be unchanged");
+        }
+        assert_eq!(h.dp.connections().len(), 0, "nothing tracked");
+    });
+}
+
+#[test]
+fn truncated_and_malformed_frames_are_never_forwarded() {
+    if !common::require_root("truncated_and_malformed_frames_are_never_forwarded") {
+        return;
+    }
+    let net = DpNet::new("trunc", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1)])]);
+        let full = syn(40002).build();
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.
+        for len in 14..full.len() {
+            let out = h.run(&full[..len]);
+            assert_ne!(out.action, XDP_TX, "truncated to {len} bytes: forwarded");
+            assert!(out.action == XDP_DROP || out.action == XDP_PASS);
+        }
+        let mut bad: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut f = full.clone();
+        f[14] = 0x44; // IHL 4 (< 5)
+        bad.push(("ihl < 5", f));
+        let mut f = full.clone();
+        f[14] = 0x65; // version 6 in an IPv4 ethertype
+        bad.push(("wrong version", f));
+        let mut f = full.clone();
+        f[16..18].copy_from_slice(&200u16.to_be_bytes()); // total length beyond the frame
+        bad.push(("total length past the frame", f));
+        let mut f = full.clone();
+        f[16..18].copy_from_slice(&10u16.to_be_bytes()); // total length < header
+        bad.push(("total length < header", f));
+        let mut f = full.clone();
+        f[14 + 20 + 12] = 0x40; // TCP data offset 4 (< 5)
+        bad.push(("tcp doff < 5", f));
+        for (name, input) in bad {
+            let out = h.run(&input);
+            assert_eq!(out.action, XDP_DROP, "{name}: must be dropped");
+        }
+        let stats = h.dp.stats().unwrap();
+        assert!(
+            stats[stat::MALFORMED as usize] >= 5,
+            "malformed frames are counted"
+        );
+        assert_eq!(stats[stat::TX as usize], 0);
+        assert_eq!(h.dp.connections().len(), 0);
+    });
+}
+
+#[test]
+fn every_packet_of_a_flow_goes_to_one_real_even_after_weights_change() {
+    if !common::require_root("every_packet_of_a_flow_goes_to_one_real_even_after_weights_change") {
+        return;
+    }
+    let net = DpNet::new("flow", 3);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1), (2, 1), (3, 1)])]);
+        let mut owners = Vec::new();
+        for sport in 41000..41030u16 {
+            let out = h.run(&syn(sport).build());
+            assert_eq!(out.action, XDP_TX);
+            owners.push(Harness::real_of(&out.frame).unwrap());
+        }
+        // Re-weight so that every real's choice would differ for a new flow.
+        h.apply(vec![service(&[(1, 0), (2, 5), (3, 1)])]);
+        for (i, sport) in (41000..41030u16).enumerate() {
+            for flags in [ACK, ACK | PSH, ACK, FIN | ACK] {
+                let out = h.run(&Frame::tcp(CLIENT, sport, VIP, 80, flags).build());
+                assert_eq!(out.action, XDP_TX);
+                assert_eq!(
+                    Harness::real_of(&out.frame),
+                    Some(owners[i]),
+                    "flow {sport} moved"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn weight_zero_real_never_gets_a_new_flow() {
+    if !common::require_root("weight_zero_real_never_gets_a_new_flow") {
+        return;
+    }
+    let net = DpNet::new("w0", 3);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1), (2, 0), (3, 1)])]);
+        for sport in 42000..42100u16 {
+            let out = h.run(&syn(sport).build());
+            assert_eq!(out.action, XDP_TX);
+            assert_ne!(
+                Harness::real_of(&out.frame),
+                Some(2),
+                "weight-0 real chosen"
+            );
+        }
+        // All weights 0 and no fallback: new connections are dropped, counted.
+        h.apply(vec![service(&[(1, 0), (2, 0), (3, 0)])]);
+        let out = h.run(&syn(42100).build());
+        assert_eq!(out.action, XDP_DROP);
+        assert_eq!(h.dp.stats().unwrap()[stat::DROP_NO_REAL as usize], 1);
+    });
+}
+
+#[test]
+fn fallback_takes_new_flows_only_while_no_real_can() {
+    if !common::require_root("fallback_takes_new_flows_only_while_no_real_can") {
+        return;
+    }
+    let net = DpNet::new("fb", 3);
+    net.run(|| {
+        let mut h = Harness::new();
+        let mut s = service(&[(1, 0), (2, 0)]);
+        s.fallback = Some(std::net::SocketAddr::new(dpnet::real_ip(3).into(), 80));
+        h.apply(vec![s.clone()]);
+        let out = h.run(&syn(42500).build());
+        assert_eq!(
+            Harness::real_of(&out.frame),
+            Some(3),
+            "fallback while none is up"
+        );
+        s.reals[1].weight = 1;
+        h.apply(vec![s]);
+        let out = h.run(&syn(42501).build());
+        assert_eq!(
+            Harness::real_of(&out.frame),
+            Some(2),
+            "a real is back: not the fallback"
+        );
+    });
+}
+
+#[test]
+fn wlc_spreads_new_flows_by_weight_and_counts_ipvs_style() {
+    if !common::require_root("wlc_spreads_new_flows_by_weight_and_counts_ipvs_style") {
+        return;
+    }
+    let net = DpNet::new("wlc", 3);
+    net.run(|| {
+        let mut h = Harness::new();
+        let s = service(&[(1, 1), (2, 2), (3, 3)]);
+        h.apply(vec![s.clone()]);
+        let mut per_real = [0usize; 4];
+        for sport in 43000..43060u16 {
+            let out = h.run(&syn(sport).build());
+            per_real[Harness::real_of(&out.frame).unwrap()] += 1;
+        }
+        // Every flow is in SYN state (inactive, load 1): WLC keeps load/weight level.
+        assert_eq!(&per_real[1..], &[10, 20, 30]);
+        assert_eq!(h.conns(1, &s), (0, 10));
+        assert_eq!(h.conns(3, &s), (0, 30));
+        // Established connections weigh 256 inactive ones.
+        for sport in 43000..43060u16 {
+            h.run(&Frame::tcp(CLIENT, sport, VIP, 80, ACK).build());
+        }
+        assert_eq!(h.conns(1, &s), (10, 0));
+        assert_eq!(h.conns(2, &s), (20, 0));
+        assert_eq!(h.conns(3, &s), (30, 0));
+    });
+}
+
+#[test]
+fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
+    if !common::require_root("counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero") {
+        return;
+    }
+    let net = DpNet::new("life", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        let s = service(&[(1, 1)]);
+        h.apply(vec![s.clone()]);
+        let f = |flags| Frame::tcp(CLIENT, 44000, VIP, 80, flags).build();
+        h.run(&f(SYN));
+        assert_eq!(h.conns(1, &s), (0, 1), "SYN: inactive");
+        h.run(&f(SYN));
+        assert_eq!(h.conns(1, &s), (0, 1), "retransmitted SYN: counted once");
+        h.run(&f(ACK));
+        assert_eq!(h.conns(1, &s), (1, 0), "handshake ACK: active");
+        h.run(&f(ACK | PSH));
+        assert_eq!(h.conns(1, &s), (1, 0));
+        h.run(&f(FIN | ACK));
+        assert_eq!(h.conns(1, &s), (0, 1), "FIN: inactive");
+        // Not idle yet (default 120 s): the sweep keeps it.
+        assert_eq!(h.dp.sweep().unwrap().retired, 0);
+        assert_eq!(h.conns(1, &s), (0, 1));
+        // A new SYN on the closing tuple is a new connection, counted once.
+        h.run(&f(SYN));
+        assert_eq!(h.conns(1, &s), (0, 1));
+        assert_eq!(h.dp.connections().len(), 1);
+        // RST closes; then an idle timeout of zero expires everything.
+        h.run(&f(RST));
+        assert_eq!(h.conns(1, &s), (0, 1));
+        let zero = std::time::Duration::ZERO;
+        h.apply_desired(&xdpvs::state::Desired {
+            services: vec![s.clone()],
+            timeouts: xdpvs::config::Timeouts {
+                tcp_established: zero,
+                tcp_fin: zero,
+                tcp_syn: zero,
+                tcp_close: zero,
+                udp: zero,
+            },
+        });
+        assert_eq!(h.dp.sweep().unwrap().retired, 1);
+        assert_eq!(h.conns(1, &s), (0, 0));
+        assert_eq!(h.dp.connections().len(), 0);
+        // Mid-flow packets of an unknown flow are never guessed to a real.
+        let out = h.run(&f(ACK));
+        assert_eq!(out.action, XDP_DROP);
+        assert_eq!(h.dp.stats().unwrap()[stat::DROP_NO_CONN as usize], 1);
+    });
+}
+
+#[test]
+fn counts_stay_exact_under_concurrent_cpus() {
+    if !common::require_root("counts_stay_exact_under_concurrent_cpus") {
+        return;
+    }
+    let net = DpNet::new("cpu", 3);
+    net.run(|| {
+        let mut h = Harness::new();
+        let s = service(&[(1, 1), (2, 1), (3, 1)]);
+        h.apply(vec![s.clone()]);
+        const FLOWS: u16 = 1500;
+        // Two threads replay the same flows' packets at once (as two CPUs would see a
+        // retransmission), so every entry's transitions race.
+        let h = &h;
+        std::thread::scope(|sc| {
+            for t in 0..2 {
+                sc.spawn(move || {
+                    for i in 0..FLOWS {
+                        let sport = 20000 + if t == 0 { i } else { FLOWS - 1 - i };
+                        for flags in [SYN, ACK, ACK | PSH] {
+                            h.run(&Frame::tcp(CLIENT, sport, VIP, 80, flags).build());
+                        }
+                        if i % 3 == 0 {
+                            h.run(&Frame::tcp(CLIENT, sport, VIP, 80, FIN | ACK).build());
+                        }
+                    }
+                });
+            }
+        });
+        // Truth from the table itself.
+        let mut truth = std::collections::HashMap::<u32, (u64, u64)>::new();
+        for (_, c) in h.dp.connections() {
+            let e = truth.entry(c.real).or_default();
+            if xdpvs_common::state::is_active(c.state) {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        }
+        let mut total = (0, 0);
+        for n in 1..=3 {
+            let id = h
+                .planner
+                .real_id(
+                    &s.key,
+                    std::net::SocketAddr::new(dpnet::real_ip(n).into(), 80),
+                )
+                .unwrap();
+            let counted = h.conns(n, &s);
+            assert_eq!(
+                counted,
+                truth.get(&id).copied().unwrap_or_default(),
+                "real {n}"
+            );
+            total.0 += counted.0;
+            total.1 += counted.1;
+        }
+        // One entry per flow (the final state of each depends on the interleaving: a SYN
+        // replayed after the other thread's FIN reopens the tuple).
+        assert_eq!(h.dp.connections().len(), FLOWS as usize);
+        assert_eq!(total.0 + total.1, FLOWS as u64);
+        assert!(
+            total.0 > 0 && total.1 > 0,
+            "both states exercised: {total:?}"
+        );
+        // Forced retirement of everything returns all counts to zero.
+        for (k, _) in h.dp.connections() {
+            h.dp.expire(k, true).unwrap();
+        }
+        for n in 1..=3 {
+            assert_eq!(h.conns(n, &s), (0, 0), "real {n} after expiry");
+        }
+    });
+}
+
+#[test]
+fn removed_real_with_cut_drops_its_flows_and_releases_counts() {
+    if !common::require_root("removed_real_with_cut_drops_its_flows_and_releases_counts") {
+        return;
+    }
+    let net = DpNet::new("cut", 2);
+    net.run(|| {
+        let mut h = Harness::new();
+        let mut s = service(&[(1, 1), (2, 1)]);
+        s.cut_on_remove = true;
+        h.apply(vec![s.clone()]);
+        let mut on2 = None;
+        for sport in 45000..45010u16 {
+            let out = h.run(&syn(sport).build());
+            if Harness::real_of(&out.frame) == Some(2) {
+                on2 = Some(sport);
+            }
+        }
+        let sport = on2.expect("some flow on real 2");
+        let id2 = h
+            .planner
+            .real_id(
+                &s.key,
+                std::net::SocketAddr::new(dpnet::real_ip(2).into(), 80),
+            )
+            .unwrap();
+        s.reals.truncate(1);
+        h.apply(vec![s.clone()]);
+        let out = h.run(&Frame::tcp(CLIENT, sport, VIP, 80, ACK).build());
+        assert_eq!(out.action, XDP_DROP, "flow of a cut real is dropped");
+        h.dp.sweep().unwrap();
+        assert_eq!(h.dp.real_conns(id2).unwrap().inactive, 0);
+        assert_eq!(h.dp.real_conns(id2).unwrap().active, 0);
+        assert!(h.dp.connections().iter().all(|(_, c)| c.real != id2));
+    });
+}
+
+#[test]
+fn fragments_to_a_service_are_dropped() {
+    if !common::require_root("fragments_to_a_service_are_dropped") {
+        return;
+    }
+    let net = DpNet::new("frag", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1)]), service_on(443, &[(1, 1)])]);
+        let mut f = syn(46000);
+        f.frag = 0x2000; // MF, offset 0
+        f.payload = 8;
+        assert_eq!(h.run(&f.build()).action, XDP_DROP);
+        assert_eq!(h.dp.stats().unwrap()[stat::DROP_FRAGMENT as usize], 1);
+    });
+}
