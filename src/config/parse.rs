@@ -1245,7 +1245,7 @@ sni = "internal"
 name = "dns.udp"
 address = "198.18.0.100:53"
 protocol = "udp"
-scheduler = "wrr"
+scheduler = "rr"
 "#;
         let c = parse_str(text).unwrap();
         assert_eq!(c.source, PathBuf::from("test.toml"));
@@ -1319,7 +1319,7 @@ scheduler = "wrr"
                 name: "dns.udp".into(),
                 address: sa("198.18.0.100:53"),
                 protocol: Protocol::Udp,
-                scheduler: Scheduler::Wrr,
+                scheduler: Scheduler::Rr,
                 forwarding: Forwarding::Dr,
                 on_failure: OnFailure::Quiesce,
                 on_remove: OnRemove::Drain,
