@@ -2,10 +2,15 @@
 //!
 //! Data flows one way: the config file is parsed and validated into the desired state
 //! ([`config`]); health results ([`health`]) and operator overrides adjust each real's effective
-//! weight; the result is diffed into the dataplane's maps. The XDP program (in `ebpf/`) picks a
-//! real for every new connection from those maps.
+//! weight ([`state`], the one place that decides it); the [`dataplane`] planner diffs that
+//! snapshot into the XDP program's maps. The XDP program (in `ebpf/`) picks a real for every new
+//! connection from those maps (`ebpf/xdpvs-ebpf/src/schedule.rs`). [`daemon`] wires it together:
+//! start-up, reload, health transitions and admin commands all end in `Shared::apply`.
 
+pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod state;

@@ -1,1 +1,182 @@
-fn main() {}
+//! The `xdpvs` command: the daemon (`run`), config validation (`check`), and the admin client
+//! (`list`, `weight`, `drain`, `enable`, `reload`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use xdpvs::admin::{self, Request};
+use xdpvs::config::{Config, DEFAULT_ADMIN_SOCKET};
+
+#[derive(Parser)]
+#[command(
+    name = "xdpvs",
+    version,
+    about = "Layer-4 load-balancing director with an XDP dataplane (an LVS/ldirectord replacement)",
+    after_help = "Runtime changes (weight, drain, enable) last until the next reload or restart; \
+                  to make them permanent, edit the config file and reload."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct SocketArg {
+    /// Admin socket of the running daemon.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// Read the admin socket path from this config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the director in the foreground (SIGHUP reloads; SIGINT/SIGTERM detach and exit).
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0 = valid).
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show the live table, like `ipvsadm -Ln`.
+    List {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a real's weight at runtime (until the next reload or restart).
+    Weight {
+        service: String,
+        /// The real's address (ip:port, or ip for the service's port).
+        real: String,
+        weight: u32,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Stop new connections to a real; open ones continue (until `enable`, reload or restart).
+    Drain {
+        service: String,
+        real: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Undo `weight`/`drain`: the real goes back to its configured weight.
+    Enable {
+        service: String,
+        real: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Ask the daemon to reload its config file (like SIGHUP), and report the result.
+    Reload {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+fn socket_path(s: &SocketArg) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &s.socket {
+        return Ok(p.clone());
+    }
+    if let Some(c) = &s.config {
+        let cfg = Config::load(c).map_err(|e| anyhow::anyhow!("{e}"))?;
+        return Ok(cfg.director.admin_socket);
+    }
+    Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET))
+}
+
+fn call(socket: &SocketArg, req: Request) -> anyhow::Result<admin::Response> {
+    let path = socket_path(socket)?;
+    let resp = admin::call(&path, &req)?;
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.unwrap_or_else(|| "failed".into()));
+    }
+    Ok(resp)
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reals: usize = cfg.services.iter().map(|s| s.reals.len()).sum();
+    println!(
+        "{}: OK ({} services, {} real servers)",
+        path.display(),
+        cfg.services.len(),
+        reals
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(xdpvs::daemon::run(&config)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Cmd::Check { config } => check(&config),
+        Cmd::List { socket, json } => call(&socket, Request::List).and_then(|r| {
+            let status = r
+                .status
+                .ok_or_else(|| anyhow::anyhow!("the daemon sent no status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", admin::render(&status));
+            }
+            Ok(())
+        }),
+        Cmd::Weight {
+            service,
+            real,
+            weight,
+            socket,
+        } => call(
+            &socket,
+            Request::Weight {
+                service,
+                real,
+                weight,
+            },
+        )
+        .map(print_message),
+        Cmd::Drain {
+            service,
+            real,
+            socket,
+        } => call(&socket, Request::Drain { service, real }).map(print_message),
+        Cmd::Enable {
+            service,
+            real,
+            socket,
+        } => call(&socket, Request::Enable { service, real }).map(print_message),
+        Cmd::Reload { socket } => call(&socket, Request::Reload).map(print_message),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xdpvs: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_message(r: admin::Response) {
+    if let Some(m) = r.message {
+        println!("{m}");
+    }
+}

@@ -16,7 +16,7 @@ use crate::config::{Config, Forwarding, OnFailure, OnRemove, Protocol, Scheduler
 pub type RealId = (String, SocketAddr);
 
 /// An operator's runtime change to one real; lasts until the next reload or restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Override {
     /// Use this weight instead of the configured one.

@@ -1,0 +1,268 @@
+//! The admin socket: how `xdpvs list`, `weight`, `drain`, `enable` and `reload` talk to the
+//! running daemon.
+//!
+//! A Unix stream socket, mode 0600 (root only: it changes what the dataplane does). One JSON
+//! request per line, one JSON response per line, then the server closes the connection. The
+//! daemon side lives in `daemon.rs`; this module holds the protocol, the client and the
+//! `ipvsadm -Ln`-style rendering of the status.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::state::Override;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    List,
+    /// Set a real's weight until the next reload or restart.
+    Weight {
+        service: String,
+        real: String,
+        weight: u32,
+    },
+    /// Weight 0 until `enable`, the next reload or restart.
+    Drain {
+        service: String,
+        real: String,
+    },
+    /// Undo `weight`/`drain`: back to the configured weight.
+    Enable {
+        service: String,
+        real: String,
+    },
+    Reload,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            message: Some(message.into()),
+            status: None,
+        }
+    }
+    pub fn error(e: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.into()),
+            message: None,
+            status: None,
+        }
+    }
+}
+
+/// The live table, as `list` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub config: String,
+    pub services: Vec<ServiceStatus>,
+    pub conntrack_entries: u64,
+    /// Dataplane packet counters by name (`pass_not_vip`, `tx`, `malformed`, ...).
+    pub dataplane: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub address: String,
+    pub protocol: String,
+    pub scheduler: String,
+    pub forwarding: String,
+    pub fallback: Option<String>,
+    pub reals: Vec<RealStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RealStatus {
+    pub address: String,
+    /// Effective weight (what the scheduler uses now).
+    pub weight: u32,
+    pub configured_weight: u32,
+    /// Runtime change by `xdpvs weight`/`drain`, lasting until the next reload.
+    pub admin: Option<Override>,
+    pub up: bool,
+    /// "up", "down", or for reals no longer configured "draining".
+    pub health: String,
+    pub last_failure: Option<String>,
+    /// In the table: takes new connections if its weight is above 0.
+    pub in_table: bool,
+    /// The fallback (sorry) server of its service.
+    pub fallback: bool,
+    pub active: u64,
+    pub inactive: u64,
+    /// New connections scheduled to it since it entered the table.
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Sends one request to the daemon and returns its response.
+pub fn call(socket: &Path, req: &Request) -> Result<Response> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the admin socket {} (is `xdpvs run` running, and are you root?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut resp = String::new();
+    reader.read_line(&mut resp)?;
+    if resp.is_empty() {
+        bail!("the daemon closed the admin connection without answering");
+    }
+    Ok(serde_json::from_str(&resp).context("reading the daemon's answer")?)
+}
+
+fn proto_upper(p: &str) -> String {
+    p.to_ascii_uppercase()
+}
+
+fn forward_name(f: &str) -> &str {
+    match f {
+        "dr" => "Route",
+        "nat" => "Masq",
+        "tunnel" => "Tunnel",
+        other => other,
+    }
+}
+
+/// Renders the status like `ipvsadm -Ln`, with health columns added.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "IP Virtual Server (xdpvs {}), config {}\n",
+        status.version, status.config
+    ));
+    out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
+    out.push_str(&format!(
+        "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {:<9} {}\n",
+        "RemoteAddress:Port", "Forward", "Weight", "ActiveConn", "InActConn", "Health", "Note"
+    ));
+    for s in &status.services {
+        out.push_str(&format!(
+            "{:<4} {} {}\n",
+            proto_upper(&s.protocol),
+            s.address,
+            s.scheduler
+        ));
+        for r in &s.reals {
+            let mut notes = Vec::new();
+            if r.fallback {
+                notes.push("fallback".to_string());
+            }
+            match r.admin {
+                Some(Override::Drain) => notes.push("drained by admin".to_string()),
+                Some(Override::Weight(w)) => notes.push(format!("weight {w} set by admin")),
+                None => {}
+            }
+            if r.weight != r.configured_weight && r.admin.is_none() && !r.fallback {
+                notes.push(format!("configured weight {}", r.configured_weight));
+            }
+            if !r.in_table && !r.fallback {
+                notes.push("out of table".to_string());
+            }
+            if let Some(f) = &r.last_failure {
+                notes.push(format!("last failure: {f}"));
+            }
+            out.push_str(&format!(
+                "  -> {:<28} {:<7} {:>6} {:>10} {:>10} {:<9} {}\n",
+                r.address,
+                forward_name(&s.forwarding),
+                r.weight,
+                r.active,
+                r.inactive,
+                r.health,
+                notes.join("; ")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r = Request::Weight {
+            service: "web".into(),
+            real: "198.18.0.11:80".into(),
+            weight: 3,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"cmd":"weight","service":"web","real":"198.18.0.11:80","weight":3}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"list"}"#).unwrap(),
+            Request::List
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+    }
+
+    #[test]
+    fn render_looks_like_ipvsadm() {
+        let st = Status {
+            version: "0.1.0".into(),
+            config: "/etc/xdpvs.toml".into(),
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                address: "198.18.0.100:80".into(),
+                protocol: "tcp".into(),
+                scheduler: "wlc".into(),
+                forwarding: "dr".into(),
+                fallback: None,
+                reals: vec![RealStatus {
+                    address: "198.18.0.11:80".into(),
+                    weight: 0,
+                    configured_weight: 2,
+                    up: false,
+                    health: "down".into(),
+                    last_failure: Some("connection refused".into()),
+                    in_table: true,
+                    active: 10,
+                    inactive: 3,
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        };
+        let text = render(&st);
+        assert!(text.contains("TCP  198.18.0.100:80 wlc"), "{text}");
+        let line = text.lines().find(|l| l.contains("198.18.0.11:80")).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            &cols[..7],
+            &["->", "198.18.0.11:80", "Route", "0", "10", "3", "down"]
+        );
+        assert!(line.contains("last failure: connection refused"));
+        assert!(line.contains("configured weight 2"));
+    }
+}

@@ -1,0 +1,682 @@
+//! `xdpvs run`: the director daemon.
+//!
+//! Wires the parts together and owns the one path that changes the dataplane:
+//! `apply()` = live config snapshot + runtime (health, admin overrides) -> [`state::desired`]
+//! -> planner diff -> map writes. Everything that changes what the dataplane should do
+//! (start-up, reload, a health transition, an admin command) ends in `apply()`; nothing else
+//! writes the maps.
+//!
+//! What happens on reload (SIGHUP, `xdpvs reload`, or a change of the config file): the file is
+//! parsed and validated completely; if it is bad, the error is logged and nothing changes. If it
+//! is good, it becomes the live snapshot (arc-swap), runtime overrides are dropped, the health
+//! checker keeps the state of unchanged reals and starts added ones down, and `apply()` diffs it
+//! into the maps: connections to reals that stay are untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use xdpvs_common::STAT_NAMES;
+
+use crate::admin::{RealStatus, Request, Response, ServiceStatus, Status};
+use crate::config::{Config, Forwarding, Protocol};
+use crate::dataplane::{plan::Planner, Dataplane};
+use crate::health::{HealthChecker, HealthEvent, Target};
+use crate::state::{self, Health, Override, Runtime};
+
+/// The dataplane and the planner that remembers what was written to it.
+pub struct Programmer {
+    pub dp: Dataplane,
+    pub planner: Planner,
+}
+
+/// Counters about the daemon itself (exported as metrics).
+#[derive(Default)]
+pub struct DaemonStats {
+    pub reloads_ok: AtomicU64,
+    pub reloads_error: AtomicU64,
+    /// Unix time of the last successful (re)load.
+    pub last_reload_ok: AtomicU64,
+    /// Whether the most recent reload attempt was rejected (for `xdpvs reload`'s answer).
+    pub last_reload_failed: AtomicBool,
+}
+
+/// State shared by the daemon's tasks.
+pub struct Shared {
+    pub config_path: PathBuf,
+    /// The live configuration: one immutable snapshot, swapped whole on reload.
+    pub config: ArcSwap<Config>,
+    pub runtime: Mutex<Runtime>,
+    pub programmer: Mutex<Programmer>,
+    pub stats: DaemonStats,
+    /// Health-check results for metrics: (service, real) -> (kind, duration) of the last probe,
+    /// and failures by reason.
+    pub health_events: mpsc::UnboundedSender<HealthEvent>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every critical section
+    // either completes its map writes or returns an error), so poisoning is not fatal.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Shared {
+    /// Recomputes the desired state and writes the difference to the maps.
+    pub fn apply(&self) -> Result<()> {
+        let cfg = self.config.load();
+        let desired = {
+            let rt = lock(&self.runtime);
+            state::desired(&cfg, &rt)
+        };
+        let mut p = lock(&self.programmer);
+        let writes = p.planner.plan(&desired)?;
+        if !writes.is_empty() {
+            p.dp.write(&writes)?;
+        }
+        Ok(())
+    }
+
+    fn real_addr(&self, service: &str, real: &str) -> Result<SocketAddr> {
+        let cfg = self.config.load();
+        let svc = cfg
+            .service(service)
+            .ok_or_else(|| anyhow!("no service named {service:?}"))?;
+        let wanted: Vec<SocketAddr> = match real.parse::<SocketAddr>() {
+            Ok(a) => vec![a],
+            Err(_) => match real.parse::<std::net::IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, svc.address.port())],
+                Err(_) => return Err(anyhow!("{real:?} is not an address (ip or ip:port)")),
+            },
+        };
+        svc.reals
+            .iter()
+            .map(|r| r.address)
+            .find(|a| wanted.contains(a))
+            .ok_or_else(|| anyhow!("service {service} has no real {real}"))
+    }
+
+    /// Handles one admin request.
+    pub fn admin(&self, req: Request, reload: &mpsc::UnboundedSender<()>) -> Response {
+        let change = |service: &str, real: &str, ov: Option<Override>| -> Result<String> {
+            let addr = self.real_addr(service, real)?;
+            {
+                let mut rt = lock(&self.runtime);
+                match ov {
+                    Some(o) => rt.overrides.insert((service.to_string(), addr), o),
+                    None => rt.overrides.remove(&(service.to_string(), addr)),
+                };
+            }
+            self.apply()?;
+            Ok(format!(
+                "{service} {addr}: {}",
+                match ov {
+                    Some(Override::Weight(w)) =>
+                        format!("weight {w} (until the next reload or restart)"),
+                    Some(Override::Drain) =>
+                        "draining: no new connections (until `enable`, the next reload or restart)"
+                            .into(),
+                    None => "back to its configured weight".into(),
+                }
+            ))
+        };
+        let result = match req {
+            Request::List => {
+                return match self.status() {
+                    Ok(s) => Response {
+                        status: Some(s),
+                        ..Response::ok("")
+                    },
+                    Err(e) => Response::error(format!("{e:#}")),
+                }
+            }
+            Request::Weight {
+                service,
+                real,
+                weight,
+            } => {
+                if weight > 65535 {
+                    Err(anyhow!("weight {weight} is out of range (0..=65535)"))
+                } else {
+                    change(&service, &real, Some(Override::Weight(weight)))
+                }
+            }
+            Request::Drain { service, real } => change(&service, &real, Some(Override::Drain)),
+            Request::Enable { service, real } => change(&service, &real, None),
+            Request::Reload => {
+                let before = self.stats.reloads_ok.load(Ordering::SeqCst)
+                    + self.stats.reloads_error.load(Ordering::SeqCst);
+                if reload.send(()).is_err() {
+                    Err(anyhow!("the daemon is shutting down"))
+                } else {
+                    // Wait (bounded) for the reload to be processed so the caller sees its result.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let ok = self.stats.reloads_ok.load(Ordering::SeqCst);
+                        let err = self.stats.reloads_error.load(Ordering::SeqCst);
+                        if ok + err > before {
+                            break if self.stats.last_reload_failed.load(Ordering::SeqCst) {
+                                Err(anyhow!("reload rejected; the running configuration keeps serving (see the daemon's log)"))
+                            } else {
+                                Ok("reloaded".to_string())
+                            };
+                        }
+                        if std::time::Instant::now() > deadline {
+                            break Err(anyhow!("reload still in progress"));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(m) => Response::ok(m),
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+
+    /// The live table: config names + effective state + dataplane counters.
+    pub fn status(&self) -> Result<Status> {
+        let cfg = self.config.load();
+        let rt = lock(&self.runtime).clone();
+        let desired = state::desired(&cfg, &rt);
+        let p = lock(&self.programmer);
+        let mut services = Vec::new();
+        for (sc, ds) in cfg.services.iter().zip(desired.services.iter()) {
+            let mut reals = Vec::new();
+            let counters = |addr: SocketAddr| -> Result<(u64, u64, u64, u64, u64)> {
+                match p.planner.real_id(&ds.key, addr) {
+                    Some(id) => {
+                        let c = p.dp.real_conns(id)?;
+                        let s = p.dp.real_stats(id)?;
+                        Ok((c.active, c.inactive, s.conns, s.packets, s.bytes))
+                    }
+                    None => Ok((0, 0, 0, 0, 0)),
+                }
+            };
+            for (rc, dr) in sc.reals.iter().zip(ds.reals.iter()) {
+                let id = (sc.name.clone(), rc.address);
+                let health = rt.health.get(&id);
+                let up = health.map(|h| h.up).unwrap_or(true);
+                let (active, inactive, connections, packets, bytes) = counters(rc.address)?;
+                reals.push(RealStatus {
+                    address: rc.address.to_string(),
+                    weight: if dr.cut { 0 } else { dr.weight },
+                    configured_weight: rc.weight,
+                    admin: rt.overrides.get(&id).copied(),
+                    up,
+                    health: if up { "up" } else { "down" }.to_string(),
+                    last_failure: health.and_then(|h| h.last_failure.clone()),
+                    in_table: !dr.cut,
+                    fallback: false,
+                    active,
+                    inactive,
+                    connections,
+                    packets,
+                    bytes,
+                });
+            }
+            if let Some(f) = sc.fallback {
+                let (active, inactive, connections, packets, bytes) = counters(f)?;
+                reals.push(RealStatus {
+                    address: f.to_string(),
+                    up: true,
+                    health: "fallback".into(),
+                    in_table: true,
+                    fallback: true,
+                    active,
+                    inactive,
+                    connections,
+                    packets,
+                    bytes,
+                    ..Default::default()
+                });
+            }
+            // Reals removed by a reload whose connections are still draining.
+            for d in p.planner.draining() {
+                if d.service == ds.key
+                    && !sc.reals.iter().any(|r| r.address == d.address)
+                    && sc.fallback != Some(d.address)
+                {
+                    let c = p.dp.real_conns(d.id)?;
+                    let s = p.dp.real_stats(d.id)?;
+                    reals.push(RealStatus {
+                        address: d.address.to_string(),
+                        health: if d.cut { "cut" } else { "draining" }.into(),
+                        active: c.active,
+                        inactive: c.inactive,
+                        connections: s.conns,
+                        packets: s.packets,
+                        bytes: s.bytes,
+                        ..Default::default()
+                    });
+                }
+            }
+            services.push(ServiceStatus {
+                name: sc.name.clone(),
+                address: sc.address.to_string(),
+                protocol: match sc.protocol {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Udp => "udp",
+                }
+                .into(),
+                scheduler: state::sched_name(ds.sched).into(),
+                forwarding: match sc.forwarding {
+                    Forwarding::Dr => "dr",
+                    Forwarding::Nat => "nat",
+                }
+                .into(),
+                fallback: sc.fallback.map(|f| f.to_string()),
+                reals,
+            });
+        }
+        let stats = p.dp.stats()?;
+        let dataplane = STAT_NAMES
+            .iter()
+            .zip(stats.iter())
+            .filter(|(n, _)| !n.starts_with("unused"))
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect();
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: self.config_path.display().to_string(),
+            services,
+            conntrack_entries: p.dp.connections().len() as u64,
+            dataplane,
+        })
+    }
+}
+
+/// Health-check targets of a configuration: every configured real with its check.
+pub fn targets(cfg: &Config) -> Vec<Target> {
+    cfg.services
+        .iter()
+        .flat_map(|s| {
+            s.reals.iter().map(move |r| Target {
+                service: s.name.clone(),
+                real: r.address,
+                check: r.check.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Health states as the runtime holds them, from the checker.
+fn health_from(checker: &HealthChecker) -> HashMap<(String, SocketAddr), Health> {
+    checker
+        .states()
+        .into_iter()
+        .map(|(svc, real, st)| {
+            (
+                (svc, real),
+                Health {
+                    up: st.up,
+                    last_failure: st.last_failure,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub async fn run(config_path: &Path) -> Result<()> {
+    let config = Config::load(config_path).map_err(|e| anyhow!("{e}"))?;
+    let director = config.director.clone();
+    info!(
+        config = %config_path.display(),
+        services = config.services.len(),
+        "starting xdpvs {}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let mut dp = Dataplane::load(director.conn_table_size)?;
+    let mode = dp.attach(&director.interface, director.xdp_mode)?;
+    info!(interface = %director.interface, mode, "XDP program attached");
+
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<HealthEvent>();
+    let mut checker = HealthChecker::start(targets(&config), events_tx.clone());
+    let runtime = Runtime {
+        health: health_from(&checker),
+        overrides: HashMap::new(),
+    };
+    let shared = Arc::new(Shared {
+        config_path: config_path.to_path_buf(),
+        config: ArcSwap::from_pointee(config),
+        runtime: Mutex::new(runtime),
+        programmer: Mutex::new(Programmer {
+            dp,
+            planner: Planner::new(),
+        }),
+        stats: DaemonStats::default(),
+        health_events: events_tx,
+    });
+    shared.apply().context("programming the dataplane")?;
+    shared
+        .stats
+        .last_reload_ok
+        .store(now_unix(), Ordering::SeqCst);
+    prime_neighbours(&shared);
+
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    let admin_task = tokio::spawn(serve_admin(
+        director.admin_socket.clone(),
+        shared.clone(),
+        reload_tx.clone(),
+    ));
+    let _watcher = if director.watch_config {
+        watch_config(config_path, reload_tx.clone())
+            .map_err(|e| warn!(error = %e, "not watching the config file; reload with SIGHUP"))
+            .ok()
+    } else {
+        None
+    };
+    let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+    let mut metrics_task = None;
+    if let Some(addr) = director.metrics {
+        metrics_task = Some(tokio::spawn(crate::metrics::serve(addr, shared.clone())));
+    }
+
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    info!("ready");
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = sighup.recv() => reload(&shared, &mut checker),
+            Some(()) = reload_rx.recv() => {
+                // Coalesce a burst of triggers (editors write files in several steps).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while reload_rx.try_recv().is_ok() {}
+                reload(&shared, &mut checker);
+            }
+            Some(ev) = events_rx.recv() => on_health(&shared, ev),
+        }
+    }
+    checker.shutdown();
+    admin_task.abort();
+    sweeper.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&director.admin_socket);
+    // Dropping the dataplane detaches the XDP program.
+    drop(shared);
+    info!("stopped");
+    Ok(())
+}
+
+fn on_health(shared: &Shared, ev: HealthEvent) {
+    crate::metrics::record_health(&ev);
+    let id = (ev.service.clone(), ev.real);
+    let changed = {
+        let mut rt = lock(&shared.runtime);
+        let h = rt.health.entry(id).or_insert(Health {
+            up: ev.up,
+            last_failure: None,
+        });
+        if let Some(r) = &ev.reason {
+            h.last_failure = Some(r.clone());
+        }
+        let changed = h.up != ev.up;
+        h.up = ev.up;
+        changed
+    };
+    if let Some(t) = &ev.transition {
+        if ev.up {
+            info!(service = %ev.service, real = %ev.real, "real is up: {t}");
+        } else {
+            warn!(service = %ev.service, real = %ev.real, "real is down: {t}");
+        }
+    }
+    if changed {
+        if let Err(e) = shared.apply() {
+            error!(error = %format!("{e:#}"), "applying a health change to the dataplane failed");
+        }
+    }
+}
+
+fn reload(shared: &Shared, checker: &mut HealthChecker) {
+    let path = shared.config_path.clone();
+    match Config::load(&path) {
+        Err(e) => {
+            shared
+                .stats
+                .last_reload_failed
+                .store(true, Ordering::SeqCst);
+            shared.stats.reloads_error.fetch_add(1, Ordering::SeqCst);
+            error!("reload rejected, the running configuration keeps serving: {e}");
+        }
+        Ok(mut new) => {
+            let old = shared.config.load_full();
+            if new.director != old.director {
+                // Only the idle timeouts apply live; the rest needs a restart.
+                let timeouts = new.director.timeouts;
+                if new.director.interface != old.director.interface
+                    || new.director.xdp_mode != old.director.xdp_mode
+                    || new.director.conn_table_size != old.director.conn_table_size
+                    || new.director.admin_socket != old.director.admin_socket
+                    || new.director.metrics != old.director.metrics
+                    || new.director.watch_config != old.director.watch_config
+                {
+                    warn!("[director] changes other than timeouts take effect at the next restart");
+                }
+                new.director = old.director.clone();
+                new.director.timeouts = timeouts;
+            }
+            checker.update(targets(&new));
+            {
+                let mut rt = lock(&shared.runtime);
+                rt.overrides.clear();
+                rt.health = health_from(checker);
+            }
+            let services = new.services.len();
+            shared.config.store(Arc::new(new));
+            match shared.apply() {
+                Ok(()) => {
+                    shared
+                        .stats
+                        .last_reload_failed
+                        .store(false, Ordering::SeqCst);
+                    shared.stats.reloads_ok.fetch_add(1, Ordering::SeqCst);
+                    shared
+                        .stats
+                        .last_reload_ok
+                        .store(now_unix(), Ordering::SeqCst);
+                    info!(services, "configuration reloaded");
+                }
+                Err(e) => {
+                    // The planner leaves the maps as they were: restore the old snapshot.
+                    shared.config.store(old);
+                    shared
+                        .stats
+                        .last_reload_failed
+                        .store(true, Ordering::SeqCst);
+                    shared.stats.reloads_error.fetch_add(1, Ordering::SeqCst);
+                    error!("reload rejected by the dataplane: {e:#}");
+                }
+            }
+            prime_neighbours(shared);
+        }
+    }
+}
+
+fn prime_neighbours(shared: &Shared) {
+    let cfg = shared.config.load();
+    let addrs: Vec<SocketAddr> = cfg
+        .services
+        .iter()
+        .flat_map(|s| s.reals.iter().map(|r| r.address).chain(s.fallback))
+        .collect();
+    Dataplane::prime_neighbours(addrs);
+}
+
+/// Once a second: retire idle connection entries, free the ids of drained reals; every few
+/// seconds re-prime the reals' neighbour entries.
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let s = shared.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut p = lock(&s.programmer);
+            let report = p.dp.sweep()?;
+            if report.retired > 0 {
+                tracing::debug!(retired = report.retired, entries = report.entries, "sweep");
+            }
+            let Programmer { dp, planner } = &mut *p;
+            let writes = planner.release(|id| {
+                dp.real_conns(id)
+                    .map(|c| c.active + c.inactive)
+                    .unwrap_or(1)
+            });
+            if !writes.is_empty() {
+                dp.write(&writes)?;
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "connection-table sweep failed"),
+            Err(e) => warn!(error = %e, "connection-table sweep task failed"),
+        }
+        if n % 5 == 0 {
+            prime_neighbours(&shared);
+        }
+    }
+}
+
+async fn serve_admin(
+    path: PathBuf,
+    shared: Arc<Shared>,
+    reload: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    // A stale socket from a crashed run would make bind fail.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(anyhow!(
+                "another xdpvs is serving the admin socket {}",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    // Create the socket with no permissions for group/other from the start (no window in
+    // which another user could connect), then set 0600 explicitly.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(&path);
+    unsafe { libc::umask(old) };
+    let listener =
+        listener.with_context(|| format!("binding the admin socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    info!(socket = %path.display(), "admin socket ready (mode 0600)");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let reload = reload.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_admin(stream, shared, reload).await {
+                warn!(error = %format!("{e:#}"), "admin request failed");
+            }
+        });
+    }
+}
+
+async fn handle_admin(
+    stream: UnixStream,
+    shared: Arc<Shared>,
+    reload: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    // Only root may talk to the daemon, whatever the socket's mode says.
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let resp = if cred.uid() != 0 {
+        Response::error("permission denied: the admin socket is for root")
+    } else {
+        let mut line = String::new();
+        let mut reader = BufReader::new(read).take(64 * 1024);
+        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .map_err(|_| anyhow!("admin client sent no request"))??;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) => tokio::task::spawn_blocking(move || shared.admin(req, &reload)).await?,
+            Err(e) => Response::error(format!("bad request: {e}")),
+        }
+    };
+    let mut out = serde_json::to_vec(&resp)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await?;
+    Ok(())
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Watches the config file's directory and triggers a reload when the file changes.
+fn watch_config(
+    path: &Path,
+    reload: mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let file = path
+        .canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))?;
+    let dir = file
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", file.display()))?
+        .to_path_buf();
+    let name = file.file_name().map(|n| n.to_os_string());
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            let ours = ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name);
+            let relevant = matches!(
+                ev.kind,
+                notify::EventKind::Modify(_) | notify::EventKind::Create(_)
+            );
+            if ours && relevant {
+                let _ = reload.send(());
+            }
+        }
+    })?;
+    w.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(w)
+}

@@ -1,0 +1,138 @@
+//! End to end, issue "foundation": the real `xdpvs` binary directing live HTTP from a client
+//! namespace to three nginx reals (DR mode), in a netns lab. Needs root.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{http_get_new_conn, lab_config, real_of, spawn_xdpvs, vip_addr, KeepAlive, Lab};
+use xdpvs::admin::Status;
+
+fn status(d: &common::Daemon) -> Status {
+    let out = d.admin(&["list", "--json"]).expect("xdpvs list --json");
+    serde_json::from_str(&out).expect("list --json parses")
+}
+
+/// (active, inactive) per real address of the first service.
+fn conns(d: &common::Daemon) -> Vec<(u64, u64)> {
+    status(d).services[0]
+        .reals
+        .iter()
+        .map(|r| (r.active, r.inactive))
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn new_connections_are_spread_by_weight() {
+    if !common::require_root("new_connections_are_spread_by_weight") {
+        return;
+    }
+    let lab = Lab::up("xf1", 3).expect("lab up");
+    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 2, 3], "")).expect("xdpvs starts");
+    let client = lab.ns("client");
+    let counts = common::in_netns(&client, || {
+        let mut counts: HashMap<usize, usize> = HashMap::new();
+        for i in 0..600 {
+            let body = http_get_new_conn(vip_addr(), "/")
+                .unwrap_or_else(|e| panic!("request {i} failed: {e:#}"));
+            *counts
+                .entry(real_of(&body).expect("body names a real"))
+                .or_default() += 1;
+        }
+        counts
+    });
+    for (real, weight) in [(1, 1.0), (2, 2.0), (3, 3.0)] {
+        let share = *counts.get(&real).unwrap_or(&0) as f64 / 600.0;
+        let want = weight / 6.0;
+        assert!(
+            (share - want).abs() <= 0.05,
+            "real {real}: share {share:.3}, want {want:.3} +- 0.05 ({counts:?})"
+        );
+    }
+    let st = status(&d);
+    let total: u64 = st.services[0].reals.iter().map(|r| r.connections).sum();
+    assert!(total >= 600, "dataplane counted {total} new connections");
+    assert_eq!(st.dataplane.get("malformed"), Some(&0));
+}
+
+#[test]
+fn idle_keepalive_connections_are_counted_active_then_released() {
+    if !common::require_root("idle_keepalive_connections_are_counted_active_then_released") {
+        return;
+    }
+    common::raise_nofile_limit();
+    let lab = Lab::up("xf2", 3).expect("lab up");
+    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 1, 1], "")).expect("xdpvs starts");
+    let client = lab.ns("client");
+    let (ka, bodies) = KeepAlive::open(&client, vip_addr(), 30, "/").expect("30 connections");
+    let mut per_real: HashMap<usize, usize> = HashMap::new();
+    for b in &bodies {
+        *per_real.entry(real_of(b).expect("real")).or_default() += 1;
+    }
+    assert_eq!(
+        per_real.values().copied().collect::<Vec<_>>().len(),
+        3,
+        "{per_real:?}"
+    );
+    wait_for("ActiveConn 10/10/10", Duration::from_secs(5), || {
+        conns(&d).iter().map(|c| c.0).collect::<Vec<_>>() == vec![10, 10, 10]
+    });
+    let listed = d.list().expect("list");
+    assert!(listed.contains("ActiveConn"), "{listed}");
+    ka.close();
+    wait_for("ActiveConn back to 0", Duration::from_secs(5), || {
+        conns(&d).iter().all(|c| c.0 == 0)
+    });
+    // Closed connections are inactive (FIN_WAIT) until they expire, not lost.
+    let inactive: u64 = conns(&d).iter().map(|c| c.1).sum();
+    assert_eq!(inactive, 30);
+}
+
+#[test]
+fn weight_zero_keeps_open_connections_and_takes_no_new_ones() {
+    if !common::require_root("weight_zero_keeps_open_connections_and_takes_no_new_ones") {
+        return;
+    }
+    common::raise_nofile_limit();
+    let lab = Lab::up("xf3", 3).expect("lab up");
+    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 1, 1], "")).expect("xdpvs starts");
+    let client = lab.ns("client");
+    let (mut ka, bodies) = KeepAlive::open(&client, vip_addr(), 9, "/").expect("connections");
+    assert!(bodies.iter().any(|b| real_of(b) == Some(2)), "{bodies:?}");
+    // Quiesce real 2 by editing the config and reloading.
+    d.write_config(&lab_config(&lab, &[1, 0, 1], ""))
+        .expect("write config");
+    d.reload().expect("SIGHUP");
+    wait_for("weight 0 in the table", Duration::from_secs(5), || {
+        status(&d).services[0].reals[1].weight == 0
+    });
+    // Open connections to real 2 keep working.
+    let again = ka
+        .request_all("/")
+        .expect("keep-alive requests after the change");
+    assert_eq!(again, bodies, "each connection still reaches its real");
+    // New connections never go to it.
+    let seen: Vec<usize> = common::in_netns(&client, || {
+        (0..60)
+            .map(|_| real_of(&http_get_new_conn(vip_addr(), "/").expect("request")).unwrap())
+            .collect()
+    });
+    assert!(
+        !seen.contains(&2),
+        "a new connection reached the weight-0 real: {seen:?}"
+    );
+    assert!(seen.contains(&1) && seen.contains(&3));
+    ka.close();
+}
