@@ -562,7 +562,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
             Ok(Err(e)) => warn!(error = %format!("{e:#}"), "connection-table sweep failed"),
             Err(e) => warn!(error = %e, "connection-table sweep task failed"),
         }
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             prime_neighbours(&shared);
         }
     }
