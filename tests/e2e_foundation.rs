@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{http_get_new_conn, lab_config, real_of, spawn_xdpvs, vip_addr, KeepAlive, Lab};
 use xdpvs::admin::Status;
@@ -21,17 +21,6 @@ fn conns(d: &common::Daemon) -> Vec<(u64, u64)> {
         .iter()
         .map(|r| (r.active, r.inactive))
         .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[test]
@@ -86,13 +75,13 @@ fn idle_keepalive_connections_are_counted_active_then_released() {
         3,
         "{per_real:?}"
     );
-    wait_for("ActiveConn 10/10/10", Duration::from_secs(5), || {
+    common::wait_for("ActiveConn 10/10/10", Duration::from_secs(5), || {
         conns(&d).iter().map(|c| c.0).collect::<Vec<_>>() == vec![10, 10, 10]
     });
     let listed = d.list().expect("list");
     assert!(listed.contains("ActiveConn"), "{listed}");
     ka.close();
-    wait_for("ActiveConn back to 0", Duration::from_secs(5), || {
+    common::wait_for("ActiveConn back to 0", Duration::from_secs(5), || {
         conns(&d).iter().all(|c| c.0 == 0)
     });
     // Closed connections are inactive (FIN_WAIT) until they expire, not lost.
@@ -115,7 +104,7 @@ fn weight_zero_keeps_open_connections_and_takes_no_new_ones() {
     d.write_config(&lab_config(&lab, &[1, 0, 1], ""))
         .expect("write config");
     d.reload().expect("SIGHUP");
-    wait_for("weight 0 in the table", Duration::from_secs(5), || {
+    common::wait_for("weight 0 in the table", Duration::from_secs(5), || {
         status(&d).services[0].reals[1].weight == 0
     });
     // Open connections to real 2 keep working.

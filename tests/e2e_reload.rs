@@ -5,7 +5,7 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{http_get_new_conn, lab_config, real_of, spawn_xdpvs, vip_addr, KeepAlive, Lab};
 use xdpvs::admin::Status;
@@ -30,17 +30,6 @@ fn table(st: &Status) -> Vec<(String, String, u32, String, bool)> {
             })
         })
         .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A service config over reals `reals` (numbers) with `weights`, and a check of `check_type`.
