@@ -440,3 +440,33 @@ fn fragments_to_a_service_are_dropped() {
         assert_eq!(h.dp.stats().unwrap()[stat::DROP_FRAGMENT as usize], 1);
     });
 }
+
+#[test]
+fn udp_flows_are_tracked_and_stick_to_one_real() {
+    if !common::require_root("udp_flows_are_tracked_and_stick_to_one_real") {
+        return;
+    }
+    let net = DpNet::new("udp", 2);
+    net.run(|| {
+        let mut h = Harness::new();
+        let mut s = service_on(53, &[(1, 1), (2, 1)]);
+        s.key = xdpvs::state::service_key(s.address, xdpvs::config::Protocol::Udp);
+        h.apply(vec![s.clone()]);
+        let mut owners = Vec::new();
+        for sport in 47000..47010u16 {
+            let out = h.run(&Frame::udp(CLIENT, sport, VIP, 53).build());
+            assert_eq!(out.action, XDP_TX);
+            owners.push(Harness::real_of(&out.frame).unwrap());
+        }
+        for (i, sport) in (47000..47010u16).enumerate() {
+            let out = h.run(&Frame::udp(CLIENT, sport, VIP, 53).build());
+            assert_eq!(Harness::real_of(&out.frame), Some(owners[i]));
+        }
+        // UDP "connections" count as inactive, like IPVS.
+        let (a1, i1) = h.conns(1, &s);
+        let (a2, i2) = h.conns(2, &s);
+        assert_eq!((a1 + a2, i1 + i2), (0, 10));
+        // The same port over TCP is not this service.
+        assert_eq!(h.run(&Frame::tcp(CLIENT, 1, VIP, 53, SYN).build()).action, XDP_PASS);
+    });
+}

@@ -63,7 +63,9 @@ fn idle_keepalive_connections_are_counted_active_then_released() {
     }
     common::raise_nofile_limit();
     let lab = Lab::up("xf2", 3).expect("lab up");
-    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 1, 1], "")).expect("xdpvs starts");
+    // A short FIN timeout so the test also sees closed connections expire.
+    let config = lab_config(&lab, &[1, 1, 1], "") + "\n[director.timeouts]\ntcp_fin = \"2s\"\n";
+    let d = spawn_xdpvs(&lab, &config).expect("xdpvs starts");
     let client = lab.ns("client");
     let (ka, bodies) = KeepAlive::open(&client, vip_addr(), 30, "/").expect("30 connections");
     let mut per_real: HashMap<usize, usize> = HashMap::new();
@@ -84,9 +86,32 @@ fn idle_keepalive_connections_are_counted_active_then_released() {
     common::wait_for("ActiveConn back to 0", Duration::from_secs(5), || {
         conns(&d).iter().all(|c| c.0 == 0)
     });
-    // Closed connections are inactive (FIN_WAIT) until they expire, not lost.
+    // Closed connections are inactive (FIN_WAIT) until they expire, not lost...
     let inactive: u64 = conns(&d).iter().map(|c| c.1).sum();
     assert_eq!(inactive, 30);
+    // ...and the expiry sweep returns every count to zero, with the table empty.
+    common::wait_for("counts back to 0/0", Duration::from_secs(8), || {
+        conns(&d).iter().all(|c| *c == (0, 0))
+    });
+    assert_eq!(status(&d).conntrack_entries, 0);
+}
+
+#[test]
+fn stopping_the_daemon_detaches_the_program() {
+    if !common::require_root("stopping_the_daemon_detaches_the_program") {
+        return;
+    }
+    let lab = Lab::up("xf4", 1).expect("lab up");
+    let mut d = spawn_xdpvs(&lab, &lab_config(&lab, &[1], "")).expect("xdpvs starts");
+    let link = || lab.exec_ok("dir", &["ip", "link", "show", "d0"]).expect("ip link");
+    assert!(link().contains("xdp"), "attached while running: {}", link());
+    d.stop(Duration::from_secs(5)).expect("clean exit on SIGTERM");
+    assert!(!link().contains("xdp"), "still attached after exit: {}", link());
+    assert!(!d.admin_socket.exists(), "admin socket removed");
+    // The director keeps working as a host: the VIP port is the kernel's again.
+    let client = lab.ns("client");
+    let r = common::in_netns(&client, || http_get_new_conn(vip_addr(), "/"));
+    assert!(r.is_err(), "nothing listens on the director itself");
 }
 
 #[test]
