@@ -137,42 +137,45 @@ impl Planner {
     }
 
     /// Takes (or re-validates) a real's id and marks it in use.
-    fn use_real(
-        &mut self,
-        key: RealKey,
-        cut: bool,
-        writes: &mut Vec<Write>,
-    ) -> Result<u32, PlanError> {
+    fn use_real(&mut self, key: RealKey, writes: &mut Vec<Write>) -> Result<u32, PlanError> {
         let (a, family) = addr(key.1.ip());
         let real = Real {
             addr: a,
             port: key.1.port().to_be(),
             family,
-            flags: if cut { 0 } else { REAL_F_VALID },
+            flags: REAL_F_VALID,
             _pad: 0,
         };
-        match self.reals.get_mut(&key) {
-            Some(e) => {
-                e.in_use = !cut;
-                if e.real != real {
-                    e.real = real;
-                    writes.push(Write::Real(e.id, real));
-                }
-                Ok(e.id)
+        if let Some(e) = self.reals.get_mut(&key) {
+            e.in_use = true;
+            if e.real != real {
+                e.real = real;
+                writes.push(Write::Real(e.id, real));
             }
-            None => {
-                let id = self.alloc_real()?;
-                writes.push(Write::ResetReal(id));
-                writes.push(Write::Real(id, real));
-                self.reals.insert(
-                    key,
-                    RealEntry {
-                        id,
-                        real,
-                        in_use: !cut,
-                    },
-                );
-                Ok(id)
+            return Ok(e.id);
+        }
+        let id = self.alloc_real()?;
+        writes.push(Write::ResetReal(id));
+        writes.push(Write::Real(id, real));
+        self.reals.insert(
+            key,
+            RealEntry {
+                id,
+                real,
+                in_use: true,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Takes a real out of use and invalidates it, so its connections are cut. A real without
+    /// an id has no connections: nothing to do.
+    fn cut_real(&mut self, key: RealKey, writes: &mut Vec<Write>) {
+        if let Some(e) = self.reals.get_mut(&key) {
+            e.in_use = false;
+            if e.real.flags & REAL_F_VALID != 0 {
+                e.real.flags &= !REAL_F_VALID;
+                writes.push(Write::Real(e.id, e.real));
             }
         }
     }
@@ -218,20 +221,22 @@ impl Planner {
             for r in ds.reals.iter().take(MAX_REALS_PER_SERVICE) {
                 let key = (ds.key, r.address);
                 seen_reals.insert(key);
-                let id = self.use_real(key, r.cut, &mut writes)?;
-                if !r.cut {
-                    set.slots[set.count as usize] = RealSlot {
-                        real: id,
-                        weight: r.weight,
-                    };
-                    set.count += 1;
+                if r.cut {
+                    self.cut_real(key, &mut writes);
+                    continue;
                 }
+                let id = self.use_real(key, &mut writes)?;
+                set.slots[set.count as usize] = RealSlot {
+                    real: id,
+                    weight: r.weight,
+                };
+                set.count += 1;
             }
             let fallback = match ds.fallback {
                 Some(f) => {
                     let key = (ds.key, f);
                     seen_reals.insert(key);
-                    self.use_real(key, false, &mut writes)?
+                    self.use_real(key, &mut writes)?
                 }
                 None => NO_REAL,
             };
@@ -313,12 +318,10 @@ impl Planner {
                     .get(&key.0)
                     .map(|s| s.cut_on_remove)
                     .unwrap_or(false);
-            if let Some(e) = self.reals.get_mut(&key) {
+            if cut {
+                self.cut_real(key, &mut writes);
+            } else if let Some(e) = self.reals.get_mut(&key) {
                 e.in_use = false;
-                if cut && e.real.flags & REAL_F_VALID != 0 {
-                    e.real.flags &= !REAL_F_VALID;
-                    writes.push(Write::Real(e.id, e.real));
-                }
             }
         }
         Ok(writes)
@@ -536,6 +539,26 @@ mod tests {
             .iter()
             .any(|x| matches!(x, Write::Real(1, r) if r.flags == REAL_F_VALID)));
         assert_eq!(sets(&w), vec![(0, vec![(0, 1), (1, 1)])]);
+    }
+
+    #[test]
+    fn cut_real_without_connections_holds_no_id() {
+        let mut p = Planner::new();
+        let mut s = svc(
+            "web",
+            "198.18.0.100:80",
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
+        );
+        p.plan(&desired(vec![s.clone()])).unwrap();
+        s.reals[1].cut = true;
+        p.plan(&desired(vec![s.clone()])).unwrap();
+        assert_eq!(p.draining().len(), 1);
+        // Already invalid: freeing its id needs no write.
+        assert_eq!(p.release(|_| 0), vec![]);
+        assert!(p.draining().is_empty());
+        // Still down: planning again allocates nothing and writes nothing.
+        assert_eq!(p.plan(&desired(vec![s.clone()])).unwrap(), vec![]);
+        assert!(p.real_id(&s.key, s.reals[1].address).is_none());
     }
 
     #[test]

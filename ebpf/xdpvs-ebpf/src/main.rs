@@ -21,7 +21,7 @@ mod schedule;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdpvs_common::{
-    state, stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING,
+    stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING,
 };
 
 use crate::conntrack::Lookup;
@@ -111,7 +111,3 @@ pub fn xdpvs_expire(ctx: XdpContext) -> u32 {
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
-
-// Silence "unused" for the state module re-export used only in submodules.
-#[allow(dead_code)]
-const _STATES: u32 = state::COUNT as u32;
