@@ -103,10 +103,18 @@ fn stopping_the_daemon_detaches_the_program() {
     }
     let lab = Lab::up("xf4", 1).expect("lab up");
     let mut d = spawn_xdpvs(&lab, &lab_config(&lab, &[1], "")).expect("xdpvs starts");
-    let link = || lab.exec_ok("dir", &["ip", "link", "show", "d0"]).expect("ip link");
+    let link = || {
+        lab.exec_ok("dir", &["ip", "link", "show", "d0"])
+            .expect("ip link")
+    };
     assert!(link().contains("xdp"), "attached while running: {}", link());
-    d.stop(Duration::from_secs(5)).expect("clean exit on SIGTERM");
-    assert!(!link().contains("xdp"), "still attached after exit: {}", link());
+    d.stop(Duration::from_secs(5))
+        .expect("clean exit on SIGTERM");
+    assert!(
+        !link().contains("xdp"),
+        "still attached after exit: {}",
+        link()
+    );
     assert!(!d.admin_socket.exists(), "admin socket removed");
     // The director keeps working as a host: the VIP port is the kernel's again.
     let client = lab.ns("client");
@@ -138,11 +146,7 @@ fn weight_zero_keeps_open_connections_and_takes_no_new_ones() {
         .expect("keep-alive requests after the change");
     assert_eq!(again, bodies, "each connection still reaches its real");
     // New connections never go to it.
-    let seen: Vec<usize> = common::in_netns(&client, || {
-        (0..60)
-            .map(|_| real_of(&http_get_new_conn(vip_addr(), "/").expect("request")).unwrap())
-            .collect()
-    });
+    let seen = common::sample_reals(&client, 60);
     assert!(
         !seen.contains(&2),
         "a new connection reached the weight-0 real: {seen:?}"

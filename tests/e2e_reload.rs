@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{http_get_new_conn, lab_config, real_of, spawn_xdpvs, vip_addr, KeepAlive, Lab};
+use common::{lab_config, spawn_xdpvs, vip_addr, KeepAlive, Lab};
 use xdpvs::admin::Status;
 
 fn status(d: &common::Daemon) -> Status {
@@ -169,13 +169,7 @@ fn broken_reload_is_rejected_and_traffic_flows_as_before() {
     let good = lab_config(&lab, &[1, 1, 0], "");
     let d = spawn_xdpvs(&lab, &good).expect("xdpvs starts");
     let client = lab.ns("client");
-    let sample = |n: usize| -> Vec<usize> {
-        common::in_netns(&client, || {
-            (0..n)
-                .map(|_| real_of(&http_get_new_conn(vip_addr(), "/").expect("request")).unwrap())
-                .collect()
-        })
-    };
+    let sample = |n: usize| common::sample_reals(&client, n);
     let before = status(&d);
     let broken: Vec<(&str, String)> = vec![
         ("syntax error", good.replace("[[service]]", "[[service]")),
@@ -234,11 +228,7 @@ fn drain_and_enable_at_runtime() {
     let st = status(&d);
     assert_eq!(st.services[0].reals[1].weight, 0);
     assert!(d.list().unwrap().contains("drained by admin"));
-    let seen: Vec<usize> = common::in_netns(&client, || {
-        (0..30)
-            .map(|_| real_of(&http_get_new_conn(vip_addr(), "/").expect("request")).unwrap())
-            .collect()
-    });
+    let seen = common::sample_reals(&client, 30);
     assert!(
         !seen.contains(&2),
         "drained real got a new connection: {seen:?}"
@@ -249,11 +239,7 @@ fn drain_and_enable_at_runtime() {
     );
     d.admin(&["enable", "web", "198.18.0.12:80"])
         .expect("enable");
-    let seen: Vec<usize> = common::in_netns(&client, || {
-        (0..30)
-            .map(|_| real_of(&http_get_new_conn(vip_addr(), "/").expect("request")).unwrap())
-            .collect()
-    });
+    let seen = common::sample_reals(&client, 30);
     assert!(
         seen.contains(&2),
         "enabled real gets connections again: {seen:?}"

@@ -721,3 +721,16 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// `n` requests from namespace `ns` to the VIP, each on a new connection: which real served each.
+pub fn sample_reals(ns: &str, n: usize) -> Vec<usize> {
+    in_netns(ns, || {
+        (0..n)
+            .map(|i| {
+                let body = http_get_new_conn(vip_addr(), "/")
+                    .unwrap_or_else(|e| panic!("request {i} failed: {e:#}"));
+                real_of(&body).unwrap_or_else(|| panic!("body {body:?} names no real"))
+            })
+            .collect()
+    })
+}
