@@ -467,6 +467,56 @@ fn udp_flows_are_tracked_and_stick_to_one_real() {
         let (a2, i2) = h.conns(2, &s);
         assert_eq!((a1 + a2, i1 + i2), (0, 10));
         // The same port over TCP is not this service.
-        assert_eq!(h.run(&Frame::tcp(CLIENT, 1, VIP, 53, SYN).build()).action, XDP_PASS);
+        assert_eq!(
+            h.run(&Frame::tcp(CLIENT, 1, VIP, 53, SYN).build()).action,
+            XDP_PASS
+        );
+    });
+}
+
+#[test]
+fn real_behind_another_interface_is_reached_by_redirect() {
+    if !common::require_root("real_behind_another_interface_is_reached_by_redirect") {
+        return;
+    }
+    let net = DpNet::new("redir", 1);
+    // A second link with its own subnet; the real sits there.
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &net.ns])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["link", "add", "dpc", "type", "veth", "peer", "name", "dpd"]);
+    ip(&["link", "set", "dpc", "up"]);
+    ip(&["link", "set", "dpd", "up"]);
+    ip(&["addr", "add", "198.19.0.2/24", "dev", "dpc"]);
+    ip(&[
+        "neigh",
+        "replace",
+        "198.19.0.7",
+        "lladdr",
+        "02:00:00:00:07:07",
+        "dev",
+        "dpc",
+        "nud",
+        "permanent",
+    ]);
+    net.run(|| {
+        let mut h = Harness::new();
+        let mut s = service(&[]);
+        s.reals.push(xdpvs::state::DesiredReal {
+            address: "198.19.0.7:80".parse().unwrap(),
+            weight: 1,
+            cut: false,
+        });
+        h.apply(vec![s]);
+        let out = h.run(&syn(48000).build());
+        const XDP_REDIRECT: u32 = 4;
+        assert_eq!(out.action, XDP_REDIRECT);
+        assert_eq!(&out.frame[0..6], &[0x02, 0, 0, 0, 7, 7]);
+        assert_eq!(h.dp.stats().unwrap()[stat::REDIRECT as usize], 1);
     });
 }
