@@ -1,12 +1,667 @@
-//! Prometheus metrics (in progress).
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! Prometheus metrics: `GET /metrics` in the text exposition format.
+//!
+//! Two sources feed a scrape:
+//!
+//! * a [`Snapshot`] taken at scrape time from the daemon ([`Shared::status`]: the live config,
+//!   health, and the dataplane's per-CPU counters summed), turned into metric families by the
+//!   pure function [`render`];
+//! * health-check results, recorded as they happen ([`record_health`], called by the daemon for
+//!   every probe) into a long-lived registry (durations as a histogram, failures by reason).
+//!
+//! Dataplane counters restart at 0 when a real gets a new dataplane id (removed and re-added by
+//! a reload), so exported counters go through [`Monotonic`], which keeps per series the last
+//! value seen and an offset: a drop, or the series vanishing from a snapshot, folds the last
+//! value into the offset, so the exported value never goes backwards.
+//!
+//! A scrape runs on the blocking pool and holds the daemon's programmer lock only while reading
+//! counters (inside `status()`), so it does not stall the event loop, the checkers or the
+//! dataplane (which never waits for user space).
 
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tracing::{debug, error, info, warn};
+
+use crate::config::CheckKind;
 use crate::daemon::Shared;
 use crate::health::HealthEvent;
 
-pub async fn serve(_addr: SocketAddr, _shared: Arc<Shared>) -> anyhow::Result<()> {
-    Ok(())
+/// Health-check duration buckets (seconds): checks mostly take well under a second; exec
+/// checks and timeouts may take a few.
+pub const HEALTH_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One real's state and counters at scrape time (dataplane counters as read, not yet monotonic).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RealSnapshot {
+    pub service: String,
+    /// "ip:port".
+    pub real: String,
+    /// New connections scheduled to it (`REAL_STATS.conns`).
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub active: u64,
+    pub inactive: u64,
+    pub up: bool,
+    /// Effective weight.
+    pub weight: u32,
 }
 
-pub fn record_health(_ev: &HealthEvent) {}
+/// Everything a scrape exports besides the health-check metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub reals: Vec<RealSnapshot>,
+    /// Dataplane packet counters by action (`STAT_NAMES` without the unused slots).
+    pub dataplane: Vec<(String, u64)>,
+    pub conntrack_entries: u64,
+    pub reloads_ok: u64,
+    pub reloads_error: u64,
+    /// Unix time of the last successful (re)load, start-up included.
+    pub last_reload_ok: u64,
+    pub version: String,
+}
+
+impl Snapshot {
+    /// Reads the daemon's state (takes the programmer lock while reading counters).
+    pub fn take(shared: &Shared) -> Result<Snapshot> {
+        let st = shared.status().context("reading the dataplane")?;
+        let reals = st
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.reals.iter().map(move |r| RealSnapshot {
+                    service: s.name.clone(),
+                    real: r.address.clone(),
+                    connections: r.connections,
+                    packets: r.packets,
+                    bytes: r.bytes,
+                    active: r.active,
+                    inactive: r.inactive,
+                    up: r.up,
+                    weight: r.weight,
+                })
+            })
+            .collect();
+        Ok(Snapshot {
+            reals,
+            dataplane: st.dataplane.into_iter().collect(),
+            conntrack_entries: st.conntrack_entries,
+            reloads_ok: shared.stats.reloads_ok.load(Ordering::SeqCst),
+            reloads_error: shared.stats.reloads_error.load(Ordering::SeqCst),
+            last_reload_ok: shared.stats.last_reload_ok.load(Ordering::SeqCst),
+            version: st.version,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Series {
+    /// The raw value last seen.
+    last: u64,
+    /// Sum of the values lost to resets.
+    offset: u64,
+    /// Generation (scrape) in which it was last seen.
+    seen: u64,
+}
+
+/// Makes counters that may restart at 0 monotonic, per series key.
+#[derive(Debug, Default)]
+pub struct Monotonic {
+    generation: u64,
+    series: HashMap<String, Series>,
+}
+
+impl Monotonic {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a new snapshot: series not [`observe`](Self::observe)d before the next
+    /// [`finish`](Self::finish) count as reset.
+    pub fn begin(&mut self) {
+        self.generation += 1;
+    }
+
+    /// The exported value for a raw reading of series `key`.
+    pub fn observe(&mut self, key: &str, raw: u64) -> u64 {
+        let generation = self.generation;
+        let s = self.series.entry(key.to_string()).or_default();
+        if raw < s.last {
+            s.offset = s.offset.saturating_add(s.last);
+        }
+        s.last = raw;
+        s.seen = generation;
+        s.offset.saturating_add(raw)
+    }
+
+    /// Ends a snapshot: a series that was not in it lost its counter (its real was released);
+    /// if it comes back, it continues from where it was.
+    pub fn finish(&mut self) {
+        let generation = self.generation;
+        for s in self.series.values_mut() {
+            if s.seen != generation && s.last != 0 {
+                s.offset = s.offset.saturating_add(s.last);
+                s.last = 0;
+            }
+        }
+    }
+}
+
+/// Health-check metrics, recorded as results arrive.
+struct HealthMetrics {
+    registry: Registry,
+    duration: HistogramVec,
+    failures: IntCounterVec,
+}
+
+impl HealthMetrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "xdpvs_health_check_duration_seconds",
+                "Duration of health-check probes.",
+            )
+            .buckets(HEALTH_BUCKETS.to_vec()),
+            &["service", "real", "type"],
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "xdpvs_health_check_failures_total",
+                "Failed health-check probes, by reason.",
+            ),
+            &["service", "real", "reason"],
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        Ok(HealthMetrics {
+            registry,
+            duration,
+            failures,
+        })
+    }
+
+    fn record(&self, ev: &HealthEvent) {
+        let real = ev.real.to_string();
+        self.duration
+            .with_label_values(&[&ev.service, &real, check_type(ev.kind)])
+            .observe(ev.duration.as_secs_f64());
+        if let Some(reason) = &ev.reason {
+            self.failures
+                .with_label_values(&[&ev.service, &real, reason])
+                .inc();
+        }
+    }
+}
+
+fn health_metrics() -> Option<&'static HealthMetrics> {
+    static HEALTH: OnceLock<Option<HealthMetrics>> = OnceLock::new();
+    HEALTH
+        .get_or_init(|| {
+            HealthMetrics::new()
+                .map_err(|e| error!(error = %e, "health-check metrics unavailable"))
+                .ok()
+        })
+        .as_ref()
+}
+
+/// The `type` label of a check.
+pub fn check_type(kind: CheckKind) -> &'static str {
+    match kind {
+        CheckKind::Tcp => "tcp",
+        CheckKind::Http => "http",
+        CheckKind::Https => "https",
+        CheckKind::Exec => "exec",
+        CheckKind::Dns => "dns",
+        CheckKind::None => "none",
+        CheckKind::Off => "off",
+    }
+}
+
+/// Records one probe result (the daemon calls this for every result).
+pub fn record_health(ev: &HealthEvent) {
+    if let Some(h) = health_metrics() {
+        h.record(ev);
+    }
+}
+
+/// The health-check metric families recorded so far.
+fn health_families() -> Vec<MetricFamily> {
+    health_metrics()
+        .map(|h| h.registry.gather())
+        .unwrap_or_default()
+}
+
+/// Snapshot -> metric families, with dataplane counters made monotonic through `mono`.
+pub fn families(snap: &Snapshot, mono: &mut Monotonic) -> prometheus::Result<Vec<MetricFamily>> {
+    let r = Registry::new();
+    let real_labels = &["service", "real"];
+    let counter = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        r.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        r.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let conns = counter(
+        "xdpvs_real_connections_total",
+        "New connections scheduled to the real.",
+        real_labels,
+    )?;
+    let active = gauge(
+        "xdpvs_real_active_connections",
+        "Established connections to the real.",
+        real_labels,
+    )?;
+    let inactive = gauge(
+        "xdpvs_real_inactive_connections",
+        "Connections to the real in other states (opening, closing).",
+        real_labels,
+    )?;
+    let packets = counter(
+        "xdpvs_real_packets_total",
+        "Packets forwarded to the real.",
+        real_labels,
+    )?;
+    let bytes = counter(
+        "xdpvs_real_bytes_total",
+        "Bytes forwarded to the real.",
+        real_labels,
+    )?;
+    let up = gauge(
+        "xdpvs_real_up",
+        "Whether the real passes its health check (1) or not (0).",
+        real_labels,
+    )?;
+    let weight = gauge(
+        "xdpvs_real_weight",
+        "Effective weight of the real (after health and runtime overrides).",
+        real_labels,
+    )?;
+    let dataplane = counter(
+        "xdpvs_dataplane_packets_total",
+        "Packets seen by the XDP program, by what it did with them.",
+        &["action"],
+    )?;
+    let conntrack = IntGauge::new(
+        "xdpvs_conntrack_entries",
+        "Entries in the connection table.",
+    )?;
+    r.register(Box::new(conntrack.clone()))?;
+    let reloads = counter(
+        "xdpvs_config_reloads_total",
+        "Configuration reloads, by result (the start-up load is not counted).",
+        &["result"],
+    )?;
+    let last_ok = IntGauge::new(
+        "xdpvs_config_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful configuration load (start-up or reload).",
+    )?;
+    r.register(Box::new(last_ok.clone()))?;
+    let build = gauge(
+        "xdpvs_build_info",
+        "Build information; always 1.",
+        &["version"],
+    )?;
+
+    mono.begin();
+    let mut seen = HashSet::new();
+    for rs in &snap.reals {
+        // One series per (service, real) label pair: the first entry wins.
+        if !seen.insert((rs.service.as_str(), rs.real.as_str())) {
+            continue;
+        }
+        let labels = &[rs.service.as_str(), rs.real.as_str()];
+        let key = |metric: &str| format!("{metric}\u{0}{}\u{0}{}", rs.service, rs.real);
+        conns
+            .with_label_values(labels)
+            .inc_by(mono.observe(&key("conns"), rs.connections));
+        packets
+            .with_label_values(labels)
+            .inc_by(mono.observe(&key("packets"), rs.packets));
+        bytes
+            .with_label_values(labels)
+            .inc_by(mono.observe(&key("bytes"), rs.bytes));
+        active.with_label_values(labels).set(clamp(rs.active));
+        inactive.with_label_values(labels).set(clamp(rs.inactive));
+        up.with_label_values(labels).set(i64::from(rs.up));
+        weight.with_label_values(labels).set(i64::from(rs.weight));
+    }
+    for (action, v) in &snap.dataplane {
+        if action.starts_with("unused") {
+            continue;
+        }
+        dataplane
+            .with_label_values(&[action])
+            .inc_by(mono.observe(&format!("dataplane\u{0}{action}"), *v));
+    }
+    mono.finish();
+    conntrack.set(clamp(snap.conntrack_entries));
+    reloads.with_label_values(&["ok"]).inc_by(snap.reloads_ok);
+    reloads
+        .with_label_values(&["error"])
+        .inc_by(snap.reloads_error);
+    last_ok.set(clamp(snap.last_reload_ok));
+    build.with_label_values(&[&snap.version]).set(1);
+    Ok(r.gather())
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Snapshot (plus extra families, e.g. the health checks') -> text exposition.
+pub fn render(
+    snap: &Snapshot,
+    mono: &mut Monotonic,
+    extra: Vec<MetricFamily>,
+) -> prometheus::Result<String> {
+    let mut all = families(snap, mono)?;
+    all.extend(extra);
+    all.sort_by(|a, b| a.get_name().cmp(b.get_name()));
+    TextEncoder::new().encode_to_string(&all)
+}
+
+/// One scrape: snapshot and render, serialised so the monotonic state sees snapshots in order.
+fn scrape(shared: &Shared, mono: &Mutex<Monotonic>) -> Result<String> {
+    let mut mono = mono.lock().unwrap_or_else(|p| p.into_inner());
+    let snap = Snapshot::take(shared)?;
+    Ok(render(&snap, &mut mono, health_families())?)
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    mono: Arc<Mutex<Monotonic>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() != "/metrics" {
+        return Ok(reply(StatusCode::NOT_FOUND, "not found; try /metrics\n"));
+    }
+    if req.method() != Method::GET {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+        return Ok(r);
+    }
+    let result = tokio::task::spawn_blocking(move || scrape(&shared, &mono)).await;
+    Ok(match result {
+        Ok(Ok(text)) => {
+            let mut r = reply(StatusCode::OK, text);
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(prometheus::TEXT_FORMAT),
+            );
+            r
+        }
+        Ok(Err(e)) => {
+            warn!(error = %format!("{e:#}"), "metrics scrape failed");
+            reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("scrape failed: {e:#}\n"),
+            )
+        }
+        Err(e) => {
+            warn!(error = %e, "metrics scrape task failed");
+            reply(StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n")
+        }
+    })
+}
+
+/// Serves `GET /metrics` at `addr` until the task is aborted. If the address cannot be bound,
+/// logs an error and returns it (the daemon keeps running without metrics).
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(%addr, error = %e, "cannot serve metrics; running without them");
+            return Err(e).with_context(|| format!("binding the metrics address {addr}"));
+        }
+    };
+    info!(%addr, "serving metrics at http://{addr}/metrics");
+    let mono = Arc::new(Mutex::new(Monotonic::new()));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let mono = mono.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, shared.clone(), mono.clone()));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_survives_resets_and_vanishing() {
+        let mut m = Monotonic::new();
+        m.begin();
+        assert_eq!(m.observe("a", 10), 10);
+        m.finish();
+        m.begin();
+        assert_eq!(m.observe("a", 15), 15);
+        m.finish();
+        // The real got a new id: its counter restarted.
+        m.begin();
+        assert_eq!(m.observe("a", 3), 18);
+        m.finish();
+        m.begin();
+        assert_eq!(m.observe("a", 7), 22);
+        m.finish();
+        // Gone from a snapshot (released), then back with a fresh counter above the old value.
+        m.begin();
+        m.finish();
+        m.begin();
+        assert_eq!(m.observe("a", 9), 31);
+        m.finish();
+        // Unchanged readings stay put; other series are independent.
+        m.begin();
+        assert_eq!(m.observe("a", 9), 31);
+        assert_eq!(m.observe("b", 0), 0);
+        m.finish();
+    }
+
+    fn snapshot(conns: [u64; 2]) -> Snapshot {
+        Snapshot {
+            reals: vec![
+                RealSnapshot {
+                    service: "web".into(),
+                    real: "10.0.0.1:80".into(),
+                    connections: conns[0],
+                    packets: 100,
+                    bytes: 6400,
+                    active: 2,
+                    inactive: 1,
+                    up: true,
+                    weight: 3,
+                },
+                RealSnapshot {
+                    service: "web".into(),
+                    real: "10.0.0.2:80".into(),
+                    connections: conns[1],
+                    packets: 50,
+                    bytes: 3200,
+                    active: 0,
+                    inactive: 0,
+                    up: false,
+                    weight: 0,
+                },
+            ],
+            dataplane: vec![
+                ("new_conn".into(), 11),
+                ("tx".into(), 150),
+                ("unused13".into(), 0),
+            ],
+            conntrack_entries: 3,
+            reloads_ok: 2,
+            reloads_error: 1,
+            last_reload_ok: 1_700_000_000,
+            version: "0.1.0".into(),
+        }
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn exposition_of_a_snapshot() {
+        let mut m = Monotonic::new();
+        let text = render(&snapshot([7, 4]), &mut m, Vec::new()).expect("render");
+        let r1 = "{real=\"10.0.0.1:80\",service=\"web\"}";
+        let r2 = "{real=\"10.0.0.2:80\",service=\"web\"}";
+        for (series, want) in [
+            (format!("xdpvs_real_connections_total{r1}"), 7.0),
+            (format!("xdpvs_real_connections_total{r2}"), 4.0),
+            (format!("xdpvs_real_packets_total{r1}"), 100.0),
+            (format!("xdpvs_real_bytes_total{r2}"), 3200.0),
+            (format!("xdpvs_real_active_connections{r1}"), 2.0),
+            (format!("xdpvs_real_inactive_connections{r1}"), 1.0),
+            (format!("xdpvs_real_up{r1}"), 1.0),
+            (format!("xdpvs_real_up{r2}"), 0.0),
+            (format!("xdpvs_real_weight{r1}"), 3.0),
+            (
+                "xdpvs_dataplane_packets_total{action=\"new_conn\"}".into(),
+                11.0,
+            ),
+            ("xdpvs_dataplane_packets_total{action=\"tx\"}".into(), 150.0),
+            ("xdpvs_conntrack_entries".into(), 3.0),
+            ("xdpvs_config_reloads_total{result=\"ok\"}".into(), 2.0),
+            ("xdpvs_config_reloads_total{result=\"error\"}".into(), 1.0),
+            (
+                "xdpvs_config_last_reload_success_timestamp_seconds".into(),
+                1.7e9,
+            ),
+            ("xdpvs_build_info{version=\"0.1.0\"}".into(), 1.0),
+        ] {
+            assert_eq!(value(&text, &series), Some(want), "{series} in:\n{text}");
+        }
+        assert!(!text.contains("unused"), "{text}");
+        assert!(text.contains("# TYPE xdpvs_real_connections_total counter"));
+        assert!(text.contains("# TYPE xdpvs_real_up gauge"));
+        assert!(text.contains("# HELP xdpvs_real_weight "));
+
+        // A reload re-created real 1 (counter back to 2): the exported value keeps growing.
+        let text = render(&snapshot([2, 5]), &mut m, Vec::new()).expect("render");
+        assert_eq!(
+            value(&text, &format!("xdpvs_real_connections_total{r1}")),
+            Some(9.0)
+        );
+        assert_eq!(
+            value(&text, &format!("xdpvs_real_connections_total{r2}")),
+            Some(5.0)
+        );
+    }
+
+    #[test]
+    fn duplicate_reals_are_exported_once() {
+        let mut s = snapshot([1, 1]);
+        s.reals[1].real = s.reals[0].real.clone();
+        let text = render(&s, &mut Monotonic::new(), Vec::new()).expect("render");
+        let n = text
+            .lines()
+            .filter(|l| l.starts_with("xdpvs_real_connections_total{"))
+            .count();
+        assert_eq!(n, 1, "{text}");
+    }
+
+    #[test]
+    fn health_events_become_histogram_and_failures() {
+        let ev = HealthEvent {
+            service: "mtest".into(),
+            real: "10.9.9.9:80".parse().expect("addr"),
+            up: false,
+            transition: None,
+            reason: Some("connection refused".into()),
+            duration: Duration::from_millis(3),
+            kind: CheckKind::Tcp,
+        };
+        record_health(&ev);
+        record_health(&HealthEvent {
+            reason: None,
+            up: true,
+            ..ev.clone()
+        });
+        let text = render(
+            &Snapshot::default(),
+            &mut Monotonic::new(),
+            health_families(),
+        )
+        .expect("render");
+        let labels = "real=\"10.9.9.9:80\",service=\"mtest\",type=\"tcp\"";
+        assert_eq!(
+            value(
+                &text,
+                &format!("xdpvs_health_check_duration_seconds_count{{{labels}}}")
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("xdpvs_health_check_duration_seconds_bucket{{{labels},le=\"0.005\"}}")
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "xdpvs_health_check_failures_total{real=\"10.9.9.9:80\",reason=\"connection refused\",service=\"mtest\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE xdpvs_health_check_duration_seconds histogram"));
+    }
+}
