@@ -482,16 +482,38 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) {
                 new.director = old.director.clone();
                 new.director.timeouts = timeouts;
             }
-            checker.update(targets(&new));
-            {
+            // The checks change only once the dataplane has taken the new state: a rejected
+            // reload must leave every check of the running configuration in place (and the
+            // runtime overrides too). Until then the new state uses the health the checker
+            // would start from.
+            let new_targets = targets(&new);
+            let before = {
                 let mut rt = lock(&shared.runtime);
+                let before = rt.clone();
                 rt.overrides.clear();
-                rt.health = health_from(checker);
-            }
+                rt.health = checker
+                    .preview(&new_targets)
+                    .into_iter()
+                    .map(|(svc, real, st)| {
+                        let h = Health {
+                            up: st.up,
+                            last_failure: st.last_failure,
+                        };
+                        ((svc, real), h)
+                    })
+                    .collect();
+                before
+            };
             let services = new.services.len();
             shared.config.store(Arc::new(new));
             match shared.apply() {
                 Ok(()) => {
+                    checker.update(new_targets);
+                    lock(&shared.runtime).health = health_from(checker);
+                    // A check that changed state since the preview (its event is still queued).
+                    if let Err(e) = shared.apply() {
+                        error!(error = %format!("{e:#}"), "applying health after a reload failed");
+                    }
                     shared
                         .stats
                         .last_reload_failed
@@ -504,8 +526,10 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) {
                     info!(services, "configuration reloaded");
                 }
                 Err(e) => {
-                    // The planner leaves the maps as they were: restore the old snapshot.
+                    // The planner leaves the maps as they were: restore the old snapshot and
+                    // runtime (the checks were not touched).
                     shared.config.store(old);
+                    *lock(&shared.runtime) = before;
                     shared
                         .stats
                         .last_reload_failed

@@ -112,8 +112,7 @@ impl HealthChecker {
                 }
                 Some(run) => {
                     run.task.abort();
-                    let up = lock(&run.state).up;
-                    HealthState::new(if up { Initially::Up } else { Initially::Down })
+                    restarted(&lock(&run.state))
                 }
                 None => initial_state(&t.check, added_start_down),
             };
@@ -147,6 +146,33 @@ impl HealthChecker {
         self.tasks
             .get(&(service.to_string(), real))
             .map(|r| lock(&r.state).up)
+    }
+
+    /// The states [`update`](Self::update) with `targets` would start from, without changing
+    /// anything: a reload computes its effective state from this and commits the checks only
+    /// once the dataplane has accepted it (a rejected reload must leave every check running).
+    /// A target already checked keeps its up/down state and last failure (whether or not its
+    /// check changed); a new one starts down (`none`: up). Duplicate keys: the first wins.
+    pub fn preview(&self, targets: &[Target]) -> Vec<(String, SocketAddr, HealthState)> {
+        let mut seen = HashSet::new();
+        targets
+            .iter()
+            .filter(|t| seen.insert((t.service.clone(), t.real)))
+            .map(|t| {
+                let state = match self.tasks.get(&(t.service.clone(), t.real)) {
+                    Some(run) => {
+                        let cur = lock(&run.state);
+                        if run.check == t.check && !run.task.is_finished() {
+                            cur.clone()
+                        } else {
+                            restarted(&cur)
+                        }
+                    }
+                    None => initial_state(&t.check, true),
+                };
+                (t.service.clone(), t.real, state)
+            })
+            .collect()
     }
 
     /// Snapshots of every real's state, sorted by service then real (for `list`).
@@ -193,6 +219,18 @@ fn initial_state(check: &CheckConfig, start_down: bool) -> HealthState {
         _ => !start_down && check.initially == Initially::Up,
     };
     HealthState::new(if up { Initially::Up } else { Initially::Down })
+}
+
+/// The state a check restarted with a changed configuration starts from: the real's up/down
+/// state and last failure carry over, the counters start again.
+fn restarted(cur: &HealthState) -> HealthState {
+    let mut s = HealthState::new(if cur.up {
+        Initially::Up
+    } else {
+        Initially::Down
+    });
+    s.last_failure = cur.last_failure.clone();
+    s
 }
 
 /// The first probe of target `i` of `n` waits `interval * i / n`: evenly spread, deterministic.
@@ -417,6 +455,62 @@ mod tests {
         let st = checker.state("s", a).unwrap();
         assert!(st.up);
         assert_eq!(st.checks, 0);
+    }
+
+    #[tokio::test]
+    async fn preview_matches_update_and_changes_nothing() {
+        let good = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = good.local_addr().unwrap();
+        let b = refused_addr().await;
+        let check = cfg(CheckKind::Tcp);
+        let (tx, mut rx) = unbounded_channel();
+        let mut checker = HealthChecker::start(
+            vec![target("s", a, check.clone()), target("s", b, check.clone())],
+            tx,
+        );
+        let _ = collect(&mut rx, Duration::from_millis(200)).await;
+        assert_eq!(checker.is_up("s", b), Some(false));
+        let mut changed = check.clone();
+        changed.interval = Duration::from_millis(70);
+        let next = vec![
+            target("s", a, check.clone()),
+            target("s", b, changed),
+            target("t", a, check.clone()),
+            target("u", a, cfg(CheckKind::None)),
+        ];
+        let preview = checker.preview(&next);
+        // Nothing changed: same tasks, b still checked, no t/u.
+        assert_eq!(checker.len(), 2);
+        assert_eq!(checker.is_up("t", a), None);
+        let ups: Vec<(&str, bool)> = preview
+            .iter()
+            .map(|(s, _, st)| (s.as_str(), st.up))
+            .collect();
+        assert_eq!(
+            ups,
+            vec![("s", true), ("s", false), ("t", false), ("u", true)]
+        );
+        assert_eq!(
+            preview[1].2.last_failure.as_deref(),
+            Some("connection refused")
+        );
+        checker.update(next);
+        let after: Vec<(String, SocketAddr, bool)> = checker
+            .states()
+            .into_iter()
+            .map(|(s, r, st)| (s, r, st.up))
+            .collect();
+        let mut want: Vec<(String, SocketAddr, bool)> = preview
+            .into_iter()
+            .map(|(s, r, st)| (s, r, st.up))
+            .collect();
+        want.sort_by(|x, y| (&x.0, x.1).cmp(&(&y.0, y.1)));
+        assert_eq!(after, want);
+        assert_eq!(
+            checker.state("s", b).unwrap().last_failure.as_deref(),
+            Some("connection refused"),
+            "a restarted check keeps the last failure"
+        );
     }
 
     #[tokio::test]

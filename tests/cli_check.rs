@@ -1,0 +1,155 @@
+//! `xdpvs check --config FILE` on configs with a bad health check: rejected with a non-zero
+//! exit status and an error naming the file, the line and the key. No root needed.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const HEAD: &str = "[director]\ninterface = \"d0\"\nmetrics = \"off\"\n\n\
+                    [[service]]\nname = \"web\"\naddress = \"198.18.0.100:80\"\n";
+const REAL: &str = "\n[[service.real]]\naddress = \"198.18.0.11:80\"\nweight = 1\n";
+
+/// A config file in the temp dir, removed on drop.
+struct TempConfig(PathBuf);
+
+impl TempConfig {
+    fn new(name: &str, text: &str) -> TempConfig {
+        let path = std::env::temp_dir().join(format!(
+            "xdpvs-cli-check-{}-{name}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).expect("write temp config");
+        TempConfig(path)
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn check(path: &PathBuf) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xdpvs"))
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run xdpvs check")
+}
+
+/// A service with `[service.check]` holding `check_lines`.
+fn with_check(check_lines: &str) -> String {
+    format!("{HEAD}\n[service.check]\n{check_lines}\n{REAL}")
+}
+
+/// 1-based line of the first line of `text` starting with `key_line`.
+fn line_of(text: &str, key_line: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(key_line))
+        .unwrap_or_else(|| panic!("{key_line:?} not in {text}"))
+        + 1
+}
+
+/// `xdpvs check` rejects `text`: non-zero exit, and stderr names the file, the line of
+/// `bad_line` and `key` (and contains every one of `words`).
+fn rejected(name: &str, text: &str, bad_line: &str, key: &str, words: &[&str]) {
+    let cfg = TempConfig::new(name, text);
+    let out = check(&cfg.0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{name}: {} {}", out.status, stderr.trim());
+    assert!(!out.status.success(), "{name}: accepted:\n{text}");
+    let line = line_of(text, bad_line);
+    let at = format!("{}:{line}:", cfg.0.display());
+    assert!(
+        stderr.contains(&at),
+        "{name}: error does not point at {at}: {stderr}"
+    );
+    assert!(
+        stderr.contains(key),
+        "{name}: error does not name {key}: {stderr}"
+    );
+    for w in words {
+        assert!(stderr.contains(w), "{name}: error lacks {w:?}: {stderr}");
+    }
+}
+
+#[test]
+fn good_config_passes() {
+    let text = with_check(
+        "type = \"http\"\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n\
+         rise = 2\nfall = 2\nexpect_status = [200, 204]\nexpect_body = \"^OK\"",
+    );
+    let cfg = TempConfig::new("good", &text);
+    let out = check(&cfg.0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    // The shipped reference config passes too.
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    let out = check(&example);
+    assert!(
+        out.status.success(),
+        "config/example.toml: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn negative_interval() {
+    let text = with_check("type = \"tcp\"\ninterval = \"-200ms\"");
+    rejected(
+        "neg-interval",
+        &text,
+        "interval",
+        "check.interval",
+        &["negative"],
+    );
+    let text = with_check("type = \"tcp\"\ninterval = -5");
+    rejected(
+        "neg-interval-bare",
+        &text,
+        "interval",
+        "check.interval",
+        &[],
+    );
+    let text = with_check("type = \"tcp\"\ntimeout = \"0ms\"");
+    rejected("zero-timeout", &text, "timeout", "check.timeout", &[]);
+}
+
+#[test]
+fn rise_and_fall_zero() {
+    let text = with_check("type = \"tcp\"\nrise = 0");
+    rejected("rise0", &text, "rise", "check.rise", &["0"]);
+    let text = with_check("type = \"tcp\"\nfall = 0");
+    rejected("fall0", &text, "fall", "check.fall", &["0"]);
+    // In a per-real override too.
+    let text = format!("{HEAD}{REAL}[service.real.check]\nrise = 0\n");
+    rejected("real-rise0", &text, "rise", "real[0].check.rise", &[]);
+}
+
+#[test]
+fn unknown_check_type() {
+    let text = with_check("type = \"smtp\"");
+    rejected("type", &text, "type", "check.type", &["smtp"]);
+}
+
+#[test]
+fn regex_that_does_not_compile() {
+    let text = with_check("type = \"http\"\nexpect_body = \"(unclosed\"");
+    rejected(
+        "regex",
+        &text,
+        "expect_body",
+        "check.expect_body",
+        &["(unclosed"],
+    );
+}
+
+#[test]
+fn unknown_key_in_check() {
+    let text = with_check("type = \"http\"\nintervall = \"1s\"");
+    rejected("unknown-key", &text, "intervall", "intervall", &[]);
+}
