@@ -749,3 +749,47 @@ fn reload_keeps_health_and_added_reals_start_down() {
     let c = count(&new_conn_reals(&lab, 20));
     assert!(c.contains_key(&3) && !c.contains_key(&2), "{c:?}");
 }
+
+/// The issue's literal case: the check port closes while the service itself stays up.
+/// Listeners on :8080 in each real's namespace stand for a separate health endpoint.
+#[test]
+fn quiesce_with_check_port_closed_keeps_the_service_connection() {
+    if !common::require_root("quiesce_with_check_port_closed_keeps_the_service_connection") {
+        return;
+    }
+    common::raise_nofile_limit();
+    let lab = Lab::up("xh8", 2).expect("lab up");
+    let mut ports: Vec<Option<std::net::TcpListener>> = (1..=2)
+        .map(|i| {
+            let addr = std::net::SocketAddr::new(common::real_ip(i).into(), 8080);
+            Some(
+                common::in_netns(&lab.ns(&format!("r{i}")), || {
+                    std::net::TcpListener::bind(addr)
+                })
+                .expect("check port listener"),
+            )
+        })
+        .collect();
+    let extra = "on_failure = \"quiesce\"\n\n[service.check]\ntype = \"tcp\"\nport = 8080\n\
+                 interval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n";
+    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 1], extra)).expect("xdpvs starts");
+    let client = lab.ns("client");
+    let (mut ka, bodies) = KeepAlive::open(&client, vip_addr(), 6, "/").expect("keep-alive");
+    assert!(bodies.iter().any(|b| real_of(b) == Some(2)), "{bodies:?}");
+    // Close real 2's check port; nginx on :80 keeps serving.
+    ports[1] = None;
+    wait_for("real 2 down", Duration::from_secs(5), || {
+        real_status(&d, 2).health == "down"
+    });
+    let r = real_status(&d, 2);
+    assert_eq!((r.weight, r.in_table), (0, true));
+    assert_eq!(r.last_failure.as_deref(), Some("connection refused"));
+    assert_eq!(
+        ka.request_all("/").expect("open connections keep working"),
+        bodies
+    );
+    let seen = new_conn_reals(&lab, 20);
+    assert!(!seen.contains(&2), "{seen:?}");
+    ka.close();
+    drop(ports);
+}
