@@ -182,11 +182,21 @@ impl<'de> Deserialize<'de> for DurationText {
                 Ok(DurationText(s.to_string()))
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<DurationText, E> {
+                if n <= 0 {
+                    return Err(E::custom(format!(
+                        "duration {n} must be positive, with a unit, such as \"1s\" or \"500ms\""
+                    )));
+                }
                 Err(E::custom(format!(
                     "duration {n} has no unit; write a string such as \"{n}s\" or \"{n}ms\""
                 )))
             }
             fn visit_f64<E: de::Error>(self, n: f64) -> Result<DurationText, E> {
+                if n <= 0.0 {
+                    return Err(E::custom(format!(
+                        "duration {n} must be positive, with a unit, such as \"1s\" or \"500ms\""
+                    )));
+                }
                 Err(E::custom(format!(
                     "duration {n} has no unit; write a string such as \"{n}s\""
                 )))
