@@ -286,3 +286,26 @@ fn admin_socket_is_root_only() {
         "{err}"
     );
 }
+
+#[test]
+fn editing_the_config_file_reloads_it() {
+    if !common::require_root("editing_the_config_file_reloads_it") {
+        return;
+    }
+    let lab = Lab::up("xr5", 2).expect("lab up");
+    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 1], "")).expect("xdpvs starts");
+    // No SIGHUP: the file watcher (watch_config, on by default) notices the change.
+    d.write_config(&lab_config(&lab, &[1, 4], ""))
+        .expect("write");
+    common::wait_for(
+        "the new weight from the edited file",
+        Duration::from_secs(5),
+        || status(&d).services[0].reals[1].weight == 4,
+    );
+    // A broken edit is rejected the same way; the table stays as it was.
+    d.write_config("[director\n").expect("write");
+    common::wait_for("the rejection logged", Duration::from_secs(5), || {
+        d.log().contains("reload rejected")
+    });
+    assert_eq!(status(&d).services[0].reals[1].weight, 4);
+}
