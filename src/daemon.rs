@@ -298,7 +298,18 @@ impl Shared {
             version: env!("CARGO_PKG_VERSION").into(),
             config: self.config_path.display().to_string(),
             services,
-            conntrack_entries: p.dp.connections().len() as u64,
+            // Every live entry counts once against its real, so the sum over the reals holding
+            // an id is the table's live size, without walking the table.
+            conntrack_entries: p
+                .planner
+                .ids()
+                .into_iter()
+                .map(|id| {
+                    p.dp.real_conns(id)
+                        .map(|c| c.active + c.inactive)
+                        .unwrap_or(0)
+                })
+                .sum(),
             dataplane,
         })
     }

@@ -97,6 +97,13 @@ impl Planner {
         self.reals.get(&(*service, real)).map(|r| r.id)
     }
 
+    /// Every real id held (in use or draining).
+    pub fn ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.reals.values().map(|r| r.id).collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Reals that hold an id but take no new connections.
     pub fn draining(&self) -> Vec<Draining> {
         let mut v: Vec<Draining> = self
