@@ -85,7 +85,7 @@ fn real_valid(real: u32) -> bool {
     }
 }
 
-pub fn lookup(key: &ConnKey, pkt: &Packet) -> Lookup {
+pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
     let conn = match CONNS.get_ptr_mut(key) {
         Some(c) => c,
         None => return Lookup::New,
@@ -110,14 +110,13 @@ pub fn lookup(key: &ConnKey, pkt: &Packet) -> Lookup {
         // Losing the race means another CPU moved the state; its update stands.
         transition(conn, real, st, next);
     }
-    unsafe { (*conn).last_seen_ns = bpf_ktime_get_ns() };
+    unsafe { (*conn).last_seen_ns = now };
     Lookup::Existing(real)
 }
 
 /// Tracks a new connection to `real` and returns the real that owns the flow (another CPU may
 /// have tracked the same flow first).
-pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet) -> u32 {
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -> u32 {
     let st = if pkt.proto == PROTO_TCP {
         state::SYN_RECV
     } else {

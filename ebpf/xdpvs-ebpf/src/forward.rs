@@ -3,7 +3,9 @@
 //! Direct routing: the IP packet is left untouched; only the Ethernet header changes. The
 //! kernel's FIB gives the next hop toward the real and its MAC (so reals are never configured
 //! by MAC), and the frame leaves by the ingress interface (XDP_TX) or is redirected to the
-//! egress one.
+//! egress one. A route lookup costs about as much as the rest of the packet path, so each CPU
+//! caches each real's next hop for [`NEXTHOP_TTL_NS`]; the cache is keyed by the real's address
+//! as well as its id, so an id reused for another real never inherits a stale MAC.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
@@ -11,12 +13,27 @@ use aya_ebpf::{
 };
 use xdpvs_common::stat;
 
-use crate::maps::{count, REALS, REAL_STATS};
+use crate::maps::{count, NEXTHOP, REALS, REAL_STATS};
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
+
+/// How long a cached next hop is used before the FIB is asked again (a real whose MAC changes,
+/// or a route change, is followed within this time).
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+
+#[repr(C)]
+pub struct NextHop {
+    /// `bpf_ktime_get_ns` after which the entry must be refreshed; 0 = empty.
+    pub expires_ns: u64,
+    /// The real address this entry was resolved for.
+    pub addr: u32,
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
 
 #[inline(always)]
 pub fn count_new_conn(real: u32) {
@@ -25,7 +42,7 @@ pub fn count_new_conn(real: u32) {
     }
 }
 
-pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32) -> u32 {
+pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, now: u64) -> u32 {
     let real = match REALS.get(real_id) {
         Some(r) => *r,
         None => {
@@ -33,14 +50,73 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32) -> u32 {
             return xdp_action::XDP_DROP;
         }
     };
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let hop = match NEXTHOP.get_ptr_mut(real_id) {
+        Some(h) => h,
+        None => {
+            count(stat::DROP_NO_REAL);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let dst = real.addr.w[0];
+    let fresh = unsafe { (*hop).expires_ns > now && (*hop).addr == dst };
+    if !fresh {
+        let rc = resolve(ctx, pkt, dst, ingress, hop, now);
+        if rc != FIB_SUCCESS {
+            // Passing would let the director's own stack answer for the VIP (with a reset);
+            // the control plane keeps reals' neighbours resolved, so a miss is rare and
+            // retried by TCP.
+            count(if rc == FIB_NO_NEIGH {
+                stat::DROP_NO_NEIGH
+            } else {
+                stat::DROP_FIB
+            });
+            return xdp_action::XDP_DROP;
+        }
+    }
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        count(stat::MALFORMED);
+        return xdp_action::XDP_DROP;
+    }
+    let egress = unsafe {
+        let eth = start as *mut [u8; 6];
+        *eth = (*hop).dmac;
+        *eth.add(1) = (*hop).smac;
+        (*hop).ifindex
+    };
+    if let Some(s) = REAL_STATS.get_ptr_mut(real_id) {
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += (ctx.data_end() - start) as u64;
+        }
+    }
+    if egress == ingress {
+        count(stat::TX);
+        xdp_action::XDP_TX
+    } else {
+        count(stat::REDIRECT);
+        unsafe { bpf_redirect(egress, 0) as u32 }
+    }
+}
+
+/// Asks the FIB for the next hop toward `dst` and fills this CPU's cache entry.
+#[inline(always)]
+fn resolve(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    dst: u32,
+    ingress: u32,
+    hop: *mut NextHop,
+    now: u64,
+) -> i64 {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
-    fib.ifindex = ifindex;
+    fib.ifindex = ingress;
     fib.__bindgen_anon_1.tot_len = pkt.ip_len;
     fib.__bindgen_anon_3.ipv4_src = pkt.src.w[0];
-    fib.__bindgen_anon_4.ipv4_dst = real.addr.w[0];
+    fib.__bindgen_anon_4.ipv4_dst = dst;
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
@@ -49,37 +125,14 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32) -> u32 {
             0,
         )
     };
-    if rc != FIB_SUCCESS {
-        // Passing would let the director's own stack answer for the VIP (with a reset); the
-        // control plane keeps reals' neighbours resolved, so a miss is rare and retried by TCP.
-        count(if rc == FIB_NO_NEIGH {
-            stat::DROP_NO_NEIGH
-        } else {
-            stat::DROP_FIB
-        });
-        return xdp_action::XDP_DROP;
-    }
-    let start = ctx.data();
-    if start + 12 > ctx.data_end() {
-        count(stat::MALFORMED);
-        return xdp_action::XDP_DROP;
-    }
-    unsafe {
-        let eth = start as *mut [u8; 6];
-        *eth = fib.dmac;
-        *eth.add(1) = fib.smac;
-    }
-    if let Some(s) = REAL_STATS.get_ptr_mut(real_id) {
+    if rc == FIB_SUCCESS {
         unsafe {
-            (*s).packets += 1;
-            (*s).bytes += (ctx.data_end() - start) as u64;
+            (*hop).dmac = fib.dmac;
+            (*hop).smac = fib.smac;
+            (*hop).ifindex = fib.ifindex;
+            (*hop).addr = dst;
+            (*hop).expires_ns = now + NEXTHOP_TTL_NS;
         }
     }
-    if fib.ifindex == ifindex {
-        count(stat::TX);
-        xdp_action::XDP_TX
-    } else {
-        count(stat::REDIRECT);
-        unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
-    }
+    rc
 }

@@ -19,7 +19,9 @@ mod maps;
 mod parse;
 mod schedule;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+};
 use xdpvs_common::{
     stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING,
 };
@@ -60,7 +62,8 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return xdp_action::XDP_DROP;
     }
     let key: ConnKey = pkt.conn_key();
-    let real = match conntrack::lookup(&key, pkt) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let real = match conntrack::lookup(&key, pkt, now) {
         Lookup::Existing(real) => real,
         Lookup::Drop(reason) => {
             count(reason);
@@ -85,10 +88,10 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(stat::DROP_NO_REAL);
                 return xdp_action::XDP_DROP;
             }
-            conntrack::create(&key, &svc, real, pkt)
+            conntrack::create(&key, &svc, real, pkt, now)
         }
     };
-    forward::to_real(ctx, pkt, real)
+    forward::to_real(ctx, pkt, real, now)
 }
 
 /// Retires one connection entry if it is idle past its state's timeout (or unconditionally with

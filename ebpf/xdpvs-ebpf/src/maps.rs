@@ -46,3 +46,7 @@ pub fn count(index: u32) {
 /// Per-CPU scratch for the scheduler's running best (see `schedule::Best`).
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<crate::schedule::Best> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU cache of each real's next hop (kernel-private: the control plane never reads it).
+#[map(name = "NEXTHOP")]
+pub static NEXTHOP: PerCpuArray<crate::forward::NextHop> = PerCpuArray::with_max_entries(MAX_REALS, 0);
