@@ -117,7 +117,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run { config } => {
+            use std::io::IsTerminal;
             tracing_subscriber::fmt()
+                .with_ansi(std::io::stdout().is_terminal())
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

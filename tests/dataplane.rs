@@ -520,3 +520,33 @@ fn real_behind_another_interface_is_reached_by_redirect() {
         assert_eq!(h.dp.stats().unwrap()[stat::REDIRECT as usize], 1);
     });
 }
+
+#[test]
+fn a_full_connection_table_drops_new_syns_and_keeps_counts_exact() {
+    if !common::require_root("a_full_connection_table_drops_new_syns_and_keeps_counts_exact") {
+        return;
+    }
+    let net = DpNet::new("full", 2);
+    net.run(|| {
+        let mut h = Harness::with_table(64);
+        let s = service(&[(1, 1), (2, 1)]);
+        h.apply(vec![s.clone()]);
+        let mut forwarded = 0u64;
+        for sport in 49000..49100u16 {
+            if h.run(&syn(sport).build()).action == XDP_TX {
+                forwarded += 1;
+            }
+        }
+        let tracked = h.dp.connections().len() as u64;
+        assert_eq!(forwarded, tracked, "every forwarded SYN is tracked");
+        assert!((60..=64).contains(&tracked), "{tracked}");
+        let stats = h.dp.stats().unwrap();
+        assert_eq!(stats[stat::CONNTRACK_FULL as usize], 100 - tracked);
+        let (a1, i1) = h.conns(1, &s);
+        let (a2, i2) = h.conns(2, &s);
+        assert_eq!(a1 + a2 + i1 + i2, tracked, "no count for a dropped SYN");
+        // Tracked flows carry on.
+        let out = h.run(&Frame::tcp(CLIENT, 49000, VIP, 80, ACK).build());
+        assert_eq!(out.action, XDP_TX);
+    });
+}

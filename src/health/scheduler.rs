@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
-use tracing::{info, warn};
+use tracing::debug;
 
 use super::{probe, CheckConfig, CheckKind, HealthState, Initially, Transition};
 
@@ -265,13 +265,14 @@ async fn run(
             (s.up, tr)
         };
         match &transition {
-            Some(tr @ Transition::Up { .. }) => info!(
+            // The daemon logs transitions (as it applies them); here only at debug level.
+            Some(tr @ Transition::Up { .. }) => debug!(
                 service = %t.service,
                 real = %t.real,
                 check = ?t.check.kind,
                 "real is up: {tr}"
             ),
-            Some(tr @ Transition::Down { reason, .. }) => warn!(
+            Some(tr @ Transition::Down { reason, .. }) => debug!(
                 service = %t.service,
                 real = %t.real,
                 check = ?t.check.kind,

@@ -166,7 +166,12 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
 impl Harness {
     /// Call inside `DpNet::run`.
     pub fn new() -> Harness {
-        let dp = Dataplane::load(65536).expect("load XDP object");
+        Harness::with_table(65536)
+    }
+
+    /// With a connection table of `entries`.
+    pub fn with_table(entries: u32) -> Harness {
+        let dp = Dataplane::load(entries).expect("load XDP object");
         let ifindex = unsafe { libc::if_nametoindex(c"dpa".as_ptr()) };
         assert!(ifindex > 0, "dpa not found: not inside the test namespace?");
         Harness {

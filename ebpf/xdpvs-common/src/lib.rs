@@ -291,7 +291,7 @@ pub mod stat {
     pub const DROP_NO_NEIGH: u32 = 6;
     /// Route lookup to the real failed.
     pub const DROP_FIB: u32 = 7;
-    /// Connection table full: forwarded without tracking.
+    /// Connection table full: the new connection's SYN is dropped.
     pub const CONNTRACK_FULL: u32 = 8;
     /// New connections scheduled.
     pub const NEW_CONN: u32 = 9;

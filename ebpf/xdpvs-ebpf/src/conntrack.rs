@@ -9,7 +9,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
     expire_rc, stat,
     state::{self, is_active, is_live},
-    Conn, ConnKey, ExpireRequest, Service, EXPIRE_F_FORCE, PROTO_TCP, REAL_F_VALID,
+    Conn, ConnKey, ExpireRequest, Service, EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
 };
 
 use crate::atomic;
@@ -115,7 +115,9 @@ pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
 }
 
 /// Tracks a new connection to `real` and returns the real that owns the flow (another CPU may
-/// have tracked the same flow first).
+/// have tracked the same flow first), or `NO_REAL` if the table is full: an untracked
+/// connection's later packets would find no entry and be dropped, so the SYN is dropped now
+/// (and retried by the client) rather than opening a connection that cannot continue.
 pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -> u32 {
     let st = if pkt.proto == PROTO_TCP {
         state::SYN_RECV
@@ -146,8 +148,7 @@ pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -
                 Some(c) => unsafe { (*c).real },
                 None => {
                     count(stat::CONNTRACK_FULL);
-                    crate::forward::count_new_conn(real);
-                    real
+                    NO_REAL
                 }
             }
         }

@@ -22,9 +22,7 @@ mod schedule;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
-use xdpvs_common::{
-    stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING,
-};
+use xdpvs_common::{stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING};
 
 use crate::conntrack::Lookup;
 use crate::maps::count;
@@ -88,7 +86,11 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(stat::DROP_NO_REAL);
                 return xdp_action::XDP_DROP;
             }
-            conntrack::create(&key, &svc, real, pkt, now)
+            let owner = conntrack::create(&key, &svc, real, pkt, now);
+            if owner == NO_REAL {
+                return xdp_action::XDP_DROP;
+            }
+            owner
         }
     };
     forward::to_real(ctx, pkt, real, now)

@@ -49,4 +49,5 @@ pub static SCRATCH: PerCpuArray<crate::schedule::Best> = PerCpuArray::with_max_e
 
 /// Per-CPU cache of each real's next hop (kernel-private: the control plane never reads it).
 #[map(name = "NEXTHOP")]
-pub static NEXTHOP: PerCpuArray<crate::forward::NextHop> = PerCpuArray::with_max_entries(MAX_REALS, 0);
+pub static NEXTHOP: PerCpuArray<crate::forward::NextHop> =
+    PerCpuArray::with_max_entries(MAX_REALS, 0);

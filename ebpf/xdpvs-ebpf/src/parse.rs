@@ -175,7 +175,16 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
             return match at::<[u16; 2]>(ctx, l3 + ihl) {
                 Some(p) => {
                     let ports = unsafe { *p };
-                    packet(src, dst, ports[0], ports[1], proto, 0, more_fragments, tot_len)
+                    packet(
+                        src,
+                        dst,
+                        ports[0],
+                        ports[1],
+                        proto,
+                        0,
+                        more_fragments,
+                        tot_len,
+                    )
                 }
                 None => Parsed::Drop(stat::MALFORMED),
             };
@@ -190,7 +199,16 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         }
         tcp_flags = l4.flags;
     }
-    packet(src, dst, l4.sport, l4.dport, proto, tcp_flags, more_fragments, tot_len)
+    packet(
+        src,
+        dst,
+        l4.sport,
+        l4.dport,
+        proto,
+        tcp_flags,
+        more_fragments,
+        tot_len,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
