@@ -82,7 +82,15 @@ impl fmt::Display for ConfigError {
 /// Parses and validates configuration text; `path` is only used in errors and `Config::source`.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let raw: RawFile = toml::from_str(text).map_err(|e| toml_error(text, path, &e))?;
-    Validator { text, file: path }.config(raw)
+    let line_starts = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
+    Validator {
+        text,
+        file: path,
+        line_starts,
+    }
+    .config(raw)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,6 +360,9 @@ impl<'de> Deserialize<'de> for Node {
 struct Validator<'a> {
     text: &'a str,
     file: &'a Path,
+    /// Byte offset where each line starts: line numbers of duplicates are looked up for every
+    /// service and real, so they must not rescan the text (a 10,000-real file would be quadratic).
+    line_starts: Vec<usize>,
 }
 
 impl Validator<'_> {
@@ -377,7 +388,9 @@ impl Validator<'_> {
     }
 
     fn line(&self, span: Range<usize>) -> usize {
-        line_col(self.text, span.start).0
+        // The number of line starts at or before the offset is its 1-based line.
+        self.line_starts
+            .partition_point(|&start| start <= span.start)
     }
 
     fn config(&self, raw: RawFile) -> Result<Config, ConfigError> {
