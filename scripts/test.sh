@@ -104,8 +104,16 @@ awk '/^error: [0-9]+ targets? failed:/ {on = 1; print "  " $0; next}
      /^error: test failed, to rerun pass/ {print "  " $0}' \
     "$LOGDIR"/test.log "$LOGDIR"/test-common.log 2>/dev/null
 echo "  total time $((SECONDS - start_all))s; logs in $LOGDIR/"
+# One plain closing line over every test binary, for CI's reader.
+totals=$(cat "$LOGDIR"/test.log "$LOGDIR"/test-common.log 2>/dev/null \
+    | awk '/^test result:/ { for (i = 1; i <= NF; i++) {
+                if ($(i) ~ /^passed;?$/) p += $(i - 1)
+                if ($(i) ~ /^failed;?$/) f += $(i - 1) } }
+           END { printf "%d passed, %d failed", p, f }')
 if ((failed)); then
     echo "RESULT: FAILED"
+    echo "tests: $totals"
     exit 1
 fi
 echo "RESULT: all tests passed"
+echo "tests: $totals"
