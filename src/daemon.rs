@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
@@ -58,7 +58,9 @@ pub struct Shared {
     /// The live configuration: one immutable snapshot, swapped whole on reload.
     pub config: ArcSwap<Config>,
     pub runtime: Mutex<Runtime>,
-    pub programmer: Mutex<Programmer>,
+    /// Readers (`list`, metrics scrapes, the expiry sweep) share it; only map writes exclude
+    /// them, so a scrape or a sweep of a large table never waits for another.
+    pub programmer: RwLock<Programmer>,
     pub stats: DaemonStats,
     /// Health-check results for metrics: (service, real) -> (kind, duration) of the last probe,
     /// and failures by reason.
@@ -66,9 +68,17 @@ pub struct Shared {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data (every critical section
+    // A panic while holding one of the daemon's locks leaves consistent data (every critical section
     // either completes its map writes or returns an error), so poisoning is not fatal.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_unix() -> u64 {
@@ -86,7 +96,7 @@ impl Shared {
             let rt = lock(&self.runtime);
             state::desired(&cfg, &rt)
         };
-        let mut p = lock(&self.programmer);
+        let mut p = write(&self.programmer);
         let writes = p.planner.plan(&desired)?;
         if !writes.is_empty() {
             p.dp.write(&writes)?;
@@ -197,7 +207,7 @@ impl Shared {
         let cfg = self.config.load();
         let rt = lock(&self.runtime).clone();
         let desired = state::desired(&cfg, &rt);
-        let p = lock(&self.programmer);
+        let p = read(&self.programmer);
         let mut services = Vec::new();
         for (sc, ds) in cfg.services.iter().zip(desired.services.iter()) {
             let mut reals = Vec::new();
@@ -371,7 +381,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         config_path: config_path.to_path_buf(),
         config: ArcSwap::from_pointee(config),
         runtime: Mutex::new(runtime),
-        programmer: Mutex::new(Programmer {
+        programmer: RwLock::new(Programmer {
             dp,
             planner: Planner::new(),
         }),
@@ -575,11 +585,11 @@ async fn sweep_loop(shared: Arc<Shared>) {
         n += 1;
         let s = shared.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut p = lock(&s.programmer);
-            let report = p.dp.sweep()?;
+            let report = read(&s.programmer).dp.sweep()?;
             if report.retired > 0 {
                 tracing::debug!(retired = report.retired, entries = report.entries, "sweep");
             }
+            let mut p = write(&s.programmer);
             let Programmer { dp, planner } = &mut *p;
             let writes = planner.release(|id| {
                 dp.real_conns(id)
