@@ -13,9 +13,9 @@
 //! value seen and an offset: a drop, or the series vanishing from a snapshot, folds the last
 //! value into the offset, so the exported value never goes backwards.
 //!
-//! A scrape runs on the blocking pool and holds the daemon's programmer lock (shared, for reading) only while reading
-//! counters (inside `status()`), so it does not stall the event loop, the checkers or the
-//! dataplane (which never waits for user space).
+//! A scrape runs on the blocking pool and holds the daemon's programmer lock (shared, for
+//! reading) only while reading counters (inside `status()`), so it does not stall the event loop,
+//! the checkers or the dataplane (which never waits for user space).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
