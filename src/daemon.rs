@@ -35,6 +35,13 @@ use crate::dataplane::{plan::Planner, Dataplane};
 use crate::health::{HealthChecker, HealthEvent, Target};
 use crate::state::{self, Health, Override, Runtime};
 
+/// Why a reload was asked for: file-watcher events are debounced, an operator's request is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    FileChanged,
+    Admin,
+}
+
 /// The dataplane and the planner that remembers what was written to it.
 pub struct Programmer {
     pub dp: Dataplane,
@@ -124,7 +131,7 @@ impl Shared {
     }
 
     /// Handles one admin request.
-    pub fn admin(&self, req: Request, reload: &mpsc::UnboundedSender<()>) -> Response {
+    pub fn admin(&self, req: Request, reload: &mpsc::UnboundedSender<ReloadTrigger>) -> Response {
         let change = |service: &str, real: &str, ov: Option<Override>| -> Result<String> {
             let addr = self.real_addr(service, real)?;
             {
@@ -173,7 +180,7 @@ impl Shared {
             Request::Reload => {
                 let before = self.stats.reloads_ok.load(Ordering::SeqCst)
                     + self.stats.reloads_error.load(Ordering::SeqCst);
-                if reload.send(()).is_err() {
+                if reload.send(ReloadTrigger::Admin).is_err() {
                     Err(anyhow!("the daemon is shutting down"))
                 } else {
                     // Wait (bounded) for the reload to be processed so the caller sees its result.
@@ -395,7 +402,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .store(now_unix(), Ordering::SeqCst);
     prime_neighbours(&shared);
 
-    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<ReloadTrigger>();
     let admin_task = tokio::spawn(serve_admin(
         director.admin_socket.clone(),
         shared.clone(),
@@ -423,9 +430,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
             _ = sighup.recv() => reload(&shared, &mut checker),
-            Some(()) = reload_rx.recv() => {
-                // Coalesce a burst of triggers (editors write files in several steps).
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Some(trigger) = reload_rx.recv() => {
+                if trigger == ReloadTrigger::FileChanged {
+                    // Coalesce a burst of events (editors write files in several steps).
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 while reload_rx.try_recv().is_ok() {}
                 reload(&shared, &mut checker);
             }
@@ -616,7 +625,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
 async fn serve_admin(
     path: PathBuf,
     shared: Arc<Shared>,
-    reload: mpsc::UnboundedSender<()>,
+    reload: mpsc::UnboundedSender<ReloadTrigger>,
 ) -> Result<()> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
@@ -666,7 +675,7 @@ async fn serve_admin(
 async fn handle_admin(
     stream: UnixStream,
     shared: Arc<Shared>,
-    reload: mpsc::UnboundedSender<()>,
+    reload: mpsc::UnboundedSender<ReloadTrigger>,
 ) -> Result<()> {
     // Only root may talk to the daemon, whatever the socket's mode says.
     let cred = stream.peer_cred()?;
@@ -696,7 +705,7 @@ use tokio::io::AsyncReadExt as _;
 /// Watches the config file's directory and triggers a reload when the file changes.
 fn watch_config(
     path: &Path,
-    reload: mpsc::UnboundedSender<()>,
+    reload: mpsc::UnboundedSender<ReloadTrigger>,
 ) -> Result<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let file = path
@@ -718,7 +727,7 @@ fn watch_config(
                 notify::EventKind::Modify(_) | notify::EventKind::Create(_)
             );
             if ours && relevant {
-                let _ = reload.send(());
+                let _ = reload.send(ReloadTrigger::FileChanged);
             }
         }
     })?;
