@@ -299,31 +299,12 @@ fn threads(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Polls the daemon's log (every 2 ms) until its `ready` line: the time since `t0`.
 fn watch_ready(log: PathBuf, t0: Instant) -> std::thread::JoinHandle<Option<Duration>> {
     std::thread::spawn(move || {
         while t0.elapsed() < Duration::from_secs(60) {
             if let Ok(s) = std::fs::read_to_string(&log) {
-                if s.lines()
-                    .any(|l| strip_ansi(l).trim_end().ends_with(": ready"))
-                {
+                if s.lines().any(|l| l.trim_end().ends_with(": ready")) {
                     return Some(t0.elapsed());
                 }
             }
@@ -362,7 +343,7 @@ fn admin_cli(d: &Daemon, args: &[&str]) -> Result<(Duration, String)> {
 fn reloads_logged(d: &Daemon) -> Vec<String> {
     d.log()
         .lines()
-        .map(strip_ansi)
+        .map(str::to_string)
         .filter(|l| l.contains("configuration reloaded") || l.contains("reload rejected"))
         .collect()
 }
@@ -561,7 +542,7 @@ fn run() -> Result<String> {
     if let Err(e) = measure(&lab, &d, &listeners, &cfg1, &mut rows) {
         let log = d.log();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
-        let tail: Vec<String> = tail.into_iter().rev().map(strip_ansi).collect();
+        let tail: Vec<String> = tail.into_iter().rev().map(str::to_string).collect();
         bail!(
             "{e:#}\n--- last lines of the daemon's log ---\n{}",
             tail.join("\n")
@@ -587,20 +568,5 @@ fn run() -> Result<String> {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("control_plane bench: not run (run it with `cargo bench --bench control_plane`)");
-        return;
-    }
-    if unsafe { libc::geteuid() } != 0 {
-        println!("## Control plane\n\nSKIPPED (needs root)\n");
-        eprintln!("SKIPPED (needs root): control_plane bench");
-        return;
-    }
-    match run() {
-        Ok(md) => print!("{md}"),
-        Err(e) => {
-            eprintln!("control_plane bench failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    common::bench_main("control_plane", "Control plane", run);
 }

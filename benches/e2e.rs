@@ -747,21 +747,6 @@ fn run() -> Result<String> {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("e2e bench: not run (run it with `cargo bench --bench e2e`)");
-        return;
-    }
-    if unsafe { libc::geteuid() } != 0 {
-        println!("## End-to-end\n\nSKIPPED (needs root)\n");
-        eprintln!("SKIPPED (needs root): e2e bench");
-        return;
-    }
     // The lab is torn down by Lab's Drop, also on a panic or an error.
-    match run() {
-        Ok(md) => print!("{md}"),
-        Err(e) => {
-            eprintln!("e2e bench failed: {e:#}");
-            std::process::exit(1);
-        }
-    }
+    common::bench_main("e2e", "End-to-end", run);
 }

@@ -60,31 +60,12 @@ fn sod_diff(a: f64, b: f64) -> f64 {
     d
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The log timestamps (seconds of day, UTC) of the daemon's `real is <up|down>` lines for `real`
 /// (the ones from `xdpvs::daemon`, logged just before the dataplane is reprogrammed).
 fn transitions(log: &str, real: &str, up: bool) -> Vec<f64> {
     let what = if up { "real is up" } else { "real is down" };
     let real_kv = format!("real={real}");
-    strip_ansi(log)
-        .lines()
+    log.lines()
         .filter(|l| l.contains("xdpvs::daemon") && l.contains(what) && l.contains(&real_kv))
         .filter_map(|l| {
             // "2025-01-01T12:34:56.789012Z  WARN xdpvs::daemon: ..."

@@ -734,3 +734,25 @@ pub fn sample_reals(ns: &str, n: usize) -> Vec<usize> {
             .collect()
     })
 }
+
+/// The entry point of a `harness = false` bench: runs only under `cargo bench` (cargo passes
+/// `--bench`; `cargo test --all-targets` must not run it), skips loudly without root, prints
+/// the markdown `run` returns, and exits non-zero if it fails.
+pub fn bench_main(name: &str, title: &str, run: impl FnOnce() -> Result<String>) {
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("{name} bench: not run (run it with `cargo bench --bench {name}`)");
+        return;
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        println!("## {title}\n\nSKIPPED (needs root)\n");
+        eprintln!("SKIPPED (needs root): {name} bench");
+        return;
+    }
+    match run() {
+        Ok(md) => print!("{md}"),
+        Err(e) => {
+            eprintln!("{name} bench failed: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
