@@ -99,14 +99,16 @@ pub fn check_addr(cfg: &CheckConfig, real: SocketAddr) -> SocketAddr {
 /// apply the same timeout themselves: `exec` must kill the command's process group rather than
 /// merely drop it, and `dns` reports a silent server as "no answer".
 pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
+    // Boxed: the checkers' state machines (HTTPS above all) are large, and a task per real
+    // holds this future for its whole life; boxing allocates that state only while probing.
     match cfg.kind {
         CheckKind::None => Ok(()),
         CheckKind::Off => Err(Failure::new("check type off")),
-        CheckKind::Exec => exec::probe(cfg, real).await,
-        CheckKind::Tcp => bounded(cfg.timeout, tcp::probe(cfg, real)).await,
-        CheckKind::Http => bounded(cfg.timeout, http::probe(cfg, real, false)).await,
-        CheckKind::Https => bounded(cfg.timeout, http::probe(cfg, real, true)).await,
-        CheckKind::Dns => dns::probe(cfg, real).await,
+        CheckKind::Exec => Box::pin(exec::probe(cfg, real)).await,
+        CheckKind::Tcp => Box::pin(bounded(cfg.timeout, tcp::probe(cfg, real))).await,
+        CheckKind::Http => Box::pin(bounded(cfg.timeout, http::probe(cfg, real, false))).await,
+        CheckKind::Https => Box::pin(bounded(cfg.timeout, http::probe(cfg, real, true))).await,
+        CheckKind::Dns => Box::pin(dns::probe(cfg, real)).await,
     }
 }
 
@@ -193,5 +195,18 @@ mod tests {
         assert_eq!(check_addr(&c, real), real);
         c.port = Some(8080);
         assert_eq!(check_addr(&c, real), "10.0.0.1:8080".parse().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Each real's check task holds a probe future for its whole life; an unboxed one would be
+    /// as large as the largest checker's state machine (HTTPS: many KiB) for every real.
+    #[test]
+    fn a_probe_future_is_small() {
+        let cfg = crate::config::CheckConfig::default_tcp();
+        let real: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let size = std::mem::size_of_val(&super::probe(&cfg, real));
+        assert!(size <= 256, "probe future is {size} bytes");
     }
 }
