@@ -9,16 +9,19 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
     expire_rc, stat,
     state::{self, is_active, is_live},
-    Conn, ConnKey, ExpireRequest, Service, EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
+    Conn, ConnKey, ExpireRequest, Real, Service, EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
 };
 
 use crate::atomic;
 use crate::maps::{count, CONNS, REALS, REAL_CONNS, SETTINGS};
 use crate::parse::Packet;
 
+/// Idle timeouts are seconds long: a millisecond of staleness in `last_seen_ns` is irrelevant.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000;
+
 pub enum Lookup {
-    /// Tracked flow: send to this real.
-    Existing(u32),
+    /// Tracked flow: send to this real (id and entry, read once for the whole packet).
+    Existing(u32, Real),
     /// No entry (or a new connection on a reused tuple): schedule.
     New,
     /// Drop the packet, counting this `stat::*`.
@@ -95,10 +98,13 @@ pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
         // Being retired by another CPU or the sweep this very moment.
         return Lookup::Drop(stat::DROP_NO_CONN);
     }
-    if !real_valid(real) {
-        retire(key, conn);
-        return Lookup::Drop(stat::DROP_REAL_GONE);
-    }
+    let entry = match REALS.get(real) {
+        Some(r) if r.flags & REAL_F_VALID != 0 => *r,
+        _ => {
+            retire(key, conn);
+            return Lookup::Drop(stat::DROP_REAL_GONE);
+        }
+    };
     if pkt.proto == PROTO_TCP {
         if pkt.is_syn() && state::syn_reopens(st) {
             // A new connection on a tuple whose old one is closing: schedule it afresh, so
@@ -110,8 +116,14 @@ pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
         // Losing the race means another CPU moved the state; its update stands.
         transition(conn, real, st, next);
     }
-    unsafe { (*conn).last_seen_ns = now };
-    Lookup::Existing(real)
+    // Refreshing the idle clock at most once a millisecond keeps the entry's cache line from
+    // being written by every packet (and bounced between CPUs) on a busy flow.
+    unsafe {
+        if now.wrapping_sub((*conn).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*conn).last_seen_ns = now;
+        }
+    }
+    Lookup::Existing(real, entry)
 }
 
 /// Tracks a new connection to `real` and returns the real that owns the flow (another CPU may

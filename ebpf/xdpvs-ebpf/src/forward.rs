@@ -11,9 +11,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use xdpvs_common::stat;
+use xdpvs_common::{stat, Real};
 
-use crate::maps::{count, NEXTHOP, REALS, REAL_STATS};
+use crate::maps::{count, NEXTHOP, REAL_STATS};
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
@@ -42,14 +42,7 @@ pub fn count_new_conn(real: u32) {
     }
 }
 
-pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, now: u64) -> u32 {
-    let real = match REALS.get(real_id) {
-        Some(r) => *r,
-        None => {
-            count(stat::DROP_NO_REAL);
-            return xdp_action::XDP_DROP;
-        }
-    };
+pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, now: u64) -> u32 {
     let hop = match NEXTHOP.get_ptr_mut(real_id) {
         Some(h) => h,
         None => {

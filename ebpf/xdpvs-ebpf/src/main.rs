@@ -62,7 +62,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let key: ConnKey = pkt.conn_key();
     let now = unsafe { bpf_ktime_get_ns() };
     let real = match conntrack::lookup(&key, pkt, now) {
-        Lookup::Existing(real) => real,
+        Lookup::Existing(id, real) => return forward::to_real(ctx, pkt, id, &real, now),
         Lookup::Drop(reason) => {
             count(reason);
             return xdp_action::XDP_DROP;
@@ -93,7 +93,13 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
             owner
         }
     };
-    forward::to_real(ctx, pkt, real, now)
+    match maps::REALS.get(real) {
+        Some(r) => forward::to_real(ctx, pkt, real, r, now),
+        None => {
+            count(stat::DROP_NO_REAL);
+            xdp_action::XDP_DROP
+        }
+    }
 }
 
 /// Retires one connection entry if it is idle past its state's timeout (or unconditionally with
