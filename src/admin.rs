@@ -200,6 +200,20 @@ pub fn render(status: &Status) -> String {
             ));
         }
     }
+    out.push_str(&format!(
+        "Connections tracked: {}\n",
+        status.conntrack_entries
+    ));
+    // Packet counters that are not zero: drops and malformed frames show up here first.
+    let counters: Vec<String> = status
+        .dataplane
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !counters.is_empty() {
+        out.push_str(&format!("Dataplane packets: {}\n", counters.join(" ")));
+    }
     out
 }
 
@@ -264,5 +278,14 @@ mod tests {
         );
         assert!(line.contains("last failure: connection refused"));
         assert!(line.contains("configured weight 2"));
+        assert!(text.contains("Connections tracked: 0"));
+        assert!(
+            !text.contains("Dataplane packets"),
+            "zero counters are not shown"
+        );
+        let mut st = st;
+        st.dataplane.insert("malformed".into(), 3);
+        st.dataplane.insert("tx".into(), 0);
+        assert!(render(&st).contains("Dataplane packets: malformed=3\n"));
     }
 }
