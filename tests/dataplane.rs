@@ -673,3 +673,34 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
         assert_eq!(drops, drop as u64, "every dropped frame is counted");
     });
 }
+
+#[test]
+fn rr_and_wrr_take_turns_by_weight() {
+    if !common::require_root("rr_and_wrr_take_turns_by_weight") {
+        return;
+    }
+    let net = DpNet::new("wrr", 3);
+    net.run(|| {
+        let mut h = Harness::new();
+        let mut s = service(&[(1, 1), (2, 2), (3, 3)]);
+        s.sched = xdpvs_common::sched_kind::WRR;
+        h.apply(vec![s.clone()]);
+        let mut per_real = [0usize; 4];
+        for sport in 51000..51060u16 {
+            per_real[Harness::real_of(&h.run(&syn(sport).build()).frame).unwrap()] += 1;
+        }
+        assert_eq!(&per_real[1..], &[10, 20, 30], "wrr: exact shares per cycle");
+        // rr ignores weights (but never picks a weight-0 real) and visits reals in turn.
+        s.sched = xdpvs_common::sched_kind::RR;
+        s.reals[0].weight = 0;
+        h.apply(vec![s]);
+        let seq: Vec<usize> = (51100..51106u16)
+            .map(|p| Harness::real_of(&h.run(&syn(p).build()).frame).unwrap())
+            .collect();
+        assert!(!seq.contains(&1), "{seq:?}");
+        assert!(
+            seq.windows(2).all(|w| w[0] != w[1]),
+            "turns alternate: {seq:?}"
+        );
+    });
+}

@@ -780,9 +780,7 @@ impl Validator<'_> {
         forwarding: Forwarding,
         prefix: &str,
     ) -> Result<(), ConfigError> {
-        if let (Scheduler::Sh | Scheduler::Mh | Scheduler::Wrr, Some(v)) =
-            (scheduler, &raw.scheduler)
-        {
+        if let (Scheduler::Sh | Scheduler::Mh, Some(v)) = (scheduler, &raw.scheduler) {
             return Err(self.at(
                 v,
                 &format!("{prefix}.scheduler"),

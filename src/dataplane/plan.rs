@@ -238,6 +238,7 @@ impl Planner {
                     weight: r.weight,
                 };
                 set.count += 1;
+                set.total_weight = set.total_weight.saturating_add(r.weight);
             }
             let fallback = match ds.fallback {
                 Some(f) => {

@@ -135,7 +135,8 @@ pub struct RealSlot {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct RealSet {
     pub count: u32,
-    pub _pad: u32,
+    /// Sum of the slots' weights (for weighted round robin), kept by the control plane.
+    pub total_weight: u32,
     pub slots: [RealSlot; MAX_REALS_PER_SERVICE],
 }
 
@@ -143,7 +144,7 @@ impl Default for RealSet {
     fn default() -> Self {
         RealSet {
             count: 0,
-            _pad: 0,
+            total_weight: 0,
             slots: [RealSlot::default(); MAX_REALS_PER_SERVICE],
         }
     }

@@ -1,12 +1,15 @@
 //! Where a new connection chooses its real server.
 //!
 //! The service's real set (`REALSETS[svc.realset]`) lists its reals with their effective weights;
-//! `REAL_CONNS` holds their live counts. Every scheduler is one scan of the set that keeps the
-//! candidate with the lowest score per weight, compared by cross-multiplication
-//! (`xdpvs_common::sched`), so no division happens on the packet path:
+//! `REAL_CONNS` holds their live counts. The least-connection schedulers are one scan of the set
+//! that keeps the candidate with the lowest score per weight, compared by cross-multiplication
+//! (`xdpvs_common::sched`), so no division happens on the packet path; the round-robin ones walk
+//! a per-service cursor over the reals' shares:
 //! - `wlc` (default): score = `active*256 + inactive`, divided by the weight (IPVS's WLC);
 //! - `lc`: the same score, every weight counted as 1;
-//! - `rr`: score = distance from a per-service cursor, so reals take turns.
+//! - `rr`: every real with weight > 0 takes one turn per cycle;
+//! - `wrr`: the cursor walks the sum of the weights, each real owning `weight` consecutive turns
+//!   per cycle (the same shares as IPVS's wrr, not its interleaving).
 //!
 //! Reals with weight 0 are never candidates.
 use xdpvs_common::{
@@ -32,7 +35,6 @@ pub struct Best {
 
 const MODE_WLC: u32 = 0;
 const MODE_LC: u32 = 1;
-const MODE_RR: u32 = 2;
 
 #[inline(always)]
 pub fn pick(svc: &Service, _pkt: &Packet) -> u32 {
@@ -52,23 +54,36 @@ pub extern "C" fn xdpvs_pick(realset: u32, sched: u32, svc_id: u32) -> u32 {
     };
     match sched as u8 {
         sched_kind::RR => {
-            let n = set.count as u64;
-            if n == 0 {
+            // Every real with weight > 0 gets one turn per cycle (weight-0 slots are skipped,
+            // not handed to their neighbour).
+            let live = live_slots(set);
+            if live == 0 {
                 return NO_REAL;
             }
             let cursor = match SERVICE_STATE.get_ptr_mut(svc_id) {
                 Some(s) => unsafe { atomic::fetch_add(&raw mut (*s).rr_cursor, 1) },
                 None => 0,
             };
-            scan(set, MODE_RR, (cursor % n) as u32)
+            weighted_turn(set, cursor % live, true)
         }
-        sched_kind::LC => scan(set, MODE_LC, 0),
-        _ => scan(set, MODE_WLC, 0),
+        sched_kind::WRR => {
+            let total = set.total_weight as u64;
+            if total == 0 {
+                return NO_REAL;
+            }
+            let cursor = match SERVICE_STATE.get_ptr_mut(svc_id) {
+                Some(s) => unsafe { atomic::fetch_add(&raw mut (*s).rr_cursor, 1) },
+                None => 0,
+            };
+            weighted_turn(set, cursor % total, false)
+        }
+        sched_kind::LC => scan(set, MODE_LC),
+        _ => scan(set, MODE_WLC),
     }
 }
 
 #[inline(always)]
-fn scan(set: &RealSet, mode: u32, start: u32) -> u32 {
+fn scan(set: &RealSet, mode: u32) -> u32 {
     let best = match SCRATCH.get_ptr_mut(0) {
         Some(b) => b,
         None => return NO_REAL,
@@ -87,25 +102,18 @@ fn scan(set: &RealSet, mode: u32, start: u32) -> u32 {
         if slot.weight == 0 {
             continue;
         }
-        let (load, weight) = if mode == MODE_RR {
-            // Turns start at the cursor and wrap around. Branch-free: a comparison against
-            // `start` would split the verifier's state on every step.
-            let d = (i as u32 + n - start) % n;
-            (d as u64, 1)
-        } else {
-            let conns = match REAL_CONNS.get_ptr(slot.real) {
-                Some(c) => c,
-                None => continue,
-            };
-            let (active, inactive) = unsafe {
-                (
-                    read_volatile(&raw const (*conns).active),
-                    read_volatile(&raw const (*conns).inactive),
-                )
-            };
-            let load = overhead(clamp_counter(active), clamp_counter(inactive));
-            (load, if mode == MODE_WLC { slot.weight } else { 1 })
+        let conns = match REAL_CONNS.get_ptr(slot.real) {
+            Some(c) => c,
+            None => continue,
         };
+        let (active, inactive) = unsafe {
+            (
+                read_volatile(&raw const (*conns).active),
+                read_volatile(&raw const (*conns).inactive),
+            )
+        };
+        let load = overhead(clamp_counter(active), clamp_counter(inactive));
+        let weight = if mode == MODE_WLC { slot.weight } else { 1 };
         // Volatile: the compiler must not keep the running best in registers (see `Best`).
         unsafe {
             let best_load = read_volatile(&raw const (*best).load);
@@ -119,4 +127,64 @@ fn scan(set: &RealSet, mode: u32, start: u32) -> u32 {
         }
     }
     unsafe { read_volatile(&raw const (*best).real) }
+}
+
+/// Round robin: the real whose share of `0..total` (in slot order) holds `pos`; a share is the
+/// slot's weight, or 1 with `unit` (plain rr). Weight-0 slots have no share. The running sum
+/// lives in scratch map memory for the same reason as the scan's best.
+#[inline(always)]
+fn weighted_turn(set: &RealSet, pos: u64, unit: bool) -> u32 {
+    let acc = match SCRATCH.get_ptr_mut(0) {
+        Some(b) => b,
+        None => return NO_REAL,
+    };
+    unsafe {
+        write_volatile(&raw mut (*acc).load, 0);
+        write_volatile(&raw mut (*acc).real, NO_REAL);
+        write_volatile(&raw mut (*acc).weight, 0);
+    }
+    let n = set.count;
+    for i in 0..MAX_REALS_PER_SERVICE {
+        if i as u32 >= n {
+            break;
+        }
+        let slot = set.slots[i];
+        if slot.weight == 0 {
+            continue;
+        }
+        unsafe {
+            let below = read_volatile(&raw const (*acc).load);
+            let found = read_volatile(&raw const (*acc).weight);
+            let above = below + if unit { 1 } else { slot.weight as u64 };
+            if found == 0 && pos < above {
+                write_volatile(&raw mut (*acc).real, slot.real);
+                write_volatile(&raw mut (*acc).weight, 1);
+            }
+            write_volatile(&raw mut (*acc).load, above);
+        }
+    }
+    unsafe { read_volatile(&raw const (*acc).real) }
+}
+
+/// How many slots have a weight above 0 (counted in scratch memory, as above).
+#[inline(always)]
+fn live_slots(set: &RealSet) -> u64 {
+    let acc = match SCRATCH.get_ptr_mut(0) {
+        Some(b) => b,
+        None => return 0,
+    };
+    unsafe { write_volatile(&raw mut (*acc).load, 0) };
+    let n = set.count;
+    for i in 0..MAX_REALS_PER_SERVICE {
+        if i as u32 >= n {
+            break;
+        }
+        if set.slots[i].weight != 0 {
+            unsafe {
+                let c = read_volatile(&raw const (*acc).load);
+                write_volatile(&raw mut (*acc).load, c + 1);
+            }
+        }
+    }
+    unsafe { read_volatile(&raw const (*acc).load) }
 }
