@@ -82,17 +82,23 @@ pub extern "C" fn xdpvs_pick(realset: u32, sched: u32, svc_id: u32) -> u32 {
     }
 }
 
+/// This CPU's scratch record, reset: no candidate, zero sum.
+#[inline(always)]
+fn scratch() -> Option<*mut Best> {
+    let b = SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        write_volatile(&raw mut (*b).load, 0);
+        write_volatile(&raw mut (*b).real, NO_REAL);
+        write_volatile(&raw mut (*b).weight, 0);
+    }
+    Some(b)
+}
+
 #[inline(always)]
 fn scan(set: &RealSet, mode: u32) -> u32 {
-    let best = match SCRATCH.get_ptr_mut(0) {
-        Some(b) => b,
-        None => return NO_REAL,
+    let Some(best) = scratch() else {
+        return NO_REAL;
     };
-    unsafe {
-        write_volatile(&raw mut (*best).load, 0);
-        write_volatile(&raw mut (*best).real, NO_REAL);
-        write_volatile(&raw mut (*best).weight, 0);
-    }
     let n = set.count;
     for i in 0..MAX_REALS_PER_SERVICE {
         if i as u32 >= n {
@@ -134,15 +140,9 @@ fn scan(set: &RealSet, mode: u32) -> u32 {
 /// lives in scratch map memory for the same reason as the scan's best.
 #[inline(always)]
 fn weighted_turn(set: &RealSet, pos: u64, unit: bool) -> u32 {
-    let acc = match SCRATCH.get_ptr_mut(0) {
-        Some(b) => b,
-        None => return NO_REAL,
+    let Some(acc) = scratch() else {
+        return NO_REAL;
     };
-    unsafe {
-        write_volatile(&raw mut (*acc).load, 0);
-        write_volatile(&raw mut (*acc).real, NO_REAL);
-        write_volatile(&raw mut (*acc).weight, 0);
-    }
     let n = set.count;
     for i in 0..MAX_REALS_PER_SERVICE {
         if i as u32 >= n {
@@ -169,11 +169,9 @@ fn weighted_turn(set: &RealSet, pos: u64, unit: bool) -> u32 {
 /// How many slots have a weight above 0 (counted in scratch memory, as above).
 #[inline(always)]
 fn live_slots(set: &RealSet) -> u64 {
-    let acc = match SCRATCH.get_ptr_mut(0) {
-        Some(b) => b,
-        None => return 0,
+    let Some(acc) = scratch() else {
+        return 0;
     };
-    unsafe { write_volatile(&raw mut (*acc).load, 0) };
     let n = set.count;
     for i in 0..MAX_REALS_PER_SERVICE {
         if i as u32 >= n {
