@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use common::{spawn_xdpvs, Daemon, Lab};
+use common::{sh, spawn_xdpvs, Daemon, Lab};
 use xdpvs::admin::Status;
 
 /// Namespace `xbcpdir`: a [`Lab`] value with this prefix owns it (its Drop runs `lab.sh down`,
@@ -54,21 +54,6 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 fn real_ip(j: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1, 1 + j as u8)
-}
-
-fn sh(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -44,7 +44,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use common::{lab_config, spawn_xdpvs, Lab, DIRECTOR_IP, VIP};
+use common::{lab_config, sh, spawn_xdpvs, Lab, DIRECTOR_IP, VIP};
 use xdpvs::admin::Status;
 
 const PREFIX: &str = "xbe";
@@ -273,21 +273,6 @@ fn run_wrk_only(lab: &Lab, p: &Params, path: Path, mode: Mode) -> Result<Sample>
         );
     }
     parse_wrk(&text)
-}
-
-fn sh(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One request from the client namespace to `path` must be answered by a real.

@@ -69,9 +69,6 @@ pub struct Shared {
     /// them, so a scrape or a sweep of a large table never waits for another.
     pub programmer: RwLock<Programmer>,
     pub stats: DaemonStats,
-    /// Health-check results for metrics: (service, real) -> (kind, duration) of the last probe,
-    /// and failures by reason.
-    pub health_events: mpsc::UnboundedSender<HealthEvent>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -379,7 +376,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     info!(interface = %director.interface, mode, "XDP program attached");
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<HealthEvent>();
-    let mut checker = HealthChecker::start(targets(&config), events_tx.clone());
+    let mut checker = HealthChecker::start(targets(&config), events_tx);
     let runtime = Runtime {
         health: health_from(&checker),
         overrides: HashMap::new(),
@@ -393,7 +390,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
             planner: Planner::new(),
         }),
         stats: DaemonStats::default(),
-        health_events: events_tx,
     });
     shared.apply().context("programming the dataplane")?;
     shared

@@ -196,10 +196,6 @@ impl Dataplane {
         self.conns.iter().filter_map(|r| r.ok()).collect()
     }
 
-    pub fn service(&self, key: &ServiceKey) -> Option<Service> {
-        self.services.get(key, 0).ok()
-    }
-
     /// Retires one connection entry through the expiry program; true if it was retired.
     pub fn expire(&self, key: ConnKey, force: bool) -> Result<bool> {
         let req = ExpireRequest {

@@ -412,6 +412,15 @@ mod tests {
         }
     }
 
+    /// Service "web" with reals .11 and .12 at weight 1.
+    fn two_reals() -> DesiredService {
+        svc(
+            "web",
+            "198.18.0.100:80",
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
+        )
+    }
+
     fn desired(services: Vec<DesiredService>) -> Desired {
         Desired {
             services,
@@ -512,11 +521,7 @@ mod tests {
     #[test]
     fn removed_real_with_cut_is_invalidated_at_once() {
         let mut p = Planner::new();
-        let mut s = svc(
-            "web",
-            "198.18.0.100:80",
-            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
-        );
+        let mut s = two_reals();
         s.cut_on_remove = true;
         p.plan(&desired(vec![s.clone()])).unwrap();
         s.reals.truncate(1);
@@ -529,11 +534,7 @@ mod tests {
     #[test]
     fn failed_real_with_remove_is_cut_and_returns_with_same_id() {
         let mut p = Planner::new();
-        let mut s = svc(
-            "web",
-            "198.18.0.100:80",
-            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
-        );
+        let mut s = two_reals();
         p.plan(&desired(vec![s.clone()])).unwrap();
         s.reals[1].cut = true;
         let w = p.plan(&desired(vec![s.clone()])).unwrap();
@@ -552,11 +553,7 @@ mod tests {
     #[test]
     fn cut_real_without_connections_holds_no_id() {
         let mut p = Planner::new();
-        let mut s = svc(
-            "web",
-            "198.18.0.100:80",
-            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
-        );
+        let mut s = two_reals();
         p.plan(&desired(vec![s.clone()])).unwrap();
         s.reals[1].cut = true;
         p.plan(&desired(vec![s.clone()])).unwrap();
@@ -606,11 +603,7 @@ mod tests {
     fn real_ids_exhausted_is_an_error_and_changes_nothing() {
         let mut p = Planner::new();
         p.next_real_id = MAX_REALS - 1;
-        let s = svc(
-            "web",
-            "198.18.0.100:80",
-            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 1)],
-        );
+        let s = two_reals();
         assert_eq!(p.plan(&desired(vec![s])), Err(PlanError::TooManyReals));
         assert!(p.services.is_empty() && p.reals.is_empty());
     }

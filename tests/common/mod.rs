@@ -147,16 +147,9 @@ impl Lab {
 
     /// Like [`Lab::exec`] but fails on a non-zero exit status; returns stdout.
     pub fn exec_ok(&self, ns: &str, args: &[&str]) -> Result<String> {
-        let out = self.exec(ns, args)?;
-        if !out.status.success() {
-            bail!(
-                "ip netns exec {} {args:?} failed ({}): {}",
-                self.ns(ns),
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(ns)]).args(args);
+        sh(&mut cmd, &format!("ip netns exec {} {args:?}", self.ns(ns)))
     }
 
     /// `curl` from the client to the VIP (`http://198.18.0.100<path>`, `--max-time 2`); the body.
@@ -755,4 +748,20 @@ pub fn bench_main(name: &str, title: &str, run: impl FnOnce() -> Result<String>)
             std::process::exit(1);
         }
     }
+}
+
+/// Runs `cmd` (stdin closed); its stdout, or an error naming `what` with its stderr.
+pub fn sh(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

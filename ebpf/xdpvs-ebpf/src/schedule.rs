@@ -14,7 +14,7 @@
 //! Reals with weight 0 are never candidates.
 use xdpvs_common::{
     sched::{clamp_counter, overhead, wlc_better},
-    sched_kind, RealSet, Service, MAX_REALS_PER_SERVICE, NO_REAL,
+    sched_kind, RealSet, RealSlot, Service, MAX_REALS_PER_SERVICE, NO_REAL,
 };
 
 use core::ptr::{read_volatile, write_volatile};
@@ -99,18 +99,9 @@ fn scan(set: &RealSet, mode: u32) -> u32 {
     let Some(best) = scratch() else {
         return NO_REAL;
     };
-    let n = set.count;
-    for i in 0..MAX_REALS_PER_SERVICE {
-        if i as u32 >= n {
-            break;
-        }
-        let slot = set.slots[i];
-        if slot.weight == 0 {
-            continue;
-        }
-        let conns = match REAL_CONNS.get_ptr(slot.real) {
-            Some(c) => c,
-            None => continue,
+    for_each_candidate(set, |slot| {
+        let Some(conns) = REAL_CONNS.get_ptr(slot.real) else {
+            return;
         };
         let (active, inactive) = unsafe {
             (
@@ -131,7 +122,7 @@ fn scan(set: &RealSet, mode: u32) -> u32 {
                 write_volatile(&raw mut (*best).weight, weight);
             }
         }
-    }
+    });
     unsafe { read_volatile(&raw const (*best).real) }
 }
 
@@ -143,26 +134,16 @@ fn weighted_turn(set: &RealSet, pos: u64, unit: bool) -> u32 {
     let Some(acc) = scratch() else {
         return NO_REAL;
     };
-    let n = set.count;
-    for i in 0..MAX_REALS_PER_SERVICE {
-        if i as u32 >= n {
-            break;
+    for_each_candidate(set, |slot| unsafe {
+        let below = read_volatile(&raw const (*acc).load);
+        let found = read_volatile(&raw const (*acc).weight);
+        let above = below + if unit { 1 } else { slot.weight as u64 };
+        if found == 0 && pos < above {
+            write_volatile(&raw mut (*acc).real, slot.real);
+            write_volatile(&raw mut (*acc).weight, 1);
         }
-        let slot = set.slots[i];
-        if slot.weight == 0 {
-            continue;
-        }
-        unsafe {
-            let below = read_volatile(&raw const (*acc).load);
-            let found = read_volatile(&raw const (*acc).weight);
-            let above = below + if unit { 1 } else { slot.weight as u64 };
-            if found == 0 && pos < above {
-                write_volatile(&raw mut (*acc).real, slot.real);
-                write_volatile(&raw mut (*acc).weight, 1);
-            }
-            write_volatile(&raw mut (*acc).load, above);
-        }
-    }
+        write_volatile(&raw mut (*acc).load, above);
+    });
     unsafe { read_volatile(&raw const (*acc).real) }
 }
 
@@ -172,17 +153,25 @@ fn live_slots(set: &RealSet) -> u64 {
     let Some(acc) = scratch() else {
         return 0;
     };
+    for_each_candidate(set, |_| unsafe {
+        let c = read_volatile(&raw const (*acc).load);
+        write_volatile(&raw mut (*acc).load, c + 1);
+    });
+    unsafe { read_volatile(&raw const (*acc).load) }
+}
+
+/// Calls `f` for each slot of the set with a weight above 0, in order: the one bounded loop all
+/// schedulers share (at most `MAX_REALS_PER_SERVICE` steps, as the verifier requires).
+#[inline(always)]
+fn for_each_candidate(set: &RealSet, mut f: impl FnMut(RealSlot)) {
     let n = set.count;
     for i in 0..MAX_REALS_PER_SERVICE {
         if i as u32 >= n {
             break;
         }
-        if set.slots[i].weight != 0 {
-            unsafe {
-                let c = read_volatile(&raw const (*acc).load);
-                write_volatile(&raw mut (*acc).load, c + 1);
-            }
+        let slot = set.slots[i];
+        if slot.weight != 0 {
+            f(slot);
         }
     }
-    unsafe { read_volatile(&raw const (*acc).load) }
 }
