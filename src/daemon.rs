@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,11 +35,12 @@ use crate::dataplane::{plan::Planner, Dataplane};
 use crate::health::{HealthChecker, HealthEvent, Target};
 use crate::state::{self, Health, Override, Runtime};
 
-/// Why a reload was asked for: file-watcher events are debounced, an operator's request is not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a reload was asked for: file-watcher events are debounced; an operator's request is not,
+/// and gets the outcome back (`Err` = rejected, with why).
+#[derive(Debug)]
 pub enum ReloadTrigger {
     FileChanged,
-    Admin,
+    Admin(std::sync::mpsc::SyncSender<Result<(), String>>),
 }
 
 /// The dataplane and the planner that remembers what was written to it.
@@ -55,8 +56,6 @@ pub struct DaemonStats {
     pub reloads_error: AtomicU64,
     /// Unix time of the last successful (re)load.
     pub last_reload_ok: AtomicU64,
-    /// Whether the most recent reload attempt was rejected (for `xdpvs reload`'s answer).
-    pub last_reload_failed: AtomicBool,
 }
 
 /// State shared by the daemon's tasks.
@@ -175,27 +174,17 @@ impl Shared {
             Request::Drain { service, real } => change(&service, &real, Some(Override::Drain)),
             Request::Enable { service, real } => change(&service, &real, None),
             Request::Reload => {
-                let before = self.stats.reloads_ok.load(Ordering::SeqCst)
-                    + self.stats.reloads_error.load(Ordering::SeqCst);
-                if reload.send(ReloadTrigger::Admin).is_err() {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                if reload.send(ReloadTrigger::Admin(tx)).is_err() {
                     Err(anyhow!("the daemon is shutting down"))
                 } else {
-                    // Wait (bounded) for the reload to be processed so the caller sees its result.
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    loop {
-                        let ok = self.stats.reloads_ok.load(Ordering::SeqCst);
-                        let err = self.stats.reloads_error.load(Ordering::SeqCst);
-                        if ok + err > before {
-                            break if self.stats.last_reload_failed.load(Ordering::SeqCst) {
-                                Err(anyhow!("reload rejected; the running configuration keeps serving (see the daemon's log)"))
-                            } else {
-                                Ok("reloaded".to_string())
-                            };
-                        }
-                        if std::time::Instant::now() > deadline {
-                            break Err(anyhow!("reload still in progress"));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
+                    // Runs on the blocking pool: waiting here stalls nothing else.
+                    match rx.recv_timeout(Duration::from_secs(30)) {
+                        Ok(Ok(())) => Ok("reloaded".to_string()),
+                        Ok(Err(why)) => Err(anyhow!(
+                            "reload rejected; the running configuration keeps serving: {why}"
+                        )),
+                        Err(_) => Err(anyhow!("reload still in progress")),
                     }
                 }
             }
@@ -425,14 +414,27 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
-            _ = sighup.recv() => reload(&shared, &mut checker),
+            _ = sighup.recv() => {
+                let _ = reload(&shared, &mut checker);
+            }
             Some(trigger) = reload_rx.recv() => {
-                if trigger == ReloadTrigger::FileChanged {
+                if matches!(trigger, ReloadTrigger::FileChanged) {
                     // Coalesce a burst of events (editors write files in several steps).
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                while reload_rx.try_recv().is_ok() {}
-                reload(&shared, &mut checker);
+                // One reload answers every request queued meanwhile.
+                let mut waiting = Vec::new();
+                let mut next = Some(trigger);
+                while let Some(t) = next {
+                    if let ReloadTrigger::Admin(reply) = t {
+                        waiting.push(reply);
+                    }
+                    next = reload_rx.try_recv().ok();
+                }
+                let outcome = reload(&shared, &mut checker);
+                for reply in waiting {
+                    let _ = reply.try_send(outcome.clone());
+                }
             }
             Some(ev) = events_rx.recv() => on_health(&shared, ev),
         }
@@ -480,16 +482,14 @@ fn on_health(shared: &Shared, ev: HealthEvent) {
     }
 }
 
-fn reload(shared: &Shared, checker: &mut HealthChecker) {
+/// Reloads the config file; `Err` says why it was rejected (nothing changed then).
+fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
     let path = shared.config_path.clone();
     match Config::load(&path) {
         Err(e) => {
-            shared
-                .stats
-                .last_reload_failed
-                .store(true, Ordering::SeqCst);
             shared.stats.reloads_error.fetch_add(1, Ordering::SeqCst);
             error!("reload rejected, the running configuration keeps serving: {e}");
+            Err(e.to_string())
         }
         Ok(mut new) => {
             let old = shared.config.load_full();
@@ -540,31 +540,25 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) {
                     if let Err(e) = shared.apply() {
                         error!(error = %format!("{e:#}"), "applying health after a reload failed");
                     }
-                    shared
-                        .stats
-                        .last_reload_failed
-                        .store(false, Ordering::SeqCst);
                     shared.stats.reloads_ok.fetch_add(1, Ordering::SeqCst);
                     shared
                         .stats
                         .last_reload_ok
                         .store(now_unix(), Ordering::SeqCst);
                     info!(services, "configuration reloaded");
+                    prime_neighbours(shared);
+                    Ok(())
                 }
                 Err(e) => {
                     // The planner leaves the maps as they were: restore the old snapshot and
                     // runtime (the checks were not touched).
                     shared.config.store(old);
                     *lock(&shared.runtime) = before;
-                    shared
-                        .stats
-                        .last_reload_failed
-                        .store(true, Ordering::SeqCst);
                     shared.stats.reloads_error.fetch_add(1, Ordering::SeqCst);
                     error!("reload rejected by the dataplane: {e:#}");
+                    Err(format!("{e:#}"))
                 }
             }
-            prime_neighbours(shared);
         }
     }
 }
