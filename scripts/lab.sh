@@ -180,6 +180,9 @@ lab_down() {
         pids=$(ip netns pids "$ns" 2>/dev/null)
         [[ -n $pids ]] && kill -KILL $pids 2>/dev/null
     done
+    # The director's pinned dataplane (xdpvs pins per network namespace, in the host's bpffs,
+    # so it outlives the namespace unless removed) and its lock files.
+    rm -rf "/sys/fs/bpf/xdpvs/${p}dir" /run/xdpvs/lock/sys_fs_bpf_xdpvs_"${p}"dir_*.lock 2>/dev/null
     for ns in $nss; do
         ip netns delete "$ns" 2>/dev/null
     done

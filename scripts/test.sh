@@ -82,7 +82,7 @@ fi
 step fmt cargo fmt --all --check
 step fmt-ebpf cargo fmt --check --manifest-path ebpf/xdpvs-ebpf/Cargo.toml
 step clippy cargo clippy --workspace --all-targets -- -D warnings
-step test cargo test --workspace --all-targets --no-fail-fast -- --test-threads="$THREADS"
+step test cargo test --workspace --all-targets --no-fail-fast -- --include-ignored --test-threads="$THREADS"
 step test-common cargo test -p xdpvs-common
 
 echo

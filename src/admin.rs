@@ -78,6 +78,12 @@ pub struct Status {
     pub conntrack_entries: u64,
     /// Dataplane packet counters by name (`pass_not_vip`, `tx`, `malformed`, ...).
     pub dataplane: std::collections::BTreeMap<String, u64>,
+    /// bpffs directory of the pinned dataplane.
+    #[serde(default)]
+    pub pin_path: Option<String>,
+    /// Set when no daemon answered and the table was read from the pinned maps: says so.
+    #[serde(default)]
+    pub offline: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -153,6 +159,9 @@ fn forward_name(f: &str) -> &str {
 /// Renders the status like `ipvsadm -Ln`, with health columns added.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
+    if let Some(note) = &status.offline {
+        out.push_str(&format!("NO DAEMON RUNNING: {note}\n"));
+    }
     out.push_str(&format!(
         "IP Virtual Server (xdpvs {}), config {}\n",
         status.version, status.config

@@ -6,6 +6,13 @@
 //! (start-up, reload, a health transition, an admin command) ends in `apply()`; nothing else
 //! writes the maps.
 //!
+//! What happens at start: the config is validated, the host checked (interface up, IP
+//! forwarding on), then the dataplane is opened pinned. If an earlier daemon left one pinned
+//! (a crash, a restart, an upgrade), it is adopted: the planner is rebuilt from the maps, each
+//! real's health starts as the maps show it, the new program replaces the old on the pinned
+//! link, and the config is applied as an ordinary diff, so no connection is dropped or moved.
+//! At stop the dataplane stays pinned and forwarding (unless `on_exit = "detach"`).
+//!
 //! What happens on reload (SIGHUP, `xdpvs reload`, or a change of the config file): the file is
 //! parsed and validated completely; if it is bad, the error is logged and nothing changes. If it
 //! is good, it becomes the live snapshot (arc-swap), runtime overrides are dropped, the health
@@ -30,8 +37,8 @@ use tracing::{error, info, warn};
 use xdpvs_common::STAT_NAMES;
 
 use crate::admin::{RealStatus, Request, Response, ServiceStatus, Status};
-use crate::config::{Config, Forwarding, Protocol};
-use crate::dataplane::{plan::Planner, Dataplane};
+use crate::config::{Config, Forwarding, OnExit, Protocol};
+use crate::dataplane::{pin, plan::Planner, Dataplane, Origin};
 use crate::health::{HealthChecker, HealthEvent, Target};
 use crate::state::{self, Health, Override, Runtime};
 
@@ -94,6 +101,11 @@ fn now_unix() -> u64 {
 impl Shared {
     /// Recomputes the desired state and writes the difference to the maps.
     pub fn apply(&self) -> Result<()> {
+        self.apply_counted().map(|_| ())
+    }
+
+    /// [`apply`](Self::apply), returning how many map writes it took.
+    pub fn apply_counted(&self) -> Result<usize> {
         let cfg = self.config.load();
         let desired = {
             let rt = lock(&self.runtime);
@@ -102,9 +114,21 @@ impl Shared {
         let mut p = write(&self.programmer);
         let writes = p.planner.plan(&desired)?;
         if !writes.is_empty() {
-            p.dp.write(&writes)?;
+            if let Err(e) = p.dp.write(&writes) {
+                // Some writes may have landed: believe the maps, not the plan.
+                let resynced = p.dp.view().and_then(|v| Ok(Planner::adopt(&v)?));
+                match resynced {
+                    Ok(planner) => p.planner = planner,
+                    Err(r) => {
+                        error!(error = %format!("{r:#}"), "re-reading the maps after a failed write failed")
+                    }
+                }
+                return Err(
+                    e.context("writing the dataplane maps (the planner was resynced from them)")
+                );
+            }
         }
-        Ok(())
+        Ok(writes.len())
     }
 
     fn real_addr(&self, service: &str, real: &str) -> Result<SocketAddr> {
@@ -314,6 +338,8 @@ impl Shared {
                 })
                 .sum(),
             dataplane,
+            pin_path: p.dp.pin_dir().map(|d| d.display().to_string()),
+            offline: None,
         })
     }
 }
@@ -349,8 +375,15 @@ fn health_from(checker: &HealthChecker) -> HashMap<(String, SocketAddr), Health>
         .collect()
 }
 
+/// How `xdpvs run` was asked to start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Discard a pinned dataplane (and its connections) instead of adopting it.
+    pub fresh: bool,
+}
+
 /// Runs the daemon until SIGINT/SIGTERM.
-pub async fn run(config_path: &Path) -> Result<()> {
+pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     let config = Config::load(config_path).map_err(|e| anyhow!("{e}"))?;
     let director = config.director.clone();
     info!(
@@ -359,13 +392,51 @@ pub async fn run(config_path: &Path) -> Result<()> {
         "starting xdpvs {}",
         env!("CARGO_PKG_VERSION")
     );
+    crate::preflight::check(&config)?;
 
-    let mut dp = Dataplane::load(director.conn_table_size)?;
+    let pin_dir = director
+        .pin_path
+        .clone()
+        .unwrap_or_else(|| pin::default_dir(&director.interface));
+    let _lock = pin::lock(
+        &pin_dir,
+        &format!(
+            "config {}, interface {}",
+            config_path.display(),
+            director.interface
+        ),
+    )?;
+    let (mut dp, origin) = Dataplane::open(&pin_dir, director.conn_table_size, opts.fresh)?;
+    let planner = match origin {
+        Origin::Fresh => Planner::new(),
+        Origin::Adopted => Planner::adopt(&dp.view()?)
+            .context("adopting the pinned dataplane (`xdpvs run --fresh` starts clean)")?,
+    };
     let mode = dp.attach(&director.interface, director.xdp_mode)?;
-    info!(interface = %director.interface, mode, "XDP program attached");
+    match origin {
+        Origin::Fresh => info!(
+            interface = %director.interface,
+            mode,
+            pin_path = %pin_dir.display(),
+            "XDP program attached; dataplane pinned"
+        ),
+        Origin::Adopted => info!(
+            interface = %director.interface,
+            pin_path = %pin_dir.display(),
+            reals = planner.ids().len(),
+            "adopted the pinned dataplane: new program swapped in on the pinned link, \
+             connections and counters kept"
+        ),
+    }
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<HealthEvent>();
-    let mut checker = HealthChecker::start(targets(&config), events_tx);
+    let mut checker = match origin {
+        Origin::Fresh => HealthChecker::start(targets(&config), events_tx),
+        Origin::Adopted => {
+            let known = inherited_health(&config, &planner);
+            HealthChecker::start_adopted(targets(&config), events_tx, &known)
+        }
+    };
     let runtime = Runtime {
         health: health_from(&checker),
         overrides: HashMap::new(),
@@ -374,13 +445,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
         config_path: config_path.to_path_buf(),
         config: ArcSwap::from_pointee(config),
         runtime: Mutex::new(runtime),
-        programmer: RwLock::new(Programmer {
-            dp,
-            planner: Planner::new(),
-        }),
+        programmer: RwLock::new(Programmer { dp, planner }),
         stats: DaemonStats::default(),
     });
-    shared.apply().context("programming the dataplane")?;
+    let first = shared
+        .apply_counted()
+        .context("programming the dataplane")?;
+    if origin == Origin::Adopted {
+        info!(
+            map_writes = first,
+            "configuration applied to the adopted dataplane"
+        );
+    }
     shared
         .stats
         .last_reload_ok
@@ -412,8 +488,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     info!("ready");
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sighup.recv() => {
                 let _ = reload(&shared, &mut checker);
             }
@@ -446,10 +522,44 @@ pub async fn run(config_path: &Path) -> Result<()> {
         t.abort();
     }
     let _ = std::fs::remove_file(&director.admin_socket);
-    // Dropping the dataplane detaches the XDP program.
+    match director.on_exit {
+        OnExit::Keep => info!(
+            pin_path = %pin_dir.display(),
+            "stopped; the dataplane stays pinned and keeps forwarding: open connections to their \
+             reals, new ones by the last weights written. Health checks are paused until the \
+             next `xdpvs run` adopts it (`xdpvs detach` removes it)"
+        ),
+        OnExit::Detach => {
+            write(&shared.programmer).dp.unpin()?;
+            info!(pin_path = %pin_dir.display(), "stopped; XDP program detached and pins removed (on_exit = \"detach\")");
+        }
+    }
     drop(shared);
-    info!("stopped");
     Ok(())
+}
+
+/// Each configured real's up/down state as an adopted dataplane shows it: up if it takes new
+/// connections (weight > 0 in its service's live set), down if it is quiesced (weight 0 while
+/// configured above 0) or cut. Reals the dataplane does not know are left to their check's
+/// `initially`.
+fn inherited_health(cfg: &Config, planner: &Planner) -> HashMap<(String, SocketAddr), bool> {
+    let mut known = HashMap::new();
+    for s in &cfg.services {
+        let key = state::service_key(s.address, s.protocol);
+        for r in &s.reals {
+            let up = match planner.live_weight(&key, r.address) {
+                Some(w) if w > 0 => Some(true),
+                Some(_) if r.weight > 0 => Some(false),
+                Some(_) => None,
+                None if planner.real_id(&key, r.address).is_some() => Some(false),
+                None => None,
+            };
+            if let Some(up) = up {
+                known.insert((s.name.clone(), r.address), up);
+            }
+        }
+    }
+    known
 }
 
 fn on_health(shared: &Shared, ev: HealthEvent) {
@@ -579,9 +689,16 @@ async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
+    let mut fib = FibWatch::default();
     loop {
         tick.tick().await;
         n += 1;
+        if let Ok(stats) = read(&shared.programmer).dp.stats() {
+            fib.observe(
+                stats[xdpvs_common::stat::DROP_FIB as usize],
+                &shared.config.load().director.interface,
+            );
+        }
         let s = shared.clone();
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
             let report = read(&s.programmer).dp.sweep()?;
@@ -609,6 +726,38 @@ async fn sweep_loop(shared: Arc<Shared>) {
         if n.is_multiple_of(5) {
             prime_neighbours(&shared);
         }
+    }
+}
+
+/// Warns (at most once a minute) while `drop_fib` rises, naming the likely cause: the FIB
+/// refuses lookups while forwarding is off, or has no route to a real.
+#[derive(Default)]
+struct FibWatch {
+    last: Option<u64>,
+    warned: Option<std::time::Instant>,
+}
+
+impl FibWatch {
+    fn observe(&mut self, drop_fib: u64, interface: &str) {
+        let rose = self.last.map(|l| drop_fib.saturating_sub(l)).unwrap_or(0);
+        self.last = Some(drop_fib);
+        let quiet = self
+            .warned
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if rose == 0 || !quiet {
+            return;
+        }
+        self.warned = Some(std::time::Instant::now());
+        let cause = crate::preflight::forwarding_problem("ipv4", interface).unwrap_or_else(|| {
+            "the kernel has no route to a real (check `ip route get REAL`) or forwarding is \
+             restricted"
+                .to_string()
+        });
+        warn!(
+            dropped = rose,
+            "packets to a VIP are being dropped because the FIB lookup toward the real fails \
+             (drop_fib): {cause}"
+        );
     }
 }
 

@@ -13,4 +13,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;
+pub mod offline;
+pub mod preflight;
 pub mod state;

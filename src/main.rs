@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use xdpvs::admin::{self, Request};
 use xdpvs::config::{Config, DEFAULT_ADMIN_SOCKET};
+use xdpvs::offline;
 
 #[derive(Parser)]
 #[command(
@@ -34,22 +35,45 @@ struct SocketArg {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the director in the foreground (SIGHUP reloads; SIGINT/SIGTERM detach and exit).
+    ///
+    /// A dataplane pinned by an earlier daemon on the same interface is adopted: its
+    /// connections, counters and ids carry on. At stop the dataplane stays pinned and
+    /// forwarding (`on_exit = "detach"` or `xdpvs detach` remove it).
     Run {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Discard a pinned dataplane instead of adopting it: starts with an empty connection
+        /// table, so every open connection through the director is lost.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Validate a config file and exit (0 = valid).
     Check {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Show the live table, like `ipvsadm -Ln`.
+    /// Show the live table, like `ipvsadm -Ln`. With no daemon running, it is read from the
+    /// pinned dataplane (marked as such).
     List {
         #[command(flatten)]
         socket: SocketArg,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Pinned dataplane to read when no daemon answers (default: from --config, or the
+        /// only one under /sys/fs/bpf/xdpvs).
+        #[arg(long, value_name = "DIR")]
+        pin_path: Option<PathBuf>,
+    },
+    /// Take the director out of service: detach the XDP program and remove its pins (refused
+    /// while a daemon runs on it). Every open connection through the director is lost.
+    Detach {
+        /// The config whose dataplane to detach.
+        #[arg(long, short, value_name = "FILE", required_unless_present = "pin_path")]
+        config: Option<PathBuf>,
+        /// The pinned dataplane's directory instead.
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        pin_path: Option<PathBuf>,
     },
     /// Set a real's weight at runtime (until the next reload or restart).
     Weight {
@@ -101,6 +125,50 @@ fn call(socket: &SocketArg, req: Request) -> anyhow::Result<admin::Response> {
     Ok(resp)
 }
 
+/// The daemon's table, or the pinned dataplane's when no daemon listens on the socket.
+fn list_status(socket: &SocketArg, pin_path: Option<PathBuf>) -> anyhow::Result<admin::Status> {
+    let path = socket_path(socket)?;
+    match admin::call(&path, &Request::List) {
+        Ok(r) if r.ok => r
+            .status
+            .ok_or_else(|| anyhow::anyhow!("the daemon sent no status")),
+        Ok(r) => anyhow::bail!("{}", r.error.unwrap_or_else(|| "failed".into())),
+        Err(daemon_err) => {
+            let cfg = match &socket.config {
+                Some(c) => Some(Config::load(c).map_err(|e| anyhow::anyhow!("{e}"))?),
+                None => None,
+            };
+            let dir = match (pin_path, &cfg) {
+                (Some(p), _) => p,
+                (None, Some(c)) => offline::pin_dir_of(c),
+                (None, None) => offline::only_pin_dir().map_err(|e| {
+                    anyhow::anyhow!("{daemon_err:#}; and no pinned dataplane to read: {e:#}")
+                })?,
+            };
+            if !dir.exists() {
+                return Err(daemon_err.context(format!(
+                    "no daemon answered and nothing is pinned at {}",
+                    dir.display()
+                )));
+            }
+            offline::status(&dir, cfg.as_ref())
+        }
+    }
+}
+
+fn detach(config: Option<PathBuf>, pin_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match (pin_path, config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => {
+            let cfg = Config::load(&c).map_err(|e| anyhow::anyhow!("{e}"))?;
+            offline::pin_dir_of(&cfg)
+        }
+        (None, None) => anyhow::bail!("name the dataplane with --config or --pin-path"),
+    };
+    println!("{}", offline::detach(&dir)?);
+    Ok(())
+}
+
 fn check(path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let reals: usize = cfg.services.iter().map(|s| s.reals.len()).sum();
@@ -116,7 +184,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run { config } => {
+        Cmd::Run { config, fresh } => {
             use std::io::IsTerminal;
             tracing_subscriber::fmt()
                 .with_ansi(std::io::stdout().is_terminal())
@@ -126,15 +194,19 @@ fn main() -> ExitCode {
                 )
                 .init();
             match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt.block_on(xdpvs::daemon::run(&config)),
+                Ok(rt) => rt.block_on(xdpvs::daemon::run(
+                    &config,
+                    xdpvs::daemon::RunOptions { fresh },
+                )),
                 Err(e) => Err(e.into()),
             }
         }
         Cmd::Check { config } => check(&config),
-        Cmd::List { socket, json } => call(&socket, Request::List).and_then(|r| {
-            let status = r
-                .status
-                .ok_or_else(|| anyhow::anyhow!("the daemon sent no status"))?;
+        Cmd::List {
+            socket,
+            json,
+            pin_path,
+        } => list_status(&socket, pin_path).and_then(|status| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -167,6 +239,7 @@ fn main() -> ExitCode {
             socket,
         } => call(&socket, Request::Enable { service, real }).map(print_message),
         Cmd::Reload { socket } => call(&socket, Request::Reload).map(print_message),
+        Cmd::Detach { config, pin_path } => detach(config, pin_path),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

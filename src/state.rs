@@ -177,6 +177,21 @@ pub fn addr(ip: std::net::IpAddr) -> (Addr, u8) {
     }
 }
 
+/// The inverse of [`addr`]: `None` for a family that is neither.
+pub fn ip_of(a: &Addr, family: u8) -> Option<std::net::IpAddr> {
+    match family {
+        FAMILY_V4 => Some(std::net::Ipv4Addr::from(a.w[0].to_ne_bytes()).into()),
+        FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (i, word) in a.w.iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            Some(std::net::Ipv6Addr::from(o).into())
+        }
+        _ => None,
+    }
+}
+
 pub fn service_key(address: SocketAddr, protocol: Protocol) -> ServiceKey {
     let (a, family) = addr(address.ip());
     ServiceKey {

@@ -40,6 +40,19 @@ pub struct Director {
     /// Connection-table capacity (entries).
     pub conn_table_size: u32,
     pub timeouts: Timeouts,
+    /// bpffs directory holding the pinned program link and maps; `None` = the default,
+    /// which depends on the network namespace (see `dataplane::pin::default_dir`).
+    pub pin_path: Option<PathBuf>,
+    pub on_exit: OnExit,
+}
+
+/// What `xdpvs run` leaves behind when it stops (SIGTERM/SIGINT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// The dataplane stays pinned and forwarding; the next `xdpvs run` adopts it.
+    Keep,
+    /// The program is detached and the pins removed (the director leaves service).
+    Detach,
 }
 
 /// Idle timeouts of tracked connections, IPVS's defaults unless configured

@@ -7,8 +7,9 @@
 //! than anything else here: on reload the error message is all an operator gets.
 
 use super::{
-    CheckConfig, CheckKind, Config, Director, Forwarding, Initially, OnFailure, OnRemove, Protocol,
-    RealConfig, Scheduler, ServiceConfig, Timeouts, XdpMode, DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS,
+    CheckConfig, CheckKind, Config, Director, Forwarding, Initially, OnExit, OnFailure, OnRemove,
+    Protocol, RealConfig, Scheduler, ServiceConfig, Timeouts, XdpMode, DEFAULT_ADMIN_SOCKET,
+    DEFAULT_METRICS,
 };
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
@@ -114,6 +115,8 @@ struct RawDirector {
     watch_config: Option<bool>,
     conn_table_size: Option<Spanned<i64>>,
     timeouts: Option<RawTimeouts>,
+    pin_path: Option<Spanned<String>>,
+    on_exit: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -559,6 +562,33 @@ impl Validator<'_> {
             }
         }
 
+        let pin_path = match &raw.pin_path {
+            None => None,
+            Some(v) => {
+                let p = Path::new(v.get_ref());
+                if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+                    return Err(self.at(
+                        v,
+                        "director.pin_path",
+                        format!(
+                            "\"{}\" must be an absolute path without \"..\" (a directory on bpffs, e.g. /sys/fs/bpf/xdpvs/eth0)",
+                            v.get_ref()
+                        ),
+                    ));
+                }
+                Some(p.to_path_buf())
+            }
+        };
+        let on_exit = match &raw.on_exit {
+            None => OnExit::Keep,
+            Some(v) => self.choice(
+                v,
+                "director.on_exit",
+                "on_exit action",
+                &[("keep", OnExit::Keep), ("detach", OnExit::Detach)],
+            )?,
+        };
+
         Ok(Director {
             interface: interface.into_inner(),
             xdp_mode,
@@ -567,6 +597,8 @@ impl Validator<'_> {
             watch_config: raw.watch_config.unwrap_or(true),
             conn_table_size,
             timeouts,
+            pin_path,
+            on_exit,
         })
     }
 
@@ -1224,6 +1256,8 @@ metrics = "off"
 admin_socket = "/tmp/x.sock"
 watch_config = false
 conn_table_size = 4096
+pin_path = "/sys/fs/bpf/test"
+on_exit = "detach"
 
 [director.timeouts]
 tcp = "15m"
@@ -1284,6 +1318,8 @@ scheduler = "rr"
                     udp: Duration::from_millis(1500),
                     ..Timeouts::default()
                 },
+                pin_path: Some("/sys/fs/bpf/test".into()),
+                on_exit: OnExit::Detach,
             }
         );
         let check = CheckConfig {
@@ -1365,6 +1401,8 @@ scheduler = "rr"
                 watch_config: true,
                 conn_table_size: 262_144,
                 timeouts: Timeouts::default(),
+                pin_path: None,
+                on_exit: OnExit::Keep,
             }
         );
         assert!(c.services.is_empty());
@@ -1425,6 +1463,28 @@ scheduler = "rr"
         assert_eq!(e.line, Some(3));
         assert!(e.key.is_none());
         assert!(!e.message.contains('\n'));
+    }
+
+    #[test]
+    fn pin_path_and_on_exit_are_checked() {
+        expect_err(
+            &format!("{HEAD}pin_path = \"xdpvs/eth0\"\n"),
+            ("pin_path", 0),
+            "director.pin_path",
+            "must be an absolute path",
+        );
+        expect_err(
+            &format!("{HEAD}pin_path = \"/sys/fs/bpf/../etc\"\n"),
+            ("pin_path", 0),
+            "director.pin_path",
+            "without \"..\"",
+        );
+        expect_err(
+            &format!("{HEAD}on_exit = \"remove\"\n"),
+            ("on_exit", 0),
+            "director.on_exit",
+            "unknown on_exit action \"remove\"",
+        );
     }
 
     #[test]

@@ -4,23 +4,33 @@
 //! planner derives from the desired state, reads counters for `list` and metrics, and runs the
 //! connection-table sweep. It is the only code that writes the maps. Map types and names come
 //! from `xdpvs-common`, shared with the XDP program.
+//!
+//! A daemon opens the dataplane pinned ([`Dataplane::open`], [`pin`]): the maps and the XDP link
+//! live in bpffs, so packets keep flowing while no daemon runs, and the next daemon adopts them
+//! after checking that they have the layout it expects. Adopting reads first
+//! ([`Dataplane::view`] -> [`plan::Planner::adopt`]), plans second and writes last.
 
+pub mod pin;
 pub mod plan;
 
 use std::net::{SocketAddr, UdpSocket};
 
 use anyhow::{anyhow, Context, Result};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
-    expire_rc, maps, progs, stat, state, Conn, ConnKey, ExpireRequest, Real, RealConns, RealSet,
-    RealStats, Service, ServiceKey, Settings, EXPIRE_F_FORCE, REAL_F_VALID,
+    expire_rc, maps, progs, stat, state, Conn, ConnKey, ExpireRequest, Layout, Real, RealConns,
+    RealSet, RealStats, Service, ServiceKey, Settings, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS,
+    REAL_F_VALID,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;
-use plan::Write;
+use plan::{MapsView, Write};
 
 /// The compiled XDP object, built by build.rs from `ebpf/xdpvs-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpvs.bpf.o"));
@@ -34,8 +44,31 @@ pub struct SweepReport {
     pub retired: usize,
 }
 
+/// The pinned maps differ from what this build expects: adopting them would misread them.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the dataplane pinned at {dir} was made with another map layout: {differences}. \
+     Not adopting it (its connections keep flowing meanwhile). Run the xdpvs version that \
+     pinned it, or start with `xdpvs run --fresh`, which starts clean and loses the open \
+     connections"
+)]
+pub struct LayoutMismatch {
+    pub dir: PathBuf,
+    pub differences: String,
+}
+
+/// How a daemon came by its dataplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// New maps (nothing was pinned, or `--fresh`).
+    Fresh,
+    /// Maps pinned by an earlier daemon, with their connections and counters.
+    Adopted,
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
+    layout: Array<MapData, Layout>,
     services: HashMap<MapData, ServiceKey, Service>,
     realsets: Array<MapData, RealSet>,
     reals: Array<MapData, Real>,
@@ -46,6 +79,10 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     settings: Settings,
     attached: Option<(String, &'static str)>,
+    /// The pin directory, when opened pinned.
+    pin_dir: Option<PathBuf>,
+    /// Our descriptor of the pinned link (closing it leaves the link to its pin).
+    link: Option<FdLink>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -59,10 +96,59 @@ where
 }
 
 impl Dataplane {
-    /// Loads the object and its programs (nothing is attached yet).
+    /// Loads the object and its programs with private maps (nothing is attached or pinned):
+    /// for tests and benchmarks.
     pub fn load(conn_table_size: u32) -> Result<Self> {
+        Self::load_with(EbpfLoader::new(), conn_table_size, None)
+    }
+
+    /// Loads the object with its maps pinned in `dir`: maps pinned there by an earlier daemon
+    /// are adopted if their layout matches this build's (else [`LayoutMismatch`], and nothing
+    /// is touched), and created and pinned if there are none. `fresh` first removes whatever
+    /// is pinned there, open connections included.
+    pub fn open(dir: &Path, conn_table_size: u32, fresh: bool) -> Result<(Self, Origin)> {
+        if fresh && dir.exists() {
+            pin::remove_all(dir)
+                .with_context(|| format!("removing the pinned dataplane in {}", dir.display()))?;
+            tracing::warn!(dir = %dir.display(), "--fresh: removed the pinned dataplane and its connections");
+        }
+        if let Some(w) = pin::prepare_dir(dir)? {
+            tracing::warn!("{w}");
+        }
+        let origin = if pin::has_pins(dir) {
+            match check_layout(dir, conn_table_size)? {
+                LayoutCheck::Same => Origin::Adopted,
+                LayoutCheck::Unwritten => {
+                    // A daemon died between pinning the maps and recording their layout: it
+                    // never served from them.
+                    tracing::warn!(dir = %dir.display(), "removing an unfinished pinned dataplane");
+                    pin::remove_all(dir)?;
+                    pin::prepare_dir(dir)?;
+                    Origin::Fresh
+                }
+            }
+        } else {
+            Origin::Fresh
+        };
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = maps::PINNED.iter().map(|m| (*m, dir.join(m))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut dp = Self::load_with(loader, conn_table_size, Some(dir.to_path_buf()))?;
+        if origin == Origin::Fresh {
+            dp.layout.set(0, Layout::current(conn_table_size), 0)?;
+        }
+        Ok((dp, origin))
+    }
+
+    fn load_with(
+        mut loader: EbpfLoader<'_>,
+        conn_table_size: u32,
+        pin_dir: Option<PathBuf>,
+    ) -> Result<Self> {
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader
             .map_max_entries(maps::CONNS, conn_table_size)
             .load(OBJECT)
             .context("loading the XDP object (needs root / CAP_BPF)")?;
@@ -74,19 +160,94 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("the kernel refused program {name}"))?;
         }
+        let settings_map: Array<MapData, Settings> = take(&mut ebpf, maps::SETTINGS)?;
+        // An adopted dataplane keeps its timeouts; a new one holds zeros until the first plan.
+        let settings = settings_map.get(&0, 0).unwrap_or_default();
         Ok(Dataplane {
+            layout: take(&mut ebpf, maps::LAYOUT)?,
             services: take(&mut ebpf, maps::SERVICES)?,
             realsets: take(&mut ebpf, maps::REALSETS)?,
             reals: take(&mut ebpf, maps::REALS)?,
             real_conns: take(&mut ebpf, maps::REAL_CONNS)?,
             real_stats: take(&mut ebpf, maps::REAL_STATS)?,
             conns: take(&mut ebpf, maps::CONNS)?,
-            settings_map: take(&mut ebpf, maps::SETTINGS)?,
+            settings_map,
             stats: take(&mut ebpf, maps::STATS)?,
-            settings: Settings::default(),
+            settings,
             attached: None,
+            pin_dir,
+            link: None,
             ebpf,
         })
+    }
+
+    /// What the maps hold, for [`plan::Planner::adopt`].
+    pub fn view(&self) -> Result<MapsView> {
+        read_view(
+            &self.services,
+            &self.realsets,
+            &self.reals,
+            &self.settings_map,
+        )
+    }
+
+    /// Attaches the packet program. Opened pinned: if a link is pinned for `interface`, the
+    /// new program replaces the old one on it atomically (`bpf_link_update`: no packet sees
+    /// no program); otherwise a new link is made and pinned. Returns the mode in use.
+    pub fn attach(&mut self, interface: &str, mode: ConfigXdpMode) -> Result<&'static str> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return self.attach_new(interface, mode);
+        };
+        let link_path = dir.join(pin::LINK);
+        if link_path.exists() {
+            let info = pin::link_info(&link_path)?;
+            let ifindex = ifindex(interface)?;
+            if info.ifindex == ifindex {
+                let pinned = PinnedLink::from_pin(&link_path)
+                    .with_context(|| format!("opening {}", link_path.display()))?;
+                let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| anyhow!("{} is not an XDP link: {e}", link_path.display()))?;
+                let prog = self.main_program_mut()?;
+                let id = prog
+                    .attach_to_link(link)
+                    .context("replacing the program on the pinned XDP link")?;
+                self.link = Some(FdLink::try_from(prog.take_link(id)?)?);
+                self.attached = Some((interface.to_string(), "pinned"));
+                return Ok("pinned");
+            }
+            tracing::warn!(
+                link = %link_path.display(),
+                pinned_ifindex = info.ifindex,
+                ifindex,
+                "the pinned XDP link is not attached to {interface} (the interface was \
+                 recreated?); attaching anew"
+            );
+            std::fs::remove_file(&link_path)?;
+        }
+        let used = self.attach_new(interface, mode)?;
+        Ok(used)
+    }
+
+    fn main_program_mut(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(progs::XDP_MAIN)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?)
+    }
+
+    /// Removes the pins (the program is detached once this process lets go of the link).
+    pub fn unpin(&mut self) -> Result<()> {
+        if let Some(dir) = self.pin_dir.take() {
+            pin::remove_all(&dir)?;
+        }
+        self.link = None;
+        Ok(())
+    }
+
+    /// The pin directory, when opened pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     fn program(&self, name: &str) -> Result<&Xdp> {
@@ -102,38 +263,50 @@ impl Dataplane {
         self.program(progs::XDP_MAIN)
     }
 
-    /// Attaches the packet program; returns the mode in use ("driver" or "skb").
-    pub fn attach(&mut self, interface: &str, mode: ConfigXdpMode) -> Result<&'static str> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(progs::XDP_MAIN)
-            .ok_or_else(|| anyhow!("program missing"))?
-            .try_into()?;
-        let used = match mode {
-            ConfigXdpMode::Driver => {
+    /// Attaches the packet program with a new link (pinned if opened pinned); returns the mode
+    /// in use ("driver" or "skb").
+    fn attach_new(&mut self, interface: &str, mode: ConfigXdpMode) -> Result<&'static str> {
+        let pin_dir = self.pin_dir.clone();
+        let prog = self.main_program_mut()?;
+        let (used, id) = match mode {
+            ConfigXdpMode::Driver => (
+                "driver",
                 prog.attach(interface, XdpMode::Driver)
-                    .with_context(|| format!("attaching XDP in driver mode to {interface}"))?;
-                "driver"
-            }
-            ConfigXdpMode::Skb => {
+                    .with_context(|| format!("attaching XDP in driver mode to {interface}"))?,
+            ),
+            ConfigXdpMode::Skb => (
+                "skb",
                 prog.attach(interface, XdpMode::Skb)
-                    .with_context(|| format!("attaching XDP in skb mode to {interface}"))?;
-                "skb"
-            }
+                    .with_context(|| format!("attaching XDP in skb mode to {interface}"))?,
+            ),
             ConfigXdpMode::Auto => match prog.attach(interface, XdpMode::Driver) {
-                Ok(_) => "driver",
+                Ok(id) => ("driver", id),
                 Err(e) => {
                     tracing::warn!(
                         interface,
                         error = %e,
                         "driver-mode XDP unavailable; falling back to skb (generic) mode, which is much slower"
                     );
-                    prog.attach(interface, XdpMode::Skb)
+                    let id = prog
+                        .attach(interface, XdpMode::Skb)
                         .with_context(|| format!("attaching XDP to {interface}"))?;
-                    "skb"
+                    ("skb", id)
                 }
             },
         };
+        if let Some(dir) = pin_dir {
+            let link = FdLink::try_from(prog.take_link(id)?).map_err(|e| {
+                anyhow!(
+                    "the kernel attached XDP without a bpf link ({e}), which cannot be pinned: \
+                     the dataplane would not outlive the daemon"
+                )
+            })?;
+            let path = dir.join(pin::LINK);
+            let pinned = link
+                .pin(&path)
+                .with_context(|| format!("pinning the XDP link at {}", path.display()))?;
+            self.link = Some(FdLink::from(pinned));
+        }
         self.attached = Some((interface.to_string(), used));
         Ok(used)
     }
@@ -170,25 +343,12 @@ impl Dataplane {
 
     /// A real's traffic counters, summed over CPUs.
     pub fn real_stats(&self, id: u32) -> Result<RealStats> {
-        let per_cpu = self.real_stats.get(&id, 0)?;
-        Ok(per_cpu.iter().fold(RealStats::default(), |a, s| RealStats {
-            conns: a.conns.wrapping_add(s.conns),
-            packets: a.packets.wrapping_add(s.packets),
-            bytes: a.bytes.wrapping_add(s.bytes),
-        }))
+        Ok(sum_real_stats(&self.real_stats.get(&id, 0)?))
     }
 
     /// The dataplane's packet counters (`stat::*`), summed over CPUs.
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize]> {
-        let mut out = [0u64; stat::COUNT as usize];
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = self
-                .stats
-                .get(&(i as u32), 0)?
-                .iter()
-                .fold(0u64, |a, x| a.wrapping_add(*x));
-        }
-        Ok(out)
+        sum_stats(&self.stats)
     }
 
     /// The tracked connections (a snapshot; the table changes while it is read).
@@ -265,6 +425,200 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// The outcome of comparing pinned maps with this build.
+enum LayoutCheck {
+    Same,
+    /// Pinned, but the layout record was never written.
+    Unwritten,
+}
+
+/// Compares the maps pinned in `dir` with this build's object and config: every pinned map
+/// present with the same key size, value size and capacity, and the recorded layout version
+/// and fingerprint equal to this build's. Reads only.
+fn check_layout(dir: &Path, conn_table_size: u32) -> Result<LayoutCheck> {
+    let mismatch = |differences: Vec<String>| LayoutMismatch {
+        dir: dir.to_path_buf(),
+        differences: differences.join("; "),
+    };
+    let obj = aya_obj::Object::parse(OBJECT).context("parsing the embedded XDP object")?;
+    let mut diffs = Vec::new();
+    for name in maps::PINNED {
+        let path = dir.join(name);
+        let spec = obj
+            .maps
+            .get(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
+        let want_entries = if name == maps::CONNS {
+            conn_table_size
+        } else {
+            spec.max_entries()
+        };
+        match MapInfo::from_pin(&path) {
+            Err(_) => diffs.push(format!("map {name} is not pinned")),
+            Ok(info) => {
+                let (k, v, n) = (info.key_size(), info.value_size(), info.max_entries());
+                if (k, v) != (spec.key_size(), spec.value_size()) {
+                    diffs.push(format!(
+                        "map {name} has {k}-byte keys and {v}-byte values, this build uses {} and {}",
+                        spec.key_size(),
+                        spec.value_size()
+                    ));
+                } else if n != want_entries && name == maps::CONNS {
+                    diffs.push(format!(
+                        "the pinned connection table holds {n} entries but [director] \
+                         conn_table_size is {conn_table_size} (set it back to {n} to adopt)"
+                    ));
+                } else if n != want_entries {
+                    diffs.push(format!(
+                        "map {name} holds {n} entries, this build uses {want_entries}"
+                    ));
+                }
+            }
+        }
+    }
+    if !diffs.is_empty() {
+        return Err(mismatch(diffs).into());
+    }
+    let layout: Array<MapData, Layout> = pinned_map(dir, maps::LAYOUT)?;
+    let rec = layout.get(&0, 0)?;
+    if rec == Layout::default() {
+        return Ok(LayoutCheck::Unwritten);
+    }
+    let cur = Layout::current(conn_table_size);
+    if (rec.version, rec.fingerprint) != (cur.version, cur.fingerprint) {
+        return Err(mismatch(vec![format!(
+            "layout version {} (fingerprint {:#018x}) is pinned, this build uses version {} \
+             ({:#018x})",
+            rec.version, rec.fingerprint, cur.version, cur.fingerprint
+        )])
+        .into());
+    }
+    Ok(LayoutCheck::Same)
+}
+
+fn pinned_map<T>(dir: &Path, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = aya::maps::Map::from_map_data(data)?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn read_view(
+    services: &HashMap<MapData, ServiceKey, Service>,
+    realsets: &Array<MapData, RealSet>,
+    reals: &Array<MapData, Real>,
+    settings: &Array<MapData, Settings>,
+) -> Result<MapsView> {
+    let mut view = MapsView::default();
+    for r in services.iter() {
+        let (k, v) = r?;
+        view.realsets
+            .insert(v.realset, realsets.get(&v.realset, 0)?);
+        view.services.push((k, v));
+    }
+    for id in 0..MAX_REALS {
+        let r = reals.get(&id, 0)?;
+        if r.family != FAMILY_NONE {
+            view.reals.push((id, r));
+        }
+    }
+    view.settings = settings.get(&0, 0)?;
+    Ok(view)
+}
+
+fn ifindex(interface: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(interface)?;
+    // SAFETY: a valid NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(anyhow!("no interface named {interface}")),
+        i => Ok(i),
+    }
+}
+
+/// The pinned maps opened read-only, for `xdpvs list` while no daemon runs.
+pub struct PinnedMaps {
+    pub dir: PathBuf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    realsets: Array<MapData, RealSet>,
+    reals: Array<MapData, Real>,
+    real_conns: Array<MapData, RealConns>,
+    real_stats: PerCpuArray<MapData, RealStats>,
+    settings: Array<MapData, Settings>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self> {
+        check_layout_lenient(dir)?;
+        Ok(PinnedMaps {
+            dir: dir.to_path_buf(),
+            services: pinned_map(dir, maps::SERVICES)?,
+            realsets: pinned_map(dir, maps::REALSETS)?,
+            reals: pinned_map(dir, maps::REALS)?,
+            real_conns: pinned_map(dir, maps::REAL_CONNS)?,
+            real_stats: pinned_map(dir, maps::REAL_STATS)?,
+            settings: pinned_map(dir, maps::SETTINGS)?,
+            stats: pinned_map(dir, maps::STATS)?,
+        })
+    }
+
+    pub fn view(&self) -> Result<MapsView> {
+        read_view(&self.services, &self.realsets, &self.reals, &self.settings)
+    }
+
+    pub fn real_conns(&self, id: u32) -> Result<RealConns> {
+        Ok(self.real_conns.get(&id, 0)?)
+    }
+
+    pub fn real_stats(&self, id: u32) -> Result<RealStats> {
+        Ok(sum_real_stats(&self.real_stats.get(&id, 0)?))
+    }
+
+    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize]> {
+        sum_stats(&self.stats)
+    }
+}
+
+/// For reading only: the layout record must match, whatever the connection table's size.
+fn check_layout_lenient(dir: &Path) -> Result<()> {
+    let layout: Array<MapData, Layout> = pinned_map(dir, maps::LAYOUT)?;
+    let rec = layout.get(&0, 0)?;
+    let cur = Layout::current(0);
+    if (rec.version, rec.fingerprint) != (cur.version, cur.fingerprint) {
+        return Err(LayoutMismatch {
+            dir: dir.to_path_buf(),
+            differences: format!(
+                "layout version {} is pinned, this build reads version {}",
+                rec.version, cur.version
+            ),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn sum_real_stats(per_cpu: &PerCpuValues<RealStats>) -> RealStats {
+    per_cpu.iter().fold(RealStats::default(), |a, s| RealStats {
+        conns: a.conns.wrapping_add(s.conns),
+        packets: a.packets.wrapping_add(s.packets),
+        bytes: a.bytes.wrapping_add(s.bytes),
+    })
+}
+
+fn sum_stats(map: &PerCpuArray<MapData, u64>) -> Result<[u64; stat::COUNT as usize]> {
+    let mut out = [0u64; stat::COUNT as usize];
+    for (i, v) in out.iter_mut().enumerate() {
+        *v = map
+            .get(&(i as u32), 0)?
+            .iter()
+            .fold(0u64, |a, x| a.wrapping_add(*x));
+    }
+    Ok(out)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.

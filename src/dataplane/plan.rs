@@ -97,6 +97,16 @@ impl Planner {
         self.reals.get(&(*service, real)).map(|r| r.id)
     }
 
+    /// A real's weight in its service's live set; `None` if it is not in the set.
+    pub fn live_weight(&self, service: &ServiceKey, real: SocketAddr) -> Option<u32> {
+        let id = self.real_id(service, real)?;
+        let e = self.services.get(service)?;
+        e.set.slots[..(e.set.count as usize).min(MAX_REALS_PER_SERVICE)]
+            .iter()
+            .find(|s| s.real == id)
+            .map(|s| s.weight)
+    }
+
     /// Every real id held (in use or draining).
     pub fn ids(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.reals.values().map(|r| r.id).collect();
@@ -144,14 +154,19 @@ impl Planner {
     }
 
     /// Takes (or re-validates) a real's id and marks it in use.
-    fn use_real(&mut self, key: RealKey, writes: &mut Vec<Write>) -> Result<u32, PlanError> {
+    fn use_real(
+        &mut self,
+        key: RealKey,
+        service: u32,
+        writes: &mut Vec<Write>,
+    ) -> Result<u32, PlanError> {
         let (a, family) = addr(key.1.ip());
         let real = Real {
             addr: a,
             port: key.1.port().to_be(),
             family,
             flags: REAL_F_VALID,
-            _pad: 0,
+            service,
         };
         if let Some(e) = self.reals.get_mut(&key) {
             e.in_use = true;
@@ -224,6 +239,11 @@ impl Planner {
         let mut seen_reals: HashSet<RealKey> = HashSet::new();
         for ds in &desired.services {
             seen_services.insert(ds.key);
+            // The service's id first: every real records whose it is.
+            let (id, buffer, old) = match self.services.get(&ds.key) {
+                Some(e) => (e.id, e.buffer, Some((e.service, e.set))),
+                None => (self.alloc_service()?, 1, None),
+            };
             let mut set = RealSet::default();
             for r in ds.reals.iter().take(MAX_REALS_PER_SERVICE) {
                 let key = (ds.key, r.address);
@@ -232,9 +252,9 @@ impl Planner {
                     self.cut_real(key, &mut writes);
                     continue;
                 }
-                let id = self.use_real(key, &mut writes)?;
+                let real = self.use_real(key, id, &mut writes)?;
                 set.slots[set.count as usize] = RealSlot {
-                    real: id,
+                    real,
                     weight: r.weight,
                 };
                 set.count += 1;
@@ -244,13 +264,9 @@ impl Planner {
                 Some(f) => {
                     let key = (ds.key, f);
                     seen_reals.insert(key);
-                    self.use_real(key, &mut writes)?
+                    self.use_real(key, id, &mut writes)?
                 }
                 None => NO_REAL,
-            };
-            let (id, buffer, old) = match self.services.get(&ds.key) {
-                Some(e) => (e.id, e.buffer, Some((e.service, e.set))),
-                None => (self.alloc_service()?, 1, None),
             };
             let mut buffer = buffer;
             let set_changed = old.map(|(_, s)| s != set).unwrap_or(true);
@@ -347,10 +363,9 @@ impl Planner {
             .collect();
         freed.sort_by_key(|(_, id)| *id);
         for (key, id) in freed {
-            if let Some(e) = self.reals.remove(&key) {
-                if e.real.flags & REAL_F_VALID != 0 {
-                    writes.push(Write::Real(id, Real { flags: 0, ..e.real }));
-                }
+            if self.reals.remove(&key).is_some() {
+                // An empty slot (family 0) is how an adopting daemon tells a free id.
+                writes.push(Write::Real(id, Real::default()));
                 self.free_real_ids.push_back(id);
             }
         }
@@ -369,6 +384,117 @@ impl Planner {
             }
         }
         writes
+    }
+}
+
+/// What the maps hold, read back by a daemon adopting a pinned dataplane.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MapsView {
+    pub services: Vec<(ServiceKey, Service)>,
+    /// The real sets the services point at, by `REALSETS` index.
+    pub realsets: HashMap<u32, RealSet>,
+    /// Every `REALS` slot that holds a real (family set), by id.
+    pub reals: Vec<(u32, Real)>,
+    pub settings: Settings,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("the pinned maps are inconsistent: {0}")]
+pub struct AdoptError(String);
+
+impl Planner {
+    /// Rebuilds the planner from what the maps hold, so a restarted daemon carries on with the
+    /// same ids, sets and buffers: its first plan for an unchanged config writes nothing, and a
+    /// changed config is an ordinary diff. Reads only: nothing is written to the maps here.
+    ///
+    /// Which config key a real slot belongs to comes from `Real::service`. A real whose service
+    /// is gone (cut by an earlier reload while its connections were still being retired) keeps
+    /// its id under a placeholder key (family 0, the id as address) until its count reaches 0.
+    pub fn adopt(view: &MapsView) -> Result<Planner, AdoptError> {
+        let bad = |m: String| Err(AdoptError(m));
+        let mut p = Planner::new();
+        let mut key_of: HashMap<u32, ServiceKey> = HashMap::new();
+        for (key, svc) in &view.services {
+            if svc.id >= MAX_SERVICES {
+                return bad(format!("service id {} out of range", svc.id));
+            }
+            let buffer = match svc.realset.checked_sub(svc.id * 2) {
+                Some(b @ (0 | 1)) => b,
+                _ => {
+                    return bad(format!(
+                        "service {} points at real set {}, not one of its own",
+                        svc.id, svc.realset
+                    ))
+                }
+            };
+            let Some(set) = view.realsets.get(&svc.realset).copied() else {
+                return bad(format!("real set {} was not read", svc.realset));
+            };
+            if set.count as usize > MAX_REALS_PER_SERVICE {
+                return bad(format!("real set {} has count {}", svc.realset, set.count));
+            }
+            if key_of.insert(svc.id, *key).is_some() {
+                return bad(format!("service id {} is used twice", svc.id));
+            }
+            p.services.insert(
+                *key,
+                SvcEntry {
+                    id: svc.id,
+                    buffer,
+                    service: *svc,
+                    set,
+                    // Decided again by the first plan for every configured service.
+                    cut_on_remove: false,
+                    draining: svc.flags & SVC_F_DRAINING != 0,
+                },
+            );
+        }
+        let mut in_use = HashSet::new();
+        for e in p.services.values().filter(|e| !e.draining) {
+            in_use.extend(e.set.slots[..e.set.count as usize].iter().map(|s| s.real));
+            if e.service.fallback != NO_REAL {
+                in_use.insert(e.service.fallback);
+            }
+        }
+        let mut held = HashSet::new();
+        for (id, real) in &view.reals {
+            if *id >= MAX_REALS || !held.insert(*id) {
+                return bad(format!("real id {id} out of range or read twice"));
+            }
+            let Some(ip) = crate::state::ip_of(&real.addr, real.family) else {
+                return bad(format!("real {id} has family {}", real.family));
+            };
+            let address = SocketAddr::new(ip, u16::from_be(real.port));
+            let service = match key_of.get(&real.service) {
+                Some(k) => *k,
+                None => ServiceKey {
+                    addr: xdpvs_common::Addr { w: [*id, 0, 0, 0] },
+                    ..ServiceKey::default()
+                },
+            };
+            let entry = RealEntry {
+                id: *id,
+                real: *real,
+                in_use: in_use.contains(id),
+            };
+            if p.reals.insert((service, address), entry).is_some() {
+                return bad(format!("two real ids for {address} in one service"));
+            }
+        }
+        if let Some(id) = in_use.iter().find(|id| !held.contains(id)) {
+            return bad(format!(
+                "a real set or fallback names real {id}, which is free"
+            ));
+        }
+        p.next_real_id = held.iter().max().map_or(0, |m| m + 1);
+        p.free_real_ids = (0..p.next_real_id).filter(|i| !held.contains(i)).collect();
+        let service_ids: HashSet<u32> = key_of.keys().copied().collect();
+        p.next_service_id = service_ids.iter().max().map_or(0, |m| m + 1);
+        p.free_service_ids = (0..p.next_service_id)
+            .filter(|i| !service_ids.contains(i))
+            .collect();
+        p.settings = Some(view.settings);
+        Ok(p)
     }
 }
 
@@ -558,8 +684,8 @@ mod tests {
         s.reals[1].cut = true;
         p.plan(&desired(vec![s.clone()])).unwrap();
         assert_eq!(p.draining().len(), 1);
-        // Already invalid: freeing its id needs no write.
-        assert_eq!(p.release(|_| 0), vec![]);
+        // Freeing its id empties its slot (how an adopting daemon tells a free id).
+        assert_eq!(p.release(|_| 0), vec![Write::Real(1, Real::default())]);
         assert!(p.draining().is_empty());
         // Still down: planning again allocates nothing and writes nothing.
         assert_eq!(p.plan(&desired(vec![s.clone()])).unwrap(), vec![]);
@@ -606,5 +732,153 @@ mod tests {
         let s = two_reals();
         assert_eq!(p.plan(&desired(vec![s])), Err(PlanError::TooManyReals));
         assert!(p.services.is_empty() && p.reals.is_empty());
+    }
+
+    /// The maps as a store the planned writes are executed against, read back like the
+    /// dataplane does for an adopting daemon.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: HashMap<ServiceKey, Service>,
+        realsets: HashMap<u32, RealSet>,
+        reals: HashMap<u32, Real>,
+        settings: Settings,
+    }
+
+    impl FakeMaps {
+        fn write(&mut self, writes: &[Write]) {
+            for w in writes {
+                match w {
+                    Write::ResetReal(_) => {}
+                    Write::Real(id, r) => {
+                        self.reals.insert(*id, *r);
+                    }
+                    Write::RealSet(i, set) => {
+                        self.realsets.insert(*i, **set);
+                    }
+                    Write::Service(k, v) => {
+                        self.services.insert(*k, *v);
+                    }
+                    Write::DeleteService(k) => {
+                        self.services.remove(k);
+                    }
+                    Write::Settings(st) => self.settings = *st,
+                }
+            }
+        }
+
+        fn view(&self) -> MapsView {
+            let mut reals: Vec<(u32, Real)> = self
+                .reals
+                .iter()
+                .filter(|(_, r)| r.family != xdpvs_common::FAMILY_NONE)
+                .map(|(i, r)| (*i, *r))
+                .collect();
+            reals.sort_by_key(|(i, _)| *i);
+            MapsView {
+                services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                realsets: self
+                    .services
+                    .values()
+                    .map(|s| (s.realset, self.realsets[&s.realset]))
+                    .collect(),
+                reals,
+                settings: self.settings,
+            }
+        }
+    }
+
+    /// Plans and executes `d` on both the planner and the maps.
+    fn apply(p: &mut Planner, maps: &mut FakeMaps, d: &Desired) -> Vec<Write> {
+        let w = p.plan(d).unwrap();
+        maps.write(&w);
+        w
+    }
+
+    #[test]
+    fn adopted_planner_writes_nothing_for_the_same_config() {
+        let mut p = Planner::new();
+        let mut maps = FakeMaps::default();
+        let mut web = two_reals();
+        web.fallback = Some("198.18.0.9:80".parse().unwrap());
+        let dns = svc("dns", "198.18.0.101:53", &[("198.18.0.12:53", 3)]);
+        let d = desired(vec![web, dns]);
+        apply(&mut p, &mut maps, &d);
+        // A reweight flips a buffer, so the adopted state is not just the first one.
+        let mut d2 = d.clone();
+        d2.services[0].reals[1].weight = 5;
+        apply(&mut p, &mut maps, &d2);
+
+        let mut q = Planner::adopt(&maps.view()).unwrap();
+        assert_eq!(q.plan(&d2).unwrap(), vec![]);
+        assert_eq!(q.ids(), p.ids());
+        for s in &d2.services {
+            for r in &s.reals {
+                assert_eq!(q.real_id(&s.key, r.address), p.real_id(&s.key, r.address));
+            }
+        }
+    }
+
+    #[test]
+    fn adopted_planner_makes_the_same_diff_as_the_original() {
+        let mut p = Planner::new();
+        let mut maps = FakeMaps::default();
+        let a = svc(
+            "a",
+            "198.18.0.100:80",
+            &[
+                ("198.18.0.11:80", 1),
+                ("198.18.0.12:80", 2),
+                ("198.18.0.13:80", 3),
+            ],
+        );
+        let mut b = svc("b", "198.18.0.101:80", &[("198.18.0.11:80", 1)]);
+        b.cut_on_remove = true;
+        let c = svc("c", "198.18.0.102:80", &[("198.18.0.14:80", 1)]);
+        apply(&mut p, &mut maps, &desired(vec![a.clone(), b, c.clone()]));
+        // Remove a real (it drains: still counted) and a service that cuts.
+        let mut a2 = a.clone();
+        a2.reals.remove(1);
+        apply(&mut p, &mut maps, &desired(vec![a2.clone(), c.clone()]));
+        // A released id leaves a hole the allocator must reuse the same way.
+        maps.write(&p.release(|id| u64::from(id == 1)));
+
+        let mut q = Planner::adopt(&maps.view()).unwrap();
+        assert_eq!(q.draining(), p.draining());
+        // The next change: a real added, a service added, one weight changed.
+        let mut a3 = a2.clone();
+        a3.reals.push(DesiredReal {
+            address: "198.18.0.15:80".parse().unwrap(),
+            weight: 4,
+            cut: false,
+        });
+        a3.reals[0].weight = 7;
+        let e = svc("e", "198.18.0.103:80", &[("198.18.0.16:80", 1)]);
+        let next = desired(vec![a3, c, e]);
+        assert_eq!(q.plan(&next).unwrap(), p.plan(&next).unwrap());
+        // And the drained real is freed the same way once its connections end.
+        assert_eq!(q.release(|_| 0), p.release(|_| 0));
+    }
+
+    #[test]
+    fn adopt_refuses_a_set_naming_a_free_real() {
+        let mut p = Planner::new();
+        let mut maps = FakeMaps::default();
+        apply(&mut p, &mut maps, &desired(vec![two_reals()]));
+        maps.reals.remove(&1);
+        let e = Planner::adopt(&maps.view()).unwrap_err();
+        assert!(e.to_string().contains("names real 1, which is free"), "{e}");
+    }
+
+    #[test]
+    fn adopt_refuses_a_service_pointing_at_another_services_set() {
+        let mut p = Planner::new();
+        let mut maps = FakeMaps::default();
+        apply(&mut p, &mut maps, &desired(vec![two_reals()]));
+        for s in maps.services.values_mut() {
+            s.realset = 7;
+        }
+        maps.realsets.insert(7, RealSet::default());
+        let e = Planner::adopt(&maps.view()).unwrap_err();
+        assert!(e.to_string().contains("not one of its own"), "{e}");
     }
 }

@@ -77,6 +77,26 @@ impl HealthChecker {
         checker
     }
 
+    /// Starts checks for a daemon that adopted a running dataplane: a real whose state the
+    /// dataplane shows (`known`: up = taking new connections) starts in that state, so the
+    /// handover neither adds nor removes a real before its checks say so; the others start as
+    /// `initially` says. `none` and `off` checks start in their fixed state.
+    pub fn start_adopted(
+        targets: Vec<Target>,
+        events: UnboundedSender<HealthEvent>,
+        known: &HashMap<(String, SocketAddr), bool>,
+    ) -> Self {
+        let mut checker = HealthChecker::new(events);
+        checker.apply_with(targets, |t| {
+            match (t.check.kind, known.get(&(t.service.clone(), t.real))) {
+                (CheckKind::None | CheckKind::Off, _) | (_, None) => initial_state(&t.check, false),
+                (_, Some(true)) => HealthState::new(Initially::Up),
+                (_, Some(false)) => HealthState::new(Initially::Down),
+            }
+        });
+        checker
+    }
+
     /// Replaces the set of targets on reload; reals new to the set start down (they must pass
     /// `rise` checks before taking traffic) regardless of `initially`. Same as
     /// `apply(targets, true)`.
@@ -96,6 +116,11 @@ impl HealthChecker {
     /// Duplicate keys: the first occurrence wins. The caller reads the starting states with
     /// [`is_up`](Self::is_up)/[`states`](Self::states) after this returns.
     pub fn apply(&mut self, targets: Vec<Target>, added_start_down: bool) {
+        self.apply_with(targets, |t| initial_state(&t.check, added_start_down));
+    }
+
+    /// [`apply`](Self::apply) with the starting state of new targets given by `initial`.
+    fn apply_with(&mut self, targets: Vec<Target>, initial: impl Fn(&Target) -> HealthState) {
         let mut seen = HashSet::new();
         let targets: Vec<Target> = targets
             .into_iter()
@@ -114,7 +139,7 @@ impl HealthChecker {
                     run.task.abort();
                     restarted(&lock(&run.state))
                 }
-                None => initial_state(&t.check, added_start_down),
+                None => initial(&t),
             };
             let offset = spread(i, n, t.check.interval);
             let state = Arc::new(Mutex::new(state));

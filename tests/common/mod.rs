@@ -547,24 +547,44 @@ pub struct Daemon {
 
 /// Starts `xdpvs run --config <lab dir>/xdpvs.toml` in the director's namespace (RUST_LOG=info,
 /// stdout and stderr to `<lab dir>/xdpvs.log`) and waits (10 s at most) until the admin socket
-/// (the config's `[director] admin_socket`) exists and `xdpvs list` answers on it. Fails with the log if the daemon exits or never
-/// becomes ready.
+/// (the config's `[director] admin_socket`) exists and `xdpvs list` answers on it. Fails with the
+/// log if the daemon exits or never becomes ready.
+///
+/// The daemon enters only the namespace's network (`nsenter --net`), not a private mount
+/// namespace as `ip netns exec` makes, so its pinned dataplane lands in the host's bpffs and
+/// outlives it, as on a real director (`lab.sh down` removes it).
 pub fn spawn_xdpvs(lab: &Lab, config_toml: &str) -> Result<Daemon> {
+    spawn_xdpvs_with(lab, config_toml, &[])
+}
+
+/// [`spawn_xdpvs`] with extra arguments to `xdpvs run` (e.g. `--fresh`).
+pub fn spawn_xdpvs_with(lab: &Lab, config_toml: &str, run_args: &[&str]) -> Result<Daemon> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_xdpvs"));
+    spawn_binary(lab, &bin, config_toml, run_args)
+}
+
+/// [`spawn_xdpvs_with`] running the binary at `bin` (an upgrade test runs a rebuilt copy).
+pub fn spawn_binary(lab: &Lab, bin: &Path, config_toml: &str, run_args: &[&str]) -> Result<Daemon> {
+    let bin = bin.to_path_buf();
     std::fs::create_dir_all(&lab.dir)?;
     let config_path = lab.dir.join("xdpvs.toml");
     std::fs::write(&config_path, config_toml)
         .with_context(|| format!("write {}", config_path.display()))?;
     let log_path = lab.dir.join("xdpvs.log");
-    let log = File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
     let ns = lab.ns("dir");
-    // `ip netns exec` execs the binary: the child's pid is the daemon's.
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns])
+    // nsenter execs the binary: the child's pid is the daemon's.
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
         .arg(&bin)
         .arg("run")
         .arg("--config")
         .arg(&config_path)
+        .args(run_args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -602,6 +622,18 @@ pub fn spawn_xdpvs(lab: &Lab, config_toml: &str) -> Result<Daemon> {
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// Runs `xdpvs ARGS...` in the director's network namespace (`nsenter --net`, so it sees the
+/// pinned dataplane); the whole output, whatever the status.
+pub fn xdpvs_in(lab: &Lab, args: &[&str]) -> Result<Output> {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns("dir")))
+        .arg(env!("CARGO_BIN_EXE_xdpvs"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run xdpvs in the director's namespace")
 }
 
 impl Daemon {

@@ -12,8 +12,11 @@
 //! tests exercise the very code the XDP program runs.
 #![no_std]
 
+pub mod layout;
 pub mod sched;
 pub mod state;
+
+pub use layout::{Layout, LAYOUT_FINGERPRINT, LAYOUT_VERSION};
 
 /// Largest number of virtual services; service ids index per-service arrays.
 pub const MAX_SERVICES: u32 = 4096;
@@ -48,6 +51,22 @@ pub mod maps {
     pub const CONNS: &str = "CONNS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const STATS: &str = "STATS";
+    pub const LAYOUT: &str = "LAYOUT";
+
+    /// The maps pinned in bpffs, outliving the daemon: everything but per-CPU caches that a
+    /// new program may start empty.
+    pub const PINNED: [&str; 10] = [
+        LAYOUT,
+        SERVICES,
+        REALSETS,
+        REALS,
+        REAL_CONNS,
+        REAL_STATS,
+        SERVICE_STATE,
+        CONNS,
+        SETTINGS,
+        STATS,
+    ];
 }
 
 /// Program names in the object.
@@ -163,8 +182,13 @@ pub struct Real {
     pub family: u8,
     /// `REAL_F_VALID` while the real exists; connections to a real without it are cut.
     pub flags: u8,
-    pub _pad: u32,
+    /// Id of the service the real belongs to, so a daemon adopting pinned maps can rebuild
+    /// which real is whose (also for reals that left every real set and are draining).
+    pub service: u32,
 }
+
+/// Family value of a `REALS` slot that holds no real (ids are handed out only while it is set).
+pub const FAMILY_NONE: u8 = 0;
 
 /// Value of `REAL_CONNS`, indexed by real id: live connection counts, changed with atomic adds
 /// by every writer (any CPU's packet path, the expiry program), read by the scheduler.
@@ -340,6 +364,7 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Layout {}
 }
 
 // Layout guards: a size change here is a change to the dataplane ABI.
@@ -349,4 +374,5 @@ const _: () = assert!(core::mem::size_of::<Real>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 const _: () = assert!(core::mem::size_of::<Conn>() == 56);
 const _: () = assert!(core::mem::size_of::<ExpireRequest>() == 48);
+const _: () = assert!(core::mem::size_of::<Layout>() == 16);
 const _: () = assert!(core::mem::size_of::<RealSet>() == 8 + 8 * MAX_REALS_PER_SERVICE);

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use xdpvs_common::{
-    Conn, ConnKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
+    Conn, ConnKey, Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
     Settings, DEFAULT_CONN_TABLE_SIZE, MAX_REALS, MAX_REALSETS, MAX_SERVICES,
 };
 
@@ -31,6 +31,11 @@ pub static CONNS: HashMap<ConnKey, Conn> = HashMap::with_max_entries(DEFAULT_CON
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The layout the pinned maps were created with; written once by the control plane, read by
+/// the next daemon before it adopts them. The program never reads it.
+#[map(name = "LAYOUT")]
+pub static LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(xdpvs_common::stat::COUNT, 0);

@@ -1,0 +1,102 @@
+//! What the host must provide before the dataplane can forward, checked at start.
+//!
+//! The XDP program forwards by asking the kernel's FIB for each real's next hop, and the FIB
+//! refuses while IP forwarding is off on the ingress interface (the default on a fresh host and
+//! in a new network namespace): a daemon that started anyway would log `ready` and drop every
+//! VIP packet. So these are refused at start with the fix in the message; what is only a risk
+//! (the interface down) is a loud warning.
+
+use anyhow::{bail, Result};
+use tracing::warn;
+
+use crate::config::Config;
+
+/// Checks the host for `cfg`; an error says what to change.
+pub fn check(cfg: &Config) -> Result<()> {
+    let ifname = &cfg.director.interface;
+    let flags = match interface_flags(ifname) {
+        Some(f) => f,
+        None => bail!(
+            "interface {ifname} ([director] interface) does not exist in this network namespace"
+        ),
+    };
+    if flags & libc::IFF_UP as u32 == 0 {
+        warn!(
+            interface = %ifname,
+            "interface {ifname} is down: nothing reaches the XDP program until it is up \
+             (ip link set {ifname} up)"
+        );
+    }
+    let v4 = cfg.services.iter().any(|s| s.address.is_ipv4());
+    let v6 = cfg.services.iter().any(|s| s.address.is_ipv6());
+    for (family, wanted) in [("ipv4", v4), ("ipv6", v6)] {
+        if !wanted {
+            continue;
+        }
+        if let Some(problem) = forwarding_problem(family, ifname) {
+            bail!("{problem}");
+        }
+    }
+    Ok(())
+}
+
+/// Why forwarding of `family` ("ipv4"/"ipv6") on `ifname` keeps the FIB from answering, if it
+/// does; `None` when forwarding is on (or the sysctl cannot be read).
+pub fn forwarding_problem(family: &str, ifname: &str) -> Option<String> {
+    let path = format!("/proc/sys/net/{family}/conf/{ifname}/forwarding");
+    let value = std::fs::read_to_string(&path).ok()?;
+    if value.trim() != "0" {
+        return None;
+    }
+    Some(format!(
+        "{} forwarding is off on {ifname} (net.{family}.conf.{ifname}.forwarding = 0): the XDP \
+         program asks the kernel's FIB for each real's next hop, and the FIB refuses while \
+         forwarding is off, so every packet to a VIP would be dropped (drop_fib). Fix: \
+         `sysctl -w net.{family}.conf.all.forwarding=1` (and make it permanent in \
+         /etc/sysctl.d/)",
+        if family == "ipv4" { "IPv4" } else { "IPv6" }
+    ))
+}
+
+/// The interface's flags (`IFF_*`) from the kernel, in this process's network namespace;
+/// `None` if it does not exist.
+fn interface_flags(name: &str) -> Option<u32> {
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: a plain datagram socket used only for the ioctl below, closed after it.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain data; the name fits (checked above) and stays NUL-terminated.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    Some(unsafe { req.ifr_ifru.ifru_flags } as u16 as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_exists_and_is_up() {
+        let f = interface_flags("lo").expect("lo exists");
+        assert_ne!(f & libc::IFF_UP as u32, 0);
+        assert_ne!(f & libc::IFF_LOOPBACK as u32, 0);
+    }
+
+    #[test]
+    fn missing_interface_has_no_flags() {
+        assert_eq!(interface_flags("xdpvs-nope0"), None);
+        assert_eq!(interface_flags("a-name-longer-than-ifnamsiz"), None);
+    }
+}
