@@ -8,6 +8,8 @@
 # warnings are errors), cargo test --workspace --all-targets (unit, dataplane through
 # BPF_PROG_TEST_RUN, end-to-end in netns labs), cargo test -p xdpvs-common (the shared map
 # types built alone, without the `user` feature, as the XDP program sees them).
+# Root-only tests carry `#[ignore = "needs root"]`: a plain `cargo test` without root lists them as
+# ignored; this script asks for them with `--include-ignored` (and their guard panics without root).
 # Every step runs even if an earlier one failed; a summary follows; the exit status is non-zero
 # if any step failed. Full output of each step: target/test-logs/<step>.log.
 #
@@ -82,7 +84,7 @@ fi
 step fmt cargo fmt --all --check
 step fmt-ebpf cargo fmt --check --manifest-path ebpf/xdpvs-ebpf/Cargo.toml
 step clippy cargo clippy --workspace --all-targets -- -D warnings
-step test cargo test --workspace --all-targets --no-fail-fast -- --test-threads="$THREADS"
+step test cargo test --workspace --all-targets --no-fail-fast -- --include-ignored --test-threads="$THREADS"
 step test-common cargo test -p xdpvs-common
 
 echo

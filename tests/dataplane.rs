@@ -19,6 +19,7 @@ fn syn(sport: u16) -> Frame {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn vip_syn_is_sent_to_the_real_mac_and_nothing_else_changes() {
     if !common::require_root("vip_syn_is_sent_to_the_real_mac_and_nothing_else_changes") {
         return;
@@ -48,6 +49,7 @@ fn vip_syn_is_sent_to_the_real_mac_and_nothing_else_changes() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn vlan_tagged_vip_syn_is_forwarded() {
     if !common::require_root("vlan_tagged_vip_syn_is_forwarded") {
         return;
@@ -67,6 +69,7 @@ fn vlan_tagged_vip_syn_is_forwarded() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn traffic_not_for_a_service_is_passed_unchanged() {
     if !common::require_root("traffic_not_for_a_service_is_passed_unchanged") {
         return;
@@ -101,6 +104,7 @@ fn traffic_not_for_a_service_is_passed_unchanged() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn truncated_and_malformed_frames_are_never_forwarded() {
     if !common::require_root("truncated_and_malformed_frames_are_never_forwarded") {
         return;
@@ -147,6 +151,7 @@ fn truncated_and_malformed_frames_are_never_forwarded() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn every_packet_of_a_flow_goes_to_one_real_even_after_weights_change() {
     if !common::require_root("every_packet_of_a_flow_goes_to_one_real_even_after_weights_change") {
         return;
@@ -178,6 +183,7 @@ fn every_packet_of_a_flow_goes_to_one_real_even_after_weights_change() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn weight_zero_real_never_gets_a_new_flow() {
     if !common::require_root("weight_zero_real_never_gets_a_new_flow") {
         return;
@@ -204,6 +210,7 @@ fn weight_zero_real_never_gets_a_new_flow() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fallback_takes_new_flows_only_while_no_real_can() {
     if !common::require_root("fallback_takes_new_flows_only_while_no_real_can") {
         return;
@@ -232,6 +239,7 @@ fn fallback_takes_new_flows_only_while_no_real_can() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn wlc_spreads_new_flows_by_weight_and_counts_ipvs_style() {
     if !common::require_root("wlc_spreads_new_flows_by_weight_and_counts_ipvs_style") {
         return;
@@ -261,6 +269,7 @@ fn wlc_spreads_new_flows_by_weight_and_counts_ipvs_style() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
     if !common::require_root("counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero") {
         return;
@@ -313,6 +322,7 @@ fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn counts_stay_exact_under_concurrent_cpus() {
     if !common::require_root("counts_stay_exact_under_concurrent_cpus") {
         return;
@@ -388,6 +398,7 @@ fn counts_stay_exact_under_concurrent_cpus() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn removed_real_with_cut_drops_its_flows_and_releases_counts() {
     if !common::require_root("removed_real_with_cut_drops_its_flows_and_releases_counts") {
         return;
@@ -425,6 +436,7 @@ fn removed_real_with_cut_drops_its_flows_and_releases_counts() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fragments_to_a_service_are_dropped() {
     if !common::require_root("fragments_to_a_service_are_dropped") {
         return;
@@ -442,6 +454,7 @@ fn fragments_to_a_service_are_dropped() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_flows_are_tracked_and_stick_to_one_real() {
     if !common::require_root("udp_flows_are_tracked_and_stick_to_one_real") {
         return;
@@ -475,6 +488,7 @@ fn udp_flows_are_tracked_and_stick_to_one_real() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn real_behind_another_interface_is_reached_by_redirect() {
     if !common::require_root("real_behind_another_interface_is_reached_by_redirect") {
         return;
@@ -522,6 +536,7 @@ fn real_behind_another_interface_is_reached_by_redirect() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_full_connection_table_drops_new_syns_and_keeps_counts_exact() {
     if !common::require_root("a_full_connection_table_drops_new_syns_and_keeps_counts_exact") {
         return;
@@ -593,6 +608,7 @@ fn reference_parse(f: &[u8]) -> Option<([u8; 4], u16, u8)> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
     if !common::require_root("mutated_frames_never_crash_leak_or_reach_a_wrong_real") {
         return;
@@ -675,6 +691,7 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn rr_and_wrr_take_turns_by_weight() {
     if !common::require_root("rr_and_wrr_take_turns_by_weight") {
         return;

@@ -292,6 +292,7 @@ fn sum(m: &HashMap<String, f64>) -> f64 {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn metrics_count_traffic_pass_promtool_and_feed_prometheus() {
     if !common::require_root("metrics_count_traffic_pass_promtool_and_feed_prometheus") {
         return;
@@ -501,6 +502,7 @@ fn metrics_default_to_loopback() {
 
 /// If the metrics address is taken, the daemon logs an error and keeps directing traffic.
 #[test]
+#[ignore = "needs root"]
 fn metrics_bind_failure_is_logged_and_the_daemon_keeps_running() {
     if !common::require_root("metrics_bind_failure_is_logged_and_the_daemon_keeps_running") {
         return;
