@@ -292,6 +292,7 @@ pub fn record_health(ev: &HealthEvent) {
 }
 
 /// The health-check metric families recorded so far.
+#[cfg(test)]
 fn health_families() -> Vec<MetricFamily> {
     health_metrics()
         .map(|h| h.registry.gather())
