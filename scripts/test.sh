@@ -8,6 +8,8 @@
 # warnings are errors), cargo test --workspace --all-targets (unit, dataplane through
 # BPF_PROG_TEST_RUN, end-to-end in netns labs), cargo test -p xdpvs-common (the shared map
 # types built alone, without the `user` feature, as the XDP program sees them).
+# Root-only tests carry `#[ignore = "needs root"]`: a plain `cargo test` without root lists them as
+# ignored; this script asks for them with `--include-ignored` (and their guard panics without root).
 # Every step runs even if an earlier one failed; a summary follows; the exit status is non-zero
 # if any step failed. Full output of each step: target/test-logs/<step>.log.
 #

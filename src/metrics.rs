@@ -7,6 +7,9 @@
 //!   pure function [`render`];
 //! * health-check results, recorded as they happen ([`record_health`], called by the daemon for
 //!   every probe) into a long-lived registry (durations as a histogram, failures by reason).
+//!   Both stay bounded: the `reason` label is a [`FailureKind`] (a closed set; the free-text
+//!   detail goes to the log and `list`), and each scrape deletes the series of reals and services
+//!   the live config no longer has, so reloads that churn reals do not grow the registry.
 //!
 //! Dataplane counters restart at 0 when a real gets a new dataplane id (removed and re-added by
 //! a reload), so exported counters go through [`Monotonic`], which keeps per series the last
@@ -42,7 +45,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::CheckKind;
 use crate::daemon::Shared;
-use crate::health::HealthEvent;
+use crate::health::{FailureKind, HealthEvent};
 
 /// Health-check duration buckets (seconds): checks mostly take well under a second; exec
 /// checks and timeouts may take a few.
@@ -206,11 +209,54 @@ impl HealthMetrics {
         self.duration
             .with_label_values(&[&ev.service, &real, check_type(ev.kind)])
             .observe(ev.duration.as_secs_f64());
-        if let Some(reason) = &ev.reason {
+        if ev.reason.is_some() {
+            let cause = ev.cause.unwrap_or(FailureKind::Other);
             self.failures
-                .with_label_values(&[&ev.service, &real, reason])
+                .with_label_values(&[&ev.service, &real, cause.label()])
                 .inc();
         }
+    }
+
+    /// Deletes every series whose (service, real) is not in `live` (removed by a reload).
+    fn retain(&self, live: &HashSet<(&str, &str)>) {
+        for fam in self.registry.gather() {
+            for m in fam.get_metric() {
+                let labels: HashMap<&str, &str> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.get_name(), l.get_value()))
+                    .collect();
+                let (Some(service), Some(real)) = (labels.get("service"), labels.get("real"))
+                else {
+                    continue;
+                };
+                if live.contains(&(*service, *real)) {
+                    continue;
+                }
+                let name = fam.get_name();
+                let r = if name == "xdpvs_health_check_failures_total" {
+                    let reason = labels.get("reason").copied().unwrap_or_default();
+                    self.failures.remove_label_values(&[service, real, reason])
+                } else {
+                    let kind = labels.get("type").copied().unwrap_or_default();
+                    self.duration.remove_label_values(&[service, real, kind])
+                };
+                if let Err(e) = r {
+                    debug!(%name, error = %e, "cannot delete a health series");
+                }
+            }
+        }
+    }
+
+    /// The families, after deleting the series of reals `snap` no longer has.
+    fn families_live(&self, snap: &Snapshot) -> Vec<MetricFamily> {
+        let live: HashSet<(&str, &str)> = snap
+            .reals
+            .iter()
+            .map(|r| (r.service.as_str(), r.real.as_str()))
+            .collect();
+        self.retain(&live);
+        self.registry.gather()
     }
 }
 
@@ -246,6 +292,7 @@ pub fn record_health(ev: &HealthEvent) {
 }
 
 /// The health-check metric families recorded so far.
+#[cfg(test)]
 fn health_families() -> Vec<MetricFamily> {
     health_metrics()
         .map(|h| h.registry.gather())
@@ -389,7 +436,10 @@ pub fn render(
 fn scrape(shared: &Shared, mono: &Mutex<Monotonic>) -> Result<String> {
     let mut mono = mono.lock().unwrap_or_else(|p| p.into_inner());
     let snap = Snapshot::take(shared)?;
-    Ok(render(&snap, &mut mono, health_families())?)
+    let health = health_metrics()
+        .map(|h| h.families_live(&snap))
+        .unwrap_or_default();
+    Ok(render(&snap, &mut mono, health)?)
 }
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -622,12 +672,14 @@ mod tests {
             up: false,
             transition: None,
             reason: Some("connection refused".into()),
+            cause: Some(FailureKind::Refused),
             duration: Duration::from_millis(3),
             kind: CheckKind::Tcp,
         };
         record_health(&ev);
         record_health(&HealthEvent {
             reason: None,
+            cause: None,
             up: true,
             ..ev.clone()
         });
@@ -657,11 +709,117 @@ mod tests {
         assert_eq!(
             value(
                 &text,
-                "xdpvs_health_check_failures_total{real=\"10.9.9.9:80\",reason=\"connection refused\",service=\"mtest\"}"
+                "xdpvs_health_check_failures_total{real=\"10.9.9.9:80\",reason=\"refused\",service=\"mtest\"}"
             ),
             Some(1.0),
             "{text}"
         );
         assert!(text.contains("# TYPE xdpvs_health_check_duration_seconds histogram"));
+    }
+
+    fn event(service: &str, real: &str, reason: Option<(FailureKind, String)>) -> HealthEvent {
+        HealthEvent {
+            service: service.into(),
+            real: real.parse().expect("addr"),
+            up: reason.is_none(),
+            transition: None,
+            cause: reason.as_ref().map(|r| r.0),
+            reason: reason.map(|r| r.1),
+            duration: Duration::from_millis(1),
+            kind: CheckKind::Http,
+        }
+    }
+
+    /// Whatever text a real makes a checker report, the label is one of the closed set.
+    #[test]
+    fn failure_reasons_are_a_closed_label_set() {
+        let h = HealthMetrics::new().expect("registry");
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..500 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let text: String = (0..(seed % 40))
+                .map(|j| char::from(b' ' + ((seed >> (j % 57)) as u8 % 95)))
+                .collect();
+            let kind = FailureKind::ALL[i % FailureKind::ALL.len()];
+            // Detail only from a checker that did not classify it: still a closed label.
+            let cause = if (i / 15) % 3 == 0 { None } else { Some(kind) };
+            let mut ev = event("svc", "10.9.9.1:80", Some((kind, format!("status {text}"))));
+            ev.cause = cause;
+            h.record(&ev);
+        }
+        let allowed: HashSet<&str> = FailureKind::ALL.iter().map(|k| k.label()).collect();
+        let fams = h.registry.gather();
+        let failures = fams
+            .iter()
+            .find(|f| f.get_name() == "xdpvs_health_check_failures_total")
+            .expect("failures family");
+        let reasons: HashSet<&str> = failures
+            .get_metric()
+            .iter()
+            .flat_map(|m| m.get_label())
+            .filter(|l| l.get_name() == "reason")
+            .map(|l| l.get_value())
+            .collect();
+        assert!(reasons.is_subset(&allowed), "{reasons:?}");
+        assert_eq!(reasons.len(), allowed.len(), "{reasons:?}");
+        let total: u64 = failures
+            .get_metric()
+            .iter()
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum();
+        assert_eq!(total, 500);
+    }
+
+    /// A reload that removes a real (or a whole service) removes its health series.
+    #[test]
+    fn series_of_removed_reals_and_services_are_deleted() {
+        let h = HealthMetrics::new().expect("registry");
+        let fail = || Some((FailureKind::Timeout, "timeout after 1s".to_string()));
+        h.record(&event("web", "10.9.9.1:80", fail()));
+        h.record(&event("web", "10.9.9.2:80", fail()));
+        h.record(&event("web", "10.9.9.2:80", None));
+        h.record(&event("dns", "10.9.9.3:53", fail()));
+        let series = |fams: &[MetricFamily]| -> Vec<String> {
+            let mut v: Vec<String> = fams
+                .iter()
+                .flat_map(|f| f.get_metric().iter().map(move |m| (f.get_name(), m)))
+                .map(|(name, m)| {
+                    let l: Vec<String> = m
+                        .get_label()
+                        .iter()
+                        .filter(|l| l.get_name() != "type" && l.get_name() != "reason")
+                        .map(|l| l.get_value().to_string())
+                        .collect();
+                    format!("{name}{{{}}}", l.join(","))
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        assert_eq!(series(&h.registry.gather()).len(), 6);
+        // The live config: "web" keeps 10.9.9.1 only; "dns" is gone.
+        let mut snap = snapshot([0, 0]);
+        snap.reals.truncate(1);
+        snap.reals[0].service = "web".into();
+        snap.reals[0].real = "10.9.9.1:80".into();
+        let left = series(&h.families_live(&snap));
+        assert_eq!(
+            left,
+            vec![
+                "xdpvs_health_check_duration_seconds{10.9.9.1:80,web}".to_string(),
+                "xdpvs_health_check_failures_total{10.9.9.1:80,web}".to_string(),
+            ]
+        );
+        // Re-added later, a real starts new series.
+        h.record(&event("dns", "10.9.9.3:53", None));
+        snap.reals.push(RealSnapshot {
+            service: "dns".into(),
+            real: "10.9.9.3:53".into(),
+            ..Default::default()
+        });
+        assert_eq!(series(&h.families_live(&snap)).len(), 3);
     }
 }

@@ -24,6 +24,7 @@ fn conns(d: &common::Daemon) -> Vec<(u64, u64)> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn new_connections_are_spread_by_weight() {
     if !common::require_root("new_connections_are_spread_by_weight") {
         return;
@@ -57,6 +58,7 @@ fn new_connections_are_spread_by_weight() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn idle_keepalive_connections_are_counted_active_then_released() {
     if !common::require_root("idle_keepalive_connections_are_counted_active_then_released") {
         return;
@@ -97,6 +99,7 @@ fn idle_keepalive_connections_are_counted_active_then_released() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn stopping_the_daemon_detaches_the_program() {
     if !common::require_root("stopping_the_daemon_detaches_the_program") {
         return;
@@ -123,6 +126,7 @@ fn stopping_the_daemon_detaches_the_program() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn weight_zero_keeps_open_connections_and_takes_no_new_ones() {
     if !common::require_root("weight_zero_keeps_open_connections_and_takes_no_new_ones") {
         return;

@@ -145,6 +145,7 @@ fn count(reals: &[usize]) -> HashMap<usize, usize> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dead_real_leaves_rotation_in_bounded_time_and_comes_back() {
     if !common::require_root("dead_real_leaves_rotation_in_bounded_time_and_comes_back") {
         return;
@@ -523,6 +524,7 @@ fn failing_check_with_open_connection(prefix: &str, on_failure: &str) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn quiesce_keeps_open_connections_to_a_failed_real() {
     if !common::require_root("quiesce_keeps_open_connections_to_a_failed_real") {
         return;
@@ -531,6 +533,7 @@ fn quiesce_keeps_open_connections_to_a_failed_real() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn remove_cuts_open_connections_to_a_failed_real() {
     if !common::require_root("remove_cuts_open_connections_to_a_failed_real") {
         return;
@@ -608,6 +611,7 @@ fn fallback_while_no_real_is_up(prefix: &str, on_failure: &str, via_nginx: bool)
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fallback_takes_new_connections_while_no_real_is_up() {
     if !common::require_root("fallback_takes_new_connections_while_no_real_is_up") {
         return;
@@ -616,6 +620,7 @@ fn fallback_takes_new_connections_while_no_real_is_up() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fallback_with_removed_reals() {
     if !common::require_root("fallback_with_removed_reals") {
         return;
@@ -626,6 +631,7 @@ fn fallback_with_removed_reals() {
 /// A reload the dataplane rejects (more services than it holds) changes nothing: every real of
 /// the running configuration keeps its health check, and runtime overrides stay.
 #[test]
+#[ignore = "needs root"]
 fn reload_rejected_by_the_dataplane_keeps_health_checks() {
     if !common::require_root("reload_rejected_by_the_dataplane_keeps_health_checks") {
         return;
@@ -688,6 +694,7 @@ fn reload_rejected_by_the_dataplane_keeps_health_checks() {
 /// A reload keeps the health of unchanged reals (a down real stays down, no flap) and a real it
 /// adds starts down, taking traffic only after `rise` passed checks.
 #[test]
+#[ignore = "needs root"]
 fn reload_keeps_health_and_added_reals_start_down() {
     if !common::require_root("reload_keeps_health_and_added_reals_start_down") {
         return;
@@ -734,6 +741,7 @@ fn reload_keeps_health_and_added_reals_start_down() {
 /// The literal case: the check port closes while the service itself stays up.
 /// Listeners on :8080 in each real's namespace stand for a separate health endpoint.
 #[test]
+#[ignore = "needs root"]
 fn quiesce_with_check_port_closed_keeps_the_service_connection() {
     if !common::require_root("quiesce_with_check_port_closed_keeps_the_service_connection") {
         return;

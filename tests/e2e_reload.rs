@@ -96,6 +96,7 @@ impl Wrk {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn twenty_reloads_under_load_drop_nothing() {
     if !common::require_root("twenty_reloads_under_load_drop_nothing") {
         return;
@@ -161,6 +162,7 @@ fn twenty_reloads_under_load_drop_nothing() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn broken_reload_is_rejected_and_traffic_flows_as_before() {
     if !common::require_root("broken_reload_is_rejected_and_traffic_flows_as_before") {
         return;
@@ -214,6 +216,7 @@ fn broken_reload_is_rejected_and_traffic_flows_as_before() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn drain_and_enable_at_runtime() {
     if !common::require_root("drain_and_enable_at_runtime") {
         return;
@@ -261,6 +264,7 @@ fn drain_and_enable_at_runtime() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn admin_socket_is_root_only() {
     if !common::require_root("admin_socket_is_root_only") {
         return;
@@ -288,6 +292,7 @@ fn admin_socket_is_root_only() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn editing_the_config_file_reloads_it() {
     if !common::require_root("editing_the_config_file_reloads_it") {
         return;

@@ -22,6 +22,7 @@ fn mac_of(lab: &Lab, ns: &str, dev: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn lab_smoke() {
     if !require_root("lab_smoke") {
         return;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::UdpSocket;
 
-use super::{fmt_duration, CheckConfig, Failure};
+use super::{fmt_duration, CheckConfig, Failure, FailureKind};
 
 /// The port DNS checks use unless the check sets `port` (not the real's port: a DNS real is
 /// usually configured with port 53 anyway, and a check port is explicit).
@@ -25,10 +25,10 @@ pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
     let addr = SocketAddr::new(real.ip(), cfg.port.unwrap_or(DNS_PORT));
     match tokio::time::timeout(cfg.timeout, exchange(cfg, addr)).await {
         Ok(r) => r,
-        Err(_) => Err(Failure::new(format!(
-            "no answer (timeout after {})",
-            fmt_duration(cfg.timeout)
-        ))),
+        Err(_) => Err(Failure::new(
+            FailureKind::Timeout,
+            format!("no answer (timeout after {})", fmt_duration(cfg.timeout)),
+        )),
     }
 }
 
@@ -49,9 +49,17 @@ async fn exchange(cfg: &CheckConfig, addr: SocketAddr) -> Result<(), Failure> {
         let n = sock.recv(&mut buf).await.map_err(|e| Failure::io(&e))?;
         match parse_reply(id, buf.get(..n).unwrap_or(&[])) {
             Reply::Rcode(0) | Reply::Rcode(3) => return Ok(()),
-            Reply::Rcode(r) => return Err(Failure::new(format!("rcode {r} ({})", rcode_name(r)))),
+            Reply::Rcode(r) => {
+                return Err(Failure::new(
+                    FailureKind::DnsRcode,
+                    format!("rcode {r} ({})", rcode_name(r)),
+                ))
+            }
             Reply::Malformed => {
-                return Err(Failure::new(format!("malformed reply ({n} bytes)")));
+                return Err(Failure::new(
+                    FailureKind::DnsMalformed,
+                    format!("malformed reply ({n} bytes)"),
+                ));
             }
             // A late reply to someone else's query, or our own query reflected: keep waiting.
             Reply::NotOurs => continue,
@@ -86,7 +94,12 @@ pub fn parse_reply(id: u16, buf: &[u8]) -> Reply {
 
 /// A standard query for `name` (A, IN, RD). `"."` or `""` asks about the root.
 pub fn build_query(id: u16, name: &str) -> Result<Vec<u8>, Failure> {
-    let bad = |why: &str| Failure::new(format!("dns: bad query name {name:?}: {why}"));
+    let bad = |why: &str| {
+        Failure::new(
+            FailureKind::Config,
+            format!("dns: bad query name {name:?}: {why}"),
+        )
+    };
     let mut q = Vec::with_capacity(18 + name.len());
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00]); // QR=0, opcode QUERY, RD=1

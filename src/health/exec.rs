@@ -1,8 +1,8 @@
 //! External command check (keepalived's `MISC_CHECK`, ldirectord's `external`): exit 0 = up.
 //!
 //! For everything the built-in checkers cannot express. The command runs as `/bin/sh -c command`
-//! with the real in its environment (`XDPVS_REAL_IP`, `XDPVS_REAL_PORT` = the check port,
-//! `XDPVS_CHECK_TIMEOUT_MS`), no stdin and no output. It runs in its own process group, and on
+//! with a clean environment: only `PATH` ([`EXEC_PATH`]) and the real (`XDPVS_REAL_IP`,
+//! `XDPVS_REAL_PORT` = the check port, `XDPVS_CHECK_TIMEOUT_MS`); no stdin and no output. It runs in its own process group, and on
 //! timeout (or if the probe is abandoned) the whole group is killed, so a hanging script and the
 //! children it started do not pile up every interval.
 
@@ -13,16 +13,25 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::{check_port, fmt_duration, CheckConfig, Failure};
+use super::{check_port, fmt_duration, CheckConfig, Failure, FailureKind};
+
+/// The only inherited-looking variable a check command gets besides its own `XDPVS_*`.
+pub const EXEC_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Runs the check command, bounded by `cfg.timeout` (this checker applies its own timeout).
 pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
     let Some(command) = cfg.command.as_deref().filter(|c| !c.trim().is_empty()) else {
-        return Err(Failure::new("exec: no command configured"));
+        return Err(Failure::new(
+            FailureKind::Config,
+            "exec: no command configured",
+        ));
     };
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(command)
+        // Nothing of the daemon's environment (credentials, proxies, LD_*) leaks into checks.
+        .env_clear()
+        .env("PATH", EXEC_PATH)
         .env("XDPVS_REAL_IP", real.ip().to_string())
         .env("XDPVS_REAL_PORT", check_port(cfg, real).to_string())
         .env(
@@ -35,7 +44,7 @@ pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| Failure::new(format!("exec: cannot run /bin/sh: {e}")))?;
+        .map_err(|e| Failure::new(FailureKind::Other, format!("exec: cannot run /bin/sh: {e}")))?;
     // Declared after `child`, so dropped before it: the group dies before tokio reaps the leader.
     let mut group = GroupKiller(child.id().and_then(|p| i32::try_from(p).ok()));
 
@@ -44,17 +53,17 @@ pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
             group.disarm();
             judge(status)
         }
-        Ok(Err(e)) => Err(Failure::new(format!("exec: wait: {e}"))),
+        Ok(Err(e)) => Err(Failure::new(FailureKind::Other, format!("exec: wait: {e}"))),
         Err(_) => {
             group.kill();
             // SIGKILL cannot be ignored: reaping is prompt. Bounded anyway.
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
                 group.disarm();
             }
-            Err(Failure::new(format!(
-                "killed after timeout {}",
-                fmt_duration(cfg.timeout)
-            )))
+            Err(Failure::new(
+                FailureKind::Timeout,
+                format!("killed after timeout {}", fmt_duration(cfg.timeout)),
+            ))
         }
     }
 }
@@ -64,9 +73,15 @@ fn judge(status: ExitStatus) -> Result<(), Failure> {
         return Ok(());
     }
     match (status.code(), status.signal()) {
-        (Some(code), _) => Err(Failure::new(format!("exit status {code}"))),
-        (None, Some(sig)) => Err(Failure::new(format!("killed by signal {sig}"))),
-        (None, None) => Err(Failure::new(format!("exec: {status}"))),
+        (Some(code), _) => Err(Failure::new(
+            FailureKind::ExecStatus,
+            format!("exit status {code}"),
+        )),
+        (None, Some(sig)) => Err(Failure::new(
+            FailureKind::ExecKilled,
+            format!("killed by signal {sig}"),
+        )),
+        (None, None) => Err(Failure::new(FailureKind::Other, format!("exec: {status}"))),
     }
 }
 
@@ -171,6 +186,38 @@ mod tests {
             probe(&c, real()).await.unwrap_err().as_str(),
             "exit status 1"
         );
+    }
+
+    /// Nothing of the daemon's environment reaches the command, and stdin is at EOF at once.
+    #[tokio::test]
+    async fn clean_environment_and_no_stdin() {
+        let f = tmp("env");
+        let c = exec(&format!(
+            "if read -r line; then exit 9; fi; env > {}",
+            f.display()
+        ));
+        assert_eq!(probe(&c, real()).await, Ok(()));
+        let env = std::fs::read_to_string(&f).unwrap();
+        let _ = std::fs::remove_file(&f);
+        let names: Vec<&str> = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|p| p.0)
+            .collect();
+        // Set by the shell itself.
+        let shell = ["PWD", "SHLVL", "_", "OLDPWD"];
+        for n in &names {
+            assert!(
+                n.starts_with("XDPVS_") || *n == "PATH" || shell.contains(n),
+                "leaked variable {n}: {env}"
+            );
+        }
+        assert!(
+            env.lines().any(|l| l == format!("PATH={EXEC_PATH}")),
+            "{env}"
+        );
+        // The test process has variables of its own (cargo sets many): none came through.
+        assert!(std::env::vars().count() > names.len(), "{env}");
     }
 
     #[tokio::test]

@@ -22,10 +22,19 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::{check_addr, CheckConfig, Failure};
+use super::{check_addr, CheckConfig, Failure, FailureKind};
 
 /// The User-Agent of every check request.
 pub const USER_AGENT_VALUE: &str = "xdpvs-check";
+
+/// Response head limits, set explicitly rather than trusting hyper's defaults to stay small: a
+/// real sending endless headers fails the check ("message head is too large") after this much,
+/// long before its timeout, and holds no more than this of the director's memory.
+pub const MAX_HEADERS: usize = 64;
+/// Bytes of status line and headers.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// hyper's read buffer (its minimum is 8 KiB); bounds what one read of the body holds.
+pub const MAX_READ_BUF: usize = 64 * 1024;
 
 /// Probes `real` over HTTP, or HTTPS when `tls`. Unbounded in time: [`super::probe`] applies the
 /// timeout.
@@ -74,8 +83,12 @@ where
         .header(CONNECTION, "close")
         .header(USER_AGENT, USER_AGENT_VALUE)
         .body(Empty::<Bytes>::new())
-        .map_err(|e| Failure::new(format!("http: bad request: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .map_err(|e| Failure::new(FailureKind::Config, format!("http: bad request: {e}")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_READ_BUF)
+        .handshake(io)
         .await
         .map_err(|e| http_failure(&e))?;
     let mut conn = std::pin::pin!(conn);
@@ -106,7 +119,10 @@ async fn judge(resp: Response<Incoming>, cfg: &CheckConfig) -> Result<(), Failur
         cfg.expect_status.contains(&status)
     };
     if !status_ok {
-        return Err(Failure::new(format!("status {status}")));
+        return Err(Failure::new(
+            FailureKind::HttpStatus,
+            format!("status {status}"),
+        ));
     }
     let Some(re) = &cfg.expect_body else {
         return Ok(());
@@ -117,7 +133,8 @@ async fn judge(resp: Response<Incoming>, cfg: &CheckConfig) -> Result<(), Failur
         match body.frame().await {
             None => break,
             Some(Err(e)) => {
-                return Err(Failure::new(format!("reading body: {}", http_failure(&e))))
+                let f = http_failure(&e);
+                return Err(Failure::new(f.kind(), format!("reading body: {f}")));
             }
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
@@ -131,7 +148,10 @@ async fn judge(resp: Response<Incoming>, cfg: &CheckConfig) -> Result<(), Failur
     if re.is_match(&String::from_utf8_lossy(&buf)) {
         Ok(())
     } else {
-        Err(Failure::new("body did not match"))
+        Err(Failure::new(
+            FailureKind::BodyMismatch,
+            "body did not match",
+        ))
     }
 }
 
@@ -151,22 +171,25 @@ fn http_failure(e: &hyper::Error) -> Failure {
         source = s.source();
     }
     if e.is_incomplete_message() {
-        return Failure::new("http: connection closed before a complete response");
+        return Failure::new(
+            FailureKind::Closed,
+            "http: connection closed before a complete response",
+        );
     }
-    Failure::new(format!("http: {e}"))
+    Failure::new(FailureKind::HttpProtocol, format!("http: {e}"))
 }
 
 /// "tls: invalid peer certificate: UnknownIssuer" and the like.
 fn tls_failure(e: &std::io::Error) -> Failure {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(t) => Failure::new(format!("tls: {t}")),
+        Some(t) => Failure::new(FailureKind::Tls, format!("tls: {t}")),
         None => match e.kind() {
             std::io::ErrorKind::UnexpectedEof => {
-                Failure::new("tls: connection closed during handshake")
+                Failure::new(FailureKind::Tls, "tls: connection closed during handshake")
             }
             _ => {
                 let f = Failure::io(e);
-                Failure::new(format!("tls: {f}"))
+                Failure::new(FailureKind::Tls, format!("tls: {f}"))
             }
         },
     }
@@ -179,8 +202,12 @@ fn server_name(cfg: &CheckConfig, addr: SocketAddr) -> Result<ServerName<'static
         return Ok(ServerName::IpAddress(addr.ip().into()));
     };
     let bare = strip_port(name);
-    ServerName::try_from(bare.to_string())
-        .map_err(|_| Failure::new(format!("tls: invalid server name {name:?}")))
+    ServerName::try_from(bare.to_string()).map_err(|_| {
+        Failure::new(
+            FailureKind::Config,
+            format!("tls: invalid server name {name:?}"),
+        )
+    })
 }
 
 /// "example.com:8443" -> "example.com", "[::1]:443" -> "::1"; anything else unchanged.
@@ -219,7 +246,7 @@ fn tls_config(verify: bool) -> Result<Arc<ClientConfig>, Failure> {
             .map_err(|e| e.to_string())
     })
     .clone()
-    .map_err(|e| Failure::new(format!("tls: config: {e}")))
+    .map_err(|e| Failure::new(FailureKind::Config, format!("tls: config: {e}")))
 }
 
 fn build_tls_config(verify: bool) -> Result<ClientConfig, rustls::Error> {
@@ -307,6 +334,15 @@ mod tests {
         Reply(u16, &'static str),
         /// 200 with a body that never ends.
         Endless,
+        /// A valid response, one byte a second.
+        Trickle,
+        /// A status line, then headers that never end.
+        EndlessHeaders,
+        /// A status line, then more (tiny) headers than allowed.
+        ManyHeaders,
+        /// A complete response whose head is just over [`MAX_HEAD_BYTES`] (hyper's default
+        /// limits would accept it).
+        BigHead,
     }
 
     /// Reads the request head, reports it, then behaves.
@@ -343,7 +379,64 @@ mod tests {
                 let chunk = format!("{:x}\r\n{}\r\n", 4096, "a".repeat(4096));
                 while s.write_all(chunk.as_bytes()).await.is_ok() {}
             }
+            Behavior::Trickle => {
+                for b in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" {
+                    if s.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Behavior::EndlessHeaders => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
+                let line = format!("X-Filler: {}\r\n", "f".repeat(1000));
+                while s.write_all(line.as_bytes()).await.is_ok() {}
+            }
+            Behavior::BigHead => {
+                let mut resp = b"HTTP/1.1 200 OK\r\n".to_vec();
+                while resp.len() <= MAX_HEAD_BYTES {
+                    resp.extend_from_slice(
+                        format!("X-Filler: {}\r\n", "f".repeat(1000)).as_bytes(),
+                    );
+                }
+                resp.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+                let _ = s.write_all(&resp).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Behavior::ManyHeaders => {
+                let mut resp = b"HTTP/1.1 200 OK\r\n".to_vec();
+                for i in 0..(MAX_HEADERS + 1) {
+                    resp.extend_from_slice(format!("x{i}: 1\r\n").as_bytes());
+                }
+                resp.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+                let _ = s.write_all(&resp).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
         }
+    }
+
+    /// A raw TCP server: on each connection `serve` runs with the stream (no request read).
+    async fn raw_server<F, Fut>(serve: F) -> SocketAddr
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve(s));
+            }
+        });
+        addr
+    }
+
+    /// A probe that must fail, well within its timeout (`limit`), with `kind`.
+    async fn fails_within(c: &CheckConfig, addr: SocketAddr, limit: Duration) -> Failure {
+        let t = Instant::now();
+        let r = probe(c, addr).await.unwrap_err();
+        assert!(t.elapsed() < limit, "{r} after {:?}", t.elapsed());
+        r
     }
 
     /// A plain HTTP server; returns its address and the request heads it saw.
@@ -535,6 +628,125 @@ mod tests {
         c.tls_verify = false;
         let r = probe(&c, addr).await.unwrap_err();
         assert!(r.as_str().starts_with("tls: "), "{r}");
+    }
+
+    #[tokio::test]
+    async fn accept_and_never_read_times_out() {
+        let addr = raw_server(|s| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        })
+        .await;
+        for kind in [CheckKind::Http, CheckKind::Https] {
+            let mut c = cfg(kind);
+            c.tls_verify = false;
+            c.timeout = Duration::from_millis(300);
+            let r = fails_within(&c, addr, Duration::from_secs(1)).await;
+            assert_eq!(r.kind(), FailureKind::Timeout, "{r}");
+        }
+    }
+
+    #[tokio::test]
+    async fn trickling_server_times_out() {
+        let (addr, _h) = server(Behavior::Trickle).await;
+        let mut c = http();
+        c.timeout = Duration::from_millis(1500);
+        let r = fails_within(&c, addr, Duration::from_millis(2500)).await;
+        assert_eq!(r.as_str(), "timeout after 1.5s");
+    }
+
+    #[tokio::test]
+    async fn endless_headers_fail_fast_at_the_head_limit() {
+        let (addr, _h) = server(Behavior::EndlessHeaders).await;
+        let mut c = http();
+        c.timeout = Duration::from_secs(5);
+        // Fails on the limit, not at the timeout.
+        let r = fails_within(&c, addr, Duration::from_secs(2)).await;
+        assert_eq!(r.kind(), FailureKind::HttpProtocol, "{r}");
+        assert!(r.as_str().contains("too large"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_explicit_limit_is_refused() {
+        let (addr, _h) = server(Behavior::BigHead).await;
+        let r = fails_within(&http(), addr, Duration::from_secs(1)).await;
+        assert_eq!(r.kind(), FailureKind::HttpProtocol, "{r}");
+    }
+
+    #[tokio::test]
+    async fn too_many_headers_fail_fast() {
+        let (addr, _h) = server(Behavior::ManyHeaders).await;
+        let mut c = http();
+        c.timeout = Duration::from_secs(5);
+        let r = fails_within(&c, addr, Duration::from_secs(2)).await;
+        assert_eq!(r.kind(), FailureKind::HttpProtocol, "{r}");
+    }
+
+    #[tokio::test]
+    async fn garbage_instead_of_tls_fails_fast() {
+        // Endless bytes that are no TLS record.
+        let endless = raw_server(|mut s| async move {
+            let junk = vec![0x5au8; 4096];
+            while s.write_all(&junk).await.is_ok() {}
+        })
+        .await;
+        // A plausible record header (handshake, TLS 1.2) announcing a huge, garbage body.
+        let bogus = raw_server(|mut s| async move {
+            let mut rec = vec![0x16, 0x03, 0x03, 0x40, 0x00];
+            rec.extend(std::iter::repeat_n(0xffu8, 0x4000));
+            let _ = s.write_all(&rec).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        for addr in [endless, bogus] {
+            let mut c = cfg(CheckKind::Https);
+            c.tls_verify = false;
+            c.timeout = Duration::from_secs(5);
+            let r = fails_within(&c, addr, Duration::from_secs(2)).await;
+            assert_eq!(r.kind(), FailureKind::Tls, "{r}");
+            assert!(r.as_str().starts_with("tls: "), "{r}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_then_endless_headers_fail_fast() {
+        let addr = tls_server(Behavior::EndlessHeaders).await;
+        let mut c = cfg(CheckKind::Https);
+        c.tls_verify = false;
+        c.timeout = Duration::from_secs(5);
+        let r = fails_within(&c, addr, Duration::from_secs(3)).await;
+        assert_eq!(r.kind(), FailureKind::HttpProtocol, "{r}");
+    }
+
+    #[tokio::test]
+    async fn tls_server_that_stalls_after_the_handshake_times_out() {
+        let addr = tls_server(Behavior::Hang).await;
+        let mut c = cfg(CheckKind::Https);
+        c.tls_verify = false;
+        c.timeout = Duration::from_millis(400);
+        let r = fails_within(&c, addr, Duration::from_secs(1)).await;
+        assert_eq!(r.kind(), FailureKind::Timeout, "{r}");
+    }
+
+    #[tokio::test]
+    async fn failure_kinds_of_plain_answers() {
+        let (addr, _h) = server(Behavior::Reply(503, "busy")).await;
+        let r = probe(&http(), addr).await.unwrap_err();
+        assert_eq!(r.kind(), FailureKind::HttpStatus);
+        let (addr, _h) = server(Behavior::Reply(200, "nope")).await;
+        let mut c = http();
+        c.expect_body = Some(regex::Regex::new("^OK$").unwrap());
+        assert_eq!(
+            probe(&c, addr).await.unwrap_err().kind(),
+            FailureKind::BodyMismatch
+        );
+        let garbage = raw_server(|mut s| async move {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let r = fails_within(&http(), garbage, Duration::from_secs(1)).await;
+        assert_eq!(r.kind(), FailureKind::HttpProtocol, "{r}");
     }
 
     #[test]

@@ -113,7 +113,7 @@ mod tests {
         Ok(())
     }
     fn bad(r: &str) -> Result<(), Failure> {
-        Err(Failure::new(r))
+        Err(Failure::new(crate::health::FailureKind::Other, r))
     }
 
     #[test]

@@ -32,52 +32,147 @@ pub use crate::config::{CheckConfig, CheckKind, Initially};
 pub use machine::{HealthState, Transition};
 pub use scheduler::{HealthChecker, HealthEvent, Target};
 
-/// Why a probe failed: a short, human-readable reason ("connection refused", "status 503",
-/// "timeout after 500ms"), shown in logs, `list` output and events.
+/// Why a probe failed, as a closed set: the `reason` label of
+/// `xdpvs_health_check_failures_total`. A label set that a real server can grow (by sending a new
+/// status line, an odd TLS alert, an errno text) would grow the metrics registry without bound,
+/// so the free text stays in [`Failure`]'s detail (logs, `xdpvs list`) and only this goes to
+/// Prometheus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The check's timeout elapsed (connect, handshake, response or command).
+    Timeout,
+    /// The connection was refused (RST to the SYN, or ICMP port unreachable for DNS).
+    Refused,
+    /// The connection was reset or aborted after it was established.
+    Reset,
+    /// The peer closed the connection before a complete answer.
+    Closed,
+    /// Host or network unreachable, or no local address.
+    Unreachable,
+    /// The TLS handshake failed (bad certificate, alert, garbage instead of TLS).
+    Tls,
+    /// An HTTP status outside `expect_status`.
+    HttpStatus,
+    /// The body did not match `expect_body`.
+    BodyMismatch,
+    /// The real spoke something that is not valid HTTP (or too much of it: header limits).
+    HttpProtocol,
+    /// The exec command exited non-zero.
+    ExecStatus,
+    /// The exec command died of a signal, or was killed at its timeout.
+    ExecKilled,
+    /// A DNS reply with an error RCODE.
+    DnsRcode,
+    /// A DNS reply too short to be DNS.
+    DnsMalformed,
+    /// The check cannot run as configured (no command, bad query name, `type = "off"`, ...).
+    Config,
+    /// Any other local or socket error.
+    Other,
+}
+
+impl FailureKind {
+    /// Every kind, for tests and documentation.
+    pub const ALL: [FailureKind; 15] = [
+        FailureKind::Timeout,
+        FailureKind::Refused,
+        FailureKind::Reset,
+        FailureKind::Closed,
+        FailureKind::Unreachable,
+        FailureKind::Tls,
+        FailureKind::HttpStatus,
+        FailureKind::BodyMismatch,
+        FailureKind::HttpProtocol,
+        FailureKind::ExecStatus,
+        FailureKind::ExecKilled,
+        FailureKind::DnsRcode,
+        FailureKind::DnsMalformed,
+        FailureKind::Config,
+        FailureKind::Other,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Timeout => "timeout",
+            FailureKind::Refused => "refused",
+            FailureKind::Reset => "reset",
+            FailureKind::Closed => "closed",
+            FailureKind::Unreachable => "unreachable",
+            FailureKind::Tls => "tls",
+            FailureKind::HttpStatus => "http_status",
+            FailureKind::BodyMismatch => "body_mismatch",
+            FailureKind::HttpProtocol => "http_protocol",
+            FailureKind::ExecStatus => "exec_status",
+            FailureKind::ExecKilled => "exec_killed",
+            FailureKind::DnsRcode => "dns_rcode",
+            FailureKind::DnsMalformed => "dns_malformed",
+            FailureKind::Config => "config",
+            FailureKind::Other => "other",
+        }
+    }
+}
+
+/// Why a probe failed: its [`FailureKind`] and a short, human-readable detail ("connection
+/// refused", "status 503", "timeout after 500ms"), shown in logs, `list` output and events.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure(String);
+pub struct Failure {
+    kind: FailureKind,
+    detail: String,
+}
 
 impl Failure {
-    pub fn new(reason: impl Into<String>) -> Self {
-        Failure(reason.into())
+    pub fn new(kind: FailureKind, detail: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            detail: detail.into(),
+        }
     }
 
     /// "timeout after 500ms".
     pub fn timeout(after: Duration) -> Self {
-        Failure(format!("timeout after {}", fmt_duration(after)))
+        Failure::new(
+            FailureKind::Timeout,
+            format!("timeout after {}", fmt_duration(after)),
+        )
     }
 
     /// A short reason for a socket error ("connection refused", "host unreachable", ...).
     pub fn io(e: &std::io::Error) -> Self {
         use std::io::ErrorKind as K;
-        let short = match e.kind() {
-            K::ConnectionRefused => "connection refused",
-            K::ConnectionReset => "connection reset",
-            K::ConnectionAborted => "connection aborted",
-            K::TimedOut => "timed out",
-            K::AddrNotAvailable => "address not available",
-            K::UnexpectedEof => "connection closed",
+        use FailureKind as F;
+        let (kind, short) = match e.kind() {
+            K::ConnectionRefused => (F::Refused, "connection refused"),
+            K::ConnectionReset => (F::Reset, "connection reset"),
+            K::ConnectionAborted => (F::Reset, "connection aborted"),
+            K::TimedOut => (F::Timeout, "timed out"),
+            K::AddrNotAvailable => (F::Unreachable, "address not available"),
+            K::UnexpectedEof => (F::Closed, "connection closed"),
             _ => match e.raw_os_error() {
-                Some(libc::EHOSTUNREACH) => "host unreachable",
-                Some(libc::ENETUNREACH) => "network unreachable",
-                _ => return Failure(e.to_string()),
+                Some(libc::EHOSTUNREACH) => (F::Unreachable, "host unreachable"),
+                Some(libc::ENETUNREACH) => (F::Unreachable, "network unreachable"),
+                _ => return Failure::new(F::Other, e.to_string()),
             },
         };
-        Failure(short.to_string())
+        Failure::new(kind, short)
+    }
+
+    pub fn kind(&self) -> FailureKind {
+        self.kind
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.detail
     }
 
     pub fn into_string(self) -> String {
-        self.0
+        self.detail
     }
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.detail)
     }
 }
 
@@ -103,7 +198,7 @@ pub async fn probe(cfg: &CheckConfig, real: SocketAddr) -> Result<(), Failure> {
     // holds this future for its whole life; boxing allocates that state only while probing.
     match cfg.kind {
         CheckKind::None => Ok(()),
-        CheckKind::Off => Err(Failure::new("check type off")),
+        CheckKind::Off => Err(Failure::new(FailureKind::Config, "check type off")),
         CheckKind::Exec => Box::pin(exec::probe(cfg, real)).await,
         CheckKind::Tcp => Box::pin(bounded(cfg.timeout, tcp::probe(cfg, real))).await,
         CheckKind::Http => Box::pin(bounded(cfg.timeout, http::probe(cfg, real, false))).await,
@@ -176,6 +271,12 @@ mod tests {
         assert_eq!(Failure::io(&e).as_str(), "connection refused");
         let e = std::io::Error::from_raw_os_error(libc::EHOSTUNREACH);
         assert_eq!(Failure::io(&e).as_str(), "host unreachable");
+        assert_eq!(Failure::io(&e).kind(), FailureKind::Unreachable);
+        // An error nobody classified keeps its text as detail and is "other" for metrics.
+        let e = std::io::Error::other("frobnicator jammed 0x7f3a");
+        let f = Failure::io(&e);
+        assert_eq!(f.as_str(), "frobnicator jammed 0x7f3a");
+        assert_eq!(f.kind().label(), "other");
     }
 
     #[tokio::test]
@@ -184,8 +285,21 @@ mod tests {
         assert_eq!(probe(&testutil::cfg(CheckKind::None), real).await, Ok(()));
         assert_eq!(
             probe(&testutil::cfg(CheckKind::Off), real).await,
-            Err(Failure::new("check type off"))
+            Err(Failure::new(FailureKind::Config, "check type off"))
         );
+    }
+
+    #[test]
+    fn failure_labels_are_a_closed_set_of_metric_names() {
+        let labels: std::collections::HashSet<_> =
+            FailureKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), FailureKind::ALL.len(), "labels are distinct");
+        for l in labels {
+            assert!(
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{l}"
+            );
+        }
     }
 
     #[test]

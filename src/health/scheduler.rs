@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::debug;
 
-use super::{probe, CheckConfig, CheckKind, HealthState, Initially, Transition};
+use super::{probe, CheckConfig, CheckKind, FailureKind, HealthState, Initially, Transition};
 
 /// Shortest interval a task runs at (a zero interval would spin).
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -39,8 +39,10 @@ pub struct HealthEvent {
     pub up: bool,
     /// Set when this result flipped the state.
     pub transition: Option<Transition>,
-    /// The failure reason if this probe failed.
+    /// The failure reason if this probe failed (free text: logs and `list`).
     pub reason: Option<String>,
+    /// Its kind, if this probe failed (a closed set: the metrics label).
+    pub cause: Option<FailureKind>,
     /// How long the probe took.
     pub duration: Duration,
     pub kind: CheckKind,
@@ -284,6 +286,7 @@ async fn run(
         let result = probe(&t.check, t.real).await;
         let duration = started.elapsed();
         let reason = result.as_ref().err().map(|f| f.to_string());
+        let cause = result.as_ref().err().map(|f| f.kind());
         let (up, transition) = {
             let mut s = lock(&state);
             let tr = s.observe(result, t.check.rise, t.check.fall);
@@ -312,6 +315,7 @@ async fn run(
             up,
             transition,
             reason,
+            cause,
             duration,
             kind: t.check.kind,
         };

@@ -50,14 +50,15 @@ pub fn real_of(body: &str) -> Option<usize> {
     body.trim_end().strip_prefix('r')?.parse().ok()
 }
 
-/// True when running as root; otherwise prints a loud SKIPPED line and returns false.
+/// Guard at the top of every root-only test (those carry `#[ignore = "needs root"]`, so a plain
+/// `cargo test` lists them as ignored). Asking for them with `--include-ignored` without root is
+/// a failure, not a silent pass: this panics. Always true when it returns.
 /// `if !common::require_root("my_test") { return; }`
 pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    eprintln!("SKIPPED (needs root): {test}");
-    false
+    panic!("{test} needs root (it is #[ignore]d; run it as root or leave out --include-ignored)");
 }
 
 fn lab_sh() -> PathBuf {
