@@ -109,6 +109,20 @@ trap 'echo; problem "interrupted"; exit 130' INT TERM
 
 xdpvs_list() { ip netns exec "${P}dir" "$BIN" list --socket "$SOCK" "$@"; }
 
+# Starts the daemon in the director's namespace and waits until it answers. nsenter (not
+# `ip netns exec`, which makes a private mount namespace): the daemon then pins its dataplane
+# in the host's bpffs, where the next daemon finds it.
+start_daemon() {
+    RUST_LOG=info nsenter --net="/run/netns/${P}dir" "$BIN" run --config "$CFG" </dev/null >>"$LOG" 2>&1 &
+    DAEMON_PID=$!
+    for _ in $(seq 100); do
+        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$LOG" >&2; DAEMON_PID=""; die "xdpvs exited at start-up"; }
+        [[ -S $SOCK ]] && xdpvs_list >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    xdpvs_list >/dev/null || { cat "$LOG" >&2; die "xdpvs does not answer on $SOCK after 10 s"; }
+}
+
 # Column of real $1 in `xdpvs list`: weight (4), health (7).
 real_col() { xdpvs_list 2>/dev/null | awk -v a="$1" -v c="$2" '$1 == "->" && $2 == a {print $c}'; }
 
@@ -175,6 +189,7 @@ cat <<EOF
 EOF
 
 mkdir -p "$WORK"
+: >"$LOG"   # the daemon appends (a restarted daemon adds to the same log)
 rm -f "$SOCK"
 cat >"$CFG" <<EOF
 # Written by scripts/demo.sh: config/lab.toml with a fast HTTP health check.
@@ -217,15 +232,8 @@ sed -n '/^\[service.check\]/,/^rise/p' "$CFG" | sed 's/^/   /'
 say "reals 198.18.0.11-13:80 with weights 1:2:3"
 "$BIN" check --config "$CFG" | sed 's/^/   /'
 
-h1 "Start: ip netns exec ${P}dir xdpvs run --config $CFG"
-RUST_LOG=info ip netns exec "${P}dir" "$BIN" run --config "$CFG" </dev/null >"$LOG" 2>&1 &
-DAEMON_PID=$!
-for _ in $(seq 100); do
-    kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$LOG" >&2; DAEMON_PID=""; die "xdpvs exited at start-up"; }
-    [[ -S $SOCK ]] && xdpvs_list >/dev/null 2>&1 && break
-    sleep 0.1
-done
-xdpvs_list >/dev/null || { cat "$LOG" >&2; die "xdpvs does not answer on $SOCK after 10 s"; }
+h1 "Start: nsenter --net=/run/netns/${P}dir xdpvs run --config $CFG"
+start_daemon
 say "xdpvs running (pid $DAEMON_PID), XDP program on d0:"
 ip -n "${P}dir" -o link show d0 | grep -o 'prog/xdp[^ ]* id [0-9]*' | sed 's/^/   /' || true
 # Health checks start with every real up; give them a moment to report.
@@ -324,3 +332,29 @@ h1 "Prometheus metrics (curl http://127.0.0.1:9469/metrics in the director's nam
 ip netns exec "${P}dir" curl -s --max-time 2 http://127.0.0.1:9469/metrics \
     | grep -E '^xdpvs_(real_connections_total|real_up|real_weight)' | sed 's/^/   /' \
     || say "(no metrics answer)"
+
+# -------------------------------------------------------------- 4. the daemon crashes, restarts
+
+h1 "4. kill -9 the daemon while traffic flows, start it again a second later"
+start_load
+sleep 1
+t_kill=$(now_ms)
+kill -KILL "$DAEMON_PID" 2>/dev/null || true
+wait "$DAEMON_PID" 2>/dev/null || true
+DAEMON_PID=""
+say "daemon killed; the pinned XDP program stays: $(ip -n "${P}dir" -o link show d0 | grep -o 'prog/xdp[^ ]* id [0-9]*' || echo 'NONE')"
+say "xdpvs list with no daemon (read from the pinned maps):"
+nsenter --net="/run/netns/${P}dir" "$BIN" list --config "$CFG" | head -n 3 | sed 's/^/   /'
+sleep 1
+start_daemon
+t_back=$(now_ms)
+say "restarted (pid $DAEMON_PID) $((t_back - t_kill)) ms after the kill:"
+grep -E 'adopted the pinned|applied to the adopted' "$LOG" | tail -n 2 \
+    | sed -E 's/^[0-9-]+T([0-9:.]{12})[0-9]*Z +[A-Z]+ +xdpvs::daemon: /\1  /; s/^/     /'
+sleep 2
+t_end=$(now_ms)
+stop_load
+say "traffic from the kill to 2 s after the restart: $(split "$t_kill" "$t_end")"
+n=$(count "$t_kill" "$t_end" FAIL)
+((n == 0)) || problem "$n requests failed across the daemon's crash and restart"
+grep -q 'adopted the pinned dataplane' "$LOG" || problem "the restarted daemon did not adopt the dataplane"
