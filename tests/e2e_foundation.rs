@@ -100,8 +100,8 @@ fn idle_keepalive_connections_are_counted_active_then_released() {
 
 #[test]
 #[ignore = "needs root"]
-fn stopping_the_daemon_detaches_the_program() {
-    if !common::require_root("stopping_the_daemon_detaches_the_program") {
+fn stopping_the_daemon_leaves_the_dataplane_and_detach_removes_it() {
+    if !common::require_root("stopping_the_daemon_leaves_the_dataplane_and_detach_removes_it") {
         return;
     }
     let lab = Lab::up("xf4", 1).expect("lab up");
@@ -113,14 +113,18 @@ fn stopping_the_daemon_detaches_the_program() {
     assert!(link().contains("xdp"), "attached while running: {}", link());
     d.stop(Duration::from_secs(5))
         .expect("clean exit on SIGTERM");
-    assert!(
-        !link().contains("xdp"),
-        "still attached after exit: {}",
-        link()
-    );
     assert!(!d.admin_socket.exists(), "admin socket removed");
-    // The director keeps working as a host: the VIP port is the kernel's again.
+    // The pinned program keeps balancing with no daemon.
+    assert!(link().contains("xdp"), "detached by SIGTERM: {}", link());
     let client = lab.ns("client");
+    let r = common::in_netns(&client, || http_get_new_conn(vip_addr(), "/"));
+    assert_eq!(r.expect("balanced with no daemon").trim(), "r1");
+    // `xdpvs detach` takes the director out of service.
+    let cfg = d.config_path.to_str().unwrap().to_string();
+    let out = common::xdpvs_in(&lab, &["detach", "--config", &cfg]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!link().contains("xdp"), "still attached after detach: {}", link());
+    // The director keeps working as a host: the VIP port is the kernel's again.
     let r = common::in_netns(&client, || http_get_new_conn(vip_addr(), "/"));
     assert!(r.is_err(), "nothing listens on the director itself");
 }
