@@ -111,8 +111,12 @@ impl Dataplane {
             .try_into()?;
         let used = match mode {
             ConfigXdpMode::Driver => {
-                prog.attach(interface, XdpMode::Driver)
-                    .with_context(|| format!("attaching XDP in driver mode to {interface}"))?;
+                prog.attach(interface, XdpMode::Driver).with_context(|| {
+                    format!(
+                        "attaching XDP in driver mode to {interface} ({})",
+                        driver_limits(interface)
+                    )
+                })?;
                 "driver"
             }
             ConfigXdpMode::Skb => {
@@ -126,6 +130,7 @@ impl Dataplane {
                     tracing::warn!(
                         interface,
                         error = %e,
+                        why = driver_limits(interface),
                         "driver-mode XDP unavailable; falling back to skb (generic) mode, which is much slower"
                     );
                     prog.attach(interface, XdpMode::Skb)
@@ -264,6 +269,27 @@ impl Dataplane {
                 let _ = sock.send_to(&[], SocketAddr::new(a.ip(), 9));
             }
         }
+    }
+}
+
+/// Largest MTU whose frames fit one page in most drivers' XDP buffers; above it a driver needs
+/// multi-buffer XDP (the program declares it, not every driver supports it).
+const ONE_PAGE_MTU: u32 = 3498;
+
+/// What a driver that refuses driver-mode XDP probably cannot do, from the interface's MTU.
+fn driver_limits(interface: &str) -> String {
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match mtu {
+        Some(m) if m > ONE_PAGE_MTU => format!(
+            "MTU {m}: frames above one page (MTU {ONE_PAGE_MTU}) need multi-buffer XDP, which \
+             this driver may not support; lower the MTU or set xdp_mode = \"skb\""
+        ),
+        Some(m) => {
+            format!("MTU {m}: the driver may have no native XDP support; set xdp_mode = \"skb\"")
+        }
+        None => "no such interface in this network namespace".into(),
     }
 }
 
