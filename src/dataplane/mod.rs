@@ -283,8 +283,8 @@ fn driver_limits(interface: &str) -> String {
         .and_then(|s| s.trim().parse::<u32>().ok());
     match mtu {
         Some(m) if m > ONE_PAGE_MTU => format!(
-            "MTU {m}: frames above one page (MTU {ONE_PAGE_MTU}) need multi-buffer XDP, which \
-             this driver may not support; lower the MTU or set xdp_mode = \"skb\""
+            "MTU {m}: the driver may lack native XDP, or multi-buffer XDP, which frames above \
+             one page (MTU {ONE_PAGE_MTU}) need; lower the MTU or set xdp_mode = \"skb\""
         ),
         Some(m) => {
             format!("MTU {m}: the driver may have no native XDP support; set xdp_mode = \"skb\"")
