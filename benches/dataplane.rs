@@ -475,6 +475,14 @@ fn measure(p: &Params) -> Result<Report> {
             bail!("could not set up the established flow");
         }
         let non_vip = Frame::tcp(CLIENT, EST_SPORT, DIRECTOR, 80, ACK).build();
+        // The same flow's data segments: a full standard frame (1514 B, one buffer) and a jumbo
+        // frame (9014 B: more than a page, so a multi-buffer frame for the frags-aware program).
+        let sized = |len: usize| {
+            let mut f = Frame::tcp(CLIENT, EST_SPORT, VIP, 80, ACK);
+            f.payload = len - 54;
+            f.build()
+        };
+        let (est_1514, est_9014) = (sized(1514), sized(9014));
         let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
             let (out, d) = h.run_repeat(f, r);
             Ok((out.action, d))
@@ -528,6 +536,18 @@ fn measure(p: &Params) -> Result<Report> {
                 &est,
                 XDP_TX,
                 Some((1.5, "<= 1.5x floor")),
+            ),
+            (
+                "established flow, 1514-byte data frame (one buffer)",
+                &est_1514,
+                XDP_TX,
+                None,
+            ),
+            (
+                "established flow, 9014-byte jumbo frame (multi-buffer: whole-frame length, MTU check)",
+                &est_9014,
+                XDP_TX,
+                None,
             ),
         ];
         for (name, frame, expect, target) in x_cases {

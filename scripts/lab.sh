@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Network-namespace lab for end-to-end tests of xdpvs in DR mode (LVS-style).
 #
-#   scripts/lab.sh up PREFIX [NREALS=3]   build the lab (runs `down PREFIX` first)
+#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver]
+#                                         build the lab (runs `down PREFIX` first); DIRXDP is the
+#                                         XDP mode the director will use (driver or skb)
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
 #   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until port 80 is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
 #
 # Topology: one L2 segment, a bridge br0 in ${PREFIX}sw; every host has a veth whose peer is a
-# port of br0 (p-client, p-dir, p-r1..p-rN).
+# port of br0 (p-client, p-dir, p-r1..p-rN). MTU (68..65000) is set on every link, both ends.
+#
+# Offloads are those of a real deployment (GRO on everywhere, TSO where the kernel allows it),
+# except where XDP's forwarding forces a change; each ethtool line below says why it is there.
 #
 #   ${PREFIX}client  eth0  198.18.0.1/24
 #   ${PREFIX}dir     d0    198.18.0.2/24 + VIP 198.18.0.100/32 (the director answers ARP for the VIP)
@@ -26,7 +31,7 @@ DIR_IP=$NET.2
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -201,7 +206,9 @@ sysctls_host() {  # common settings for every host namespace
 # An XDP program that passes everything, for the bridge port facing the director.
 # Measured on kernel 6.18: frames the director's XDP program sends with XDP_TX into d0 reach the
 # peer p-dir (d0 counts them as xdp_tx, no xdp_tx_errors) but are never delivered when p-dir only
-# has GRO on; with an XDP program on p-dir they are. No headers needed.
+# has GRO on; with an XDP program on p-dir they are. No headers needed. Section `xdp.frags`
+# (multi-buffer aware): a veth refuses a program without it once the MTU exceeds one page
+# ("Peer MTU is too large to set XDP"), and it must pass jumbo frames split over pages.
 build_xdp_pass() {
     local out=$1 cc
     cc=$(command -v clang-19 || command -v clang || true)
@@ -209,7 +216,7 @@ build_xdp_pass() {
     cat >"${out%.o}.c" <<'EOF'
 #define SEC(n) __attribute__((section(n), used))
 struct xdp_md;
-SEC("xdp") int xdp_pass(struct xdp_md *ctx) { return 2; /* XDP_PASS */ }
+SEC("xdp.frags") int xdp_pass(struct xdp_md *ctx) { return 2; /* XDP_PASS */ }
 char _license[] SEC("license") = "GPL";
 EOF
     "$cc" -O2 -target bpf -c "${out%.o}.c" -o "$out"
@@ -229,6 +236,8 @@ link_host() {
     # director's XDP program bounces the frame (XDP_TX), and the real then drops the segment
     # with a bad TCP checksum (measured: TcpInCsumErrors on the real). Checksums in software.
     nsx "$ns" ethtool -K "$ifn" tx off >/dev/null
+    ip -n "${p}sw" link set "$peer" mtu "$MTU"
+    ip -n "$ns" link set "$ifn" mtu "$MTU"
     ip -n "${p}sw" link set "$peer" up
     ip -n "$ns" link set "$ifn" up
 }
@@ -243,7 +252,7 @@ lab_up() {
     sysctls_host "${p}sw"
     ip -n "${p}sw" link set lo up
     ip -n "${p}sw" link add br0 type bridge stp_state 0 forward_delay 0
-    ip -n "${p}sw" link set br0 up
+    ip -n "${p}sw" link set br0 mtu "$MTU" up
 
     # client
     ip netns add "${p}client"
@@ -260,8 +269,21 @@ lab_up() {
     link_host "$p" "${p}dir" d0 p-dir
     ip -n "${p}dir" addr add "$DIR_IP/24" dev d0
     ip -n "${p}dir" addr add "$VIP/32" dev d0
-    build_xdp_pass "$(labdir "$p")/xdp_pass.o"
-    ip -n "${p}sw" link set dev p-dir xdpdrv obj "$(labdir "$p")/xdp_pass.o" sec xdp
+    if [[ $DIRXDP == driver ]]; then
+        build_xdp_pass "$(labdir "$p")/xdp_pass.o"
+        ip -n "${p}sw" link set dev p-dir xdpdrv obj "$(labdir "$p")/xdp_pass.o" sec xdp.frags
+        # GRO on p-client aggregates the client's segments; the bridge must cut them again for
+        # p-dir (an XDP program on d0 takes p-dir's TSO away), and those segments carry
+        # CHECKSUM_PARTIAL (checksum left to the "hardware"), which the director's XDP_TX loses:
+        # the real then drops them (TcpInCsumErrors; measured: an upload through the director
+        # at 0.45 Mbit/s). Without tx checksum offload on p-dir the stack completes every
+        # checksum as it segments. A veth director in a container needs the same on its
+        # host-side veth; frames from a physical NIC always carry full checksums.
+        nsx "${p}sw" ethtool -K p-dir tx off >/dev/null
+    fi
+    # DIRXDP=skb: generic XDP works on the skb, so neither is needed: p-dir keeps TSO, the
+    # bridge hands d0 whole GRO aggregates (multi-buffer frames far above the MTU), XDP_TX sends
+    # the skb on with its checksum state, and the reals' stacks segment or take them whole.
 
     # reals: VIP on lo, never answer ARP for it
     for i in $(seq "$n"); do
@@ -304,6 +326,10 @@ case $cmd in
     up)
         nreals=${3:-3}
         check_real "$nreals"
+        MTU=${4:-1500}
+        [[ $MTU =~ ^[0-9]+$ ]] && ((MTU >= 68 && MTU <= 65000)) || die "bad MTU '$MTU' (68..65000)"
+        DIRXDP=${5:-driver}
+        [[ $DIRXDP == driver || $DIRXDP == skb ]] || die "bad DIRXDP '$DIRXDP' (driver or skb)"
         # On any failure (errexit or die), leave nothing behind.
         trap 'rc=$?; if ((rc)); then echo "lab.sh: up $prefix failed; tearing down" >&2; lab_down "$prefix"; fi; exit $rc' EXIT
         lab_up "$prefix" "$nreals"

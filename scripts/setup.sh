@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PKGS=(rustc-web cargo-web rust-web-src llvm-22-dev clang-19 bpftool iproute2 ethtool
-      nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng)
+      nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng iperf3)
 
 missing=()
 for p in "${PKGS[@]}"; do

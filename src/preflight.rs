@@ -61,6 +61,17 @@ pub fn forwarding_problem(family: &str, ifname: &str) -> Option<String> {
 /// The interface's flags (`IFF_*`) from the kernel, in this process's network namespace;
 /// `None` if it does not exist.
 fn interface_flags(name: &str) -> Option<u32> {
+    // SAFETY: SIOCGIFFLAGS fills the flags member of the union.
+    ifreq_ioctl(name, libc::SIOCGIFFLAGS).map(|r| unsafe { r.ifr_ifru.ifru_flags } as u16 as u32)
+}
+
+/// The interface's MTU, in this process's network namespace (sysfs may show another one's).
+pub fn interface_mtu(name: &str) -> Option<u32> {
+    // SAFETY: SIOCGIFMTU fills the mtu member of the union.
+    ifreq_ioctl(name, libc::SIOCGIFMTU).map(|r| unsafe { r.ifr_ifru.ifru_mtu } as u32)
+}
+
+fn ifreq_ioctl(name: &str, request: libc::c_ulong) -> Option<libc::ifreq> {
     if name.len() >= libc::IFNAMSIZ {
         return None;
     }
@@ -74,13 +85,9 @@ fn interface_flags(name: &str) -> Option<u32> {
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    let rc = unsafe { libc::ioctl(fd, request, &mut req) };
     unsafe { libc::close(fd) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    Some(unsafe { req.ifr_ifru.ifru_flags } as u16 as u32)
+    (rc == 0).then_some(req)
 }
 
 #[cfg(test)]
@@ -92,6 +99,11 @@ mod tests {
         let f = interface_flags("lo").expect("lo exists");
         assert_ne!(f & libc::IFF_UP as u32, 0);
         assert_ne!(f & libc::IFF_LOOPBACK as u32, 0);
+    }
+
+    #[test]
+    fn loopback_has_an_mtu() {
+        assert!(interface_mtu("lo").is_some_and(|m| m >= 1280));
     }
 
     #[test]

@@ -1017,3 +1017,110 @@ fn rr_and_wrr_take_turns_by_weight() {
         );
     });
 }
+
+/// A TCP segment of flow `sport` with `payload` bytes: above about 3.5 KB, BPF_PROG_TEST_RUN
+/// hands the (frags-aware) program a multi-buffer frame, the linear part one page.
+fn jumbo(sport: u16, payload: usize) -> Vec<u8> {
+    let mut f = Frame::tcp(CLIENT, sport, VIP, 80, ACK | PSH);
+    f.payload = payload;
+    f.build()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn multi_buffer_frames_are_forwarded_whole_in_dr_mode_and_counted() {
+    if !common::require_root("multi_buffer_frames_are_forwarded_whole_in_dr_mode_and_counted") {
+        return;
+    }
+    let net = DpNet::new("mbdr", 2);
+    net.run(|| {
+        let mut h = Harness::new();
+        let s = service(&[(1, 1), (2, 1)]);
+        h.apply(vec![s.clone()]);
+        let sport = 52000;
+        let owner = Harness::real_of(&h.run(&syn(sport).build()).frame).expect("SYN forwarded");
+        let id = h
+            .planner
+            .real_id(
+                &s.key,
+                std::net::SocketAddr::new(dpnet::real_ip(owner).into(), 80),
+            )
+            .expect("real id");
+        let before = h.dp.real_stats(id).unwrap();
+        // Across the one-page boundary, a jumbo frame, and a GRO-sized aggregate.
+        let sizes = [1400, 3400, 3600, 4100, 8960, 30000];
+        let mut bytes = 0u64;
+        for payload in sizes {
+            let input = jumbo(sport, payload);
+            assert_eq!(
+                reference_parse(&input),
+                Some(([198, 18, 0, 100], 80, 6)),
+                "test frame of {payload} B is a well-formed TCP frame to the VIP"
+            );
+            let out = h.run(&input);
+            assert_eq!(out.action, XDP_TX, "{payload} B payload: forwarded");
+            assert_eq!(out.frame.len(), input.len(), "{payload} B: whole frame out");
+            assert_eq!(Harness::real_of(&out.frame), Some(owner), "{payload} B");
+            assert_eq!(&out.frame[6..12], &DIRECTOR_MAC);
+            assert_eq!(
+                &out.frame[12..],
+                &input[12..],
+                "{payload} B: only MACs change"
+            );
+            bytes += input.len() as u64;
+        }
+        let after = h.dp.real_stats(id).unwrap();
+        assert_eq!(after.packets - before.packets, sizes.len() as u64);
+        assert_eq!(
+            after.bytes - before.bytes,
+            bytes,
+            "bytes count every fragment of the frames"
+        );
+        let st = h.dp.stats().unwrap();
+        // 1400 and 3400 fit the linear part; the other four are multi-buffer frames.
+        assert_eq!(st[stat::MULTI_BUFFER as usize], 4, "multi-buffer frames");
+        // dpa has MTU 1500: every frame but the first exceeds it.
+        assert_eq!(st[stat::OVER_MTU as usize], 5, "frames above the MTU");
+        assert_eq!(st[stat::MALFORMED as usize], 0);
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn multi_buffer_frames_not_for_a_service_or_lying_are_passed_or_dropped() {
+    if !common::require_root("multi_buffer_frames_not_for_a_service_or_lying_are_passed_or_dropped")
+    {
+        return;
+    }
+    let net = DpNet::new("mbbad", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service(&[(1, 1)])]);
+        let mut other = Frame::tcp(CLIENT, 1, "198.18.0.2", 80, ACK);
+        other.payload = 9000;
+        let input = other.build();
+        let out = h.run(&input);
+        assert_eq!(out.action, XDP_PASS, "not a service: passed");
+        assert_eq!(out.frame, input, "passed whole and untouched");
+        // IP total length past the end of the whole frame (fragments included).
+        let mut lying = jumbo(52100, 9000);
+        lying.truncate(lying.len() - 100);
+        assert_eq!(reference_parse(&lying), None);
+        assert_eq!(h.run(&lying).action, XDP_DROP, "length past the frame");
+        // A later IP fragment, multi-buffer: no ports, passed.
+        let mut frag = Frame::tcp(CLIENT, 52101, VIP, 80, ACK);
+        frag.payload = 9000;
+        frag.frag = 0x0100;
+        let input = frag.build();
+        assert_eq!(h.run(&input).action, XDP_PASS);
+        let st = h.dp.stats().unwrap();
+        assert_eq!(st[stat::MALFORMED as usize], 1);
+        assert_eq!(
+            st[stat::MULTI_BUFFER as usize],
+            2,
+            "the two consistent ones"
+        );
+        assert_eq!(st[stat::TX as usize], 0);
+        assert_eq!(h.dp.connections().len(), 0);
+    });
+}

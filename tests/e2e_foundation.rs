@@ -122,8 +122,16 @@ fn stopping_the_daemon_leaves_the_dataplane_and_detach_removes_it() {
     // `xdpvs detach` takes the director out of service.
     let cfg = d.config_path.to_str().unwrap().to_string();
     let out = common::xdpvs_in(&lab, &["detach", "--config", &cfg]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!link().contains("xdp"), "still attached after detach: {}", link());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !link().contains("xdp"),
+        "still attached after detach: {}",
+        link()
+    );
     // The director keeps working as a host: the VIP port is the kernel's again.
     let r = common::in_netns(&client, || http_get_new_conn(vip_addr(), "/"));
     assert!(r.is_err(), "nothing listens on the director itself");

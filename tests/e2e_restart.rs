@@ -237,14 +237,18 @@ fn crash_and_upgrade_keep_every_connection() {
     held_still_answer(&mut held, &bodies, "after SIGTERM and the upgrade");
 
     // --- a reload after adopt changes only what the file changed
+    steady.pause();
     let before_reload = status(&d);
+    steady.resume();
     let cfg2 = lab_config(&lab, &[1, 1, 1, 1], "");
     d.write_config(&cfg2).unwrap();
     d.reload().unwrap();
     wait_for("the reload", Duration::from_secs(5), || {
         d.log().matches("configuration reloaded").count() >= 1
     });
+    steady.pause();
     let after_reload = status(&d);
+    steady.resume();
     let rows = |s: &Status| -> Vec<(String, u32, u64)> {
         s.services[0]
             .reals

@@ -271,8 +271,12 @@ impl Dataplane {
         let (used, id) = match mode {
             ConfigXdpMode::Driver => (
                 "driver",
-                prog.attach(interface, XdpMode::Driver)
-                    .with_context(|| format!("attaching XDP in driver mode to {interface}"))?,
+                prog.attach(interface, XdpMode::Driver).with_context(|| {
+                    format!(
+                        "attaching XDP in driver mode to {interface} ({})",
+                        driver_limits(interface)
+                    )
+                })?,
             ),
             ConfigXdpMode::Skb => (
                 "skb",
@@ -285,6 +289,7 @@ impl Dataplane {
                     tracing::warn!(
                         interface,
                         error = %e,
+                        why = driver_limits(interface),
                         "driver-mode XDP unavailable; falling back to skb (generic) mode, which is much slower"
                     );
                     let id = prog
@@ -619,6 +624,24 @@ fn sum_stats(map: &PerCpuArray<MapData, u64>) -> Result<[u64; stat::COUNT as usi
             .fold(0u64, |a, x| a.wrapping_add(*x));
     }
     Ok(out)
+}
+
+/// Largest MTU whose frames fit one page in most drivers' XDP buffers; above it a driver needs
+/// multi-buffer XDP (the program declares it, not every driver supports it).
+const ONE_PAGE_MTU: u32 = 3498;
+
+/// What a driver that refuses driver-mode XDP probably cannot do, from the interface's MTU.
+fn driver_limits(interface: &str) -> String {
+    match crate::preflight::interface_mtu(interface) {
+        Some(m) if m > ONE_PAGE_MTU => format!(
+            "MTU {m}: the driver may lack native XDP, or multi-buffer XDP, which frames above \
+             one page (MTU {ONE_PAGE_MTU}) need; lower the MTU or set xdp_mode = \"skb\""
+        ),
+        Some(m) => {
+            format!("MTU {m}: the driver may have no native XDP support; set xdp_mode = \"skb\"")
+        }
+        None => "no such interface in this network namespace".into(),
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.

@@ -89,6 +89,12 @@ pub struct Lab {
 impl Lab {
     /// Builds the lab (any earlier lab with this prefix is torn down first).
     pub fn up(prefix: &str, reals: usize) -> Result<Lab> {
+        Lab::up_with(prefix, reals, 1500, "driver")
+    }
+
+    /// Builds the lab with `mtu` on every link, prepared for a director in XDP mode `dir_xdp`
+    /// ("driver" or "skb"; see scripts/lab.sh).
+    pub fn up_with(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str) -> Result<Lab> {
         let ok_prefix = !prefix.is_empty()
             && prefix.len() <= 10
             && prefix
@@ -107,8 +113,14 @@ impl Lab {
             dir: PathBuf::from(format!("/tmp/{prefix}lab")),
         };
         run_checked(
-            Command::new(lab_sh()).args(["up", prefix, &reals.to_string()]),
-            &format!("lab.sh up {prefix} {reals}"),
+            Command::new(lab_sh()).args([
+                "up",
+                prefix,
+                &reals.to_string(),
+                &mtu.to_string(),
+                dir_xdp,
+            ]),
+            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp}"),
         )?;
         Ok(lab)
     }

@@ -326,6 +326,15 @@ pub mod stat {
     pub const DROP_REAL_GONE: u32 = 11;
     /// IPv4 fragment to a virtual service address: dropped (no L4 header to schedule on).
     pub const DROP_FRAGMENT: u32 = 12;
+    /// IPv4 frame whose packet extends past the linear part of the XDP buffer (multi-buffer
+    /// XDP: jumbo frames, GRO-aggregated frames); counted whatever happens to it next.
+    pub const MULTI_BUFFER: u32 = 13;
+    /// Frame forwarded although its IP packet is larger than the egress interface's MTU (GRO
+    /// aggregates in generic mode are segmented later; a native-mode driver may drop it).
+    pub const OVER_MTU: u32 = 14;
+    /// Multi-buffer frame whose headers do not all lie in the linear part: passed to the
+    /// kernel, which can read them (the XDP program reads and rewrites only linear bytes).
+    pub const PASS_SPLIT_HEADERS: u32 = 15;
     pub const COUNT: u32 = 16;
 }
 
@@ -344,9 +353,9 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_no_conn",
     "drop_real_gone",
     "drop_fragment",
-    "unused13",
-    "unused14",
-    "unused15",
+    "multi_buffer",
+    "over_mtu",
+    "pass_split_headers",
 ];
 
 #[cfg(feature = "user")]

@@ -6,9 +6,15 @@
 //! egress one. A route lookup costs about as much as the rest of the packet path, so each CPU
 //! caches each real's next hop for [`NEXTHOP_TTL_NS`]; the cache is keyed by the real's address
 //! as well as its id, so an id reused for another real never inherits a stale MAC.
+//!
+//! Frame size: a multi-buffer frame is forwarded like any other (only the linear Ethernet header
+//! changes). The cached next hop serves frames of every size, so the route lookup does not check
+//! the MTU; a frame larger than the egress MTU is counted (`OVER_MTU`) and still forwarded: in
+//! generic mode it is a GRO aggregate the stack segments on the way out, in native mode the
+//! driver decides (veth drops it, counting an `xdp_tx_errors`).
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use xdpvs_common::{stat, Real};
@@ -19,6 +25,9 @@ use crate::parse::Packet;
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
+/// Largest IP packet of a standard Ethernet MTU: frames up to this size skip the MTU check.
+const ETH_DATA_LEN: u16 = 1500;
+const MTU_CHK_FRAG_NEEDED: i64 = 1;
 
 /// How long a cached next hop is used before the FIB is asked again (a real whose MAC changes,
 /// or a route change, is followed within this time).
@@ -81,8 +90,11 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, now: u
     if let Some(s) = REAL_STATS.get_ptr_mut(real_id) {
         unsafe {
             (*s).packets += 1;
-            (*s).bytes += (ctx.data_end() - start) as u64;
+            (*s).bytes += pkt.frame_len as u64;
         }
+    }
+    if pkt.ip_len > ETH_DATA_LEN && over_mtu(ctx, egress, pkt.ip_len) {
+        count(stat::OVER_MTU);
     }
     if egress == ingress {
         count(stat::TX);
@@ -91,6 +103,14 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, now: u
         count(stat::REDIRECT);
         unsafe { bpf_redirect(egress, 0) as u32 }
     }
+}
+
+/// The IP packet is larger than `ifindex`'s MTU.
+#[inline(never)]
+fn over_mtu(ctx: &XdpContext, ifindex: u32, ip_len: u16) -> bool {
+    let mut mtu_len = ip_len as u32;
+    let rc = unsafe { bpf_check_mtu(ctx.ctx as *mut _, ifindex, &mut mtu_len, 0, 0) };
+    rc == MTU_CHK_FRAG_NEEDED
 }
 
 /// Asks the FIB for the next hop toward `dst` and fills this CPU's cache entry.
@@ -107,7 +127,8 @@ fn resolve(
     fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.ifindex = ingress;
-    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
+    // tot_len 0: no MTU check here (the entry is cached for frames of every size).
+    fib.__bindgen_anon_1.tot_len = 0;
     fib.__bindgen_anon_3.ipv4_src = pkt.src.w[0];
     fib.__bindgen_anon_4.ipv4_dst = dst;
     let rc = unsafe {

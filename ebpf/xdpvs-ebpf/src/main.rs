@@ -28,7 +28,10 @@ use crate::conntrack::Lookup;
 use crate::maps::count;
 use crate::parse::Packet;
 
-#[xdp]
+/// `frags`: multi-buffer aware (section `xdp.frags`, loaded with BPF_F_XDP_HAS_FRAGS), so
+/// drivers hand it jumbo and aggregated frames split over pages instead of refusing to attach
+/// or dropping them; [`parse`] reads headers from the linear part only.
+#[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
         parse::Parsed::Packet(pkt) => handle(&ctx, &pkt),

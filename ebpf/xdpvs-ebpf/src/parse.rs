@@ -1,9 +1,15 @@
 //! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4, TCP/UDP.
 //!
-//! Every read is bounds-checked against the frame's end (the verifier insists, and a truncated
-//! or lying header must never be forwarded). Anything we do not balance is passed to the kernel
-//! untouched; anything claiming to be IPv4 but inconsistent is dropped and counted.
-use aya_ebpf::programs::XdpContext;
+//! Every read is bounds-checked against the end of the frame's linear part (the verifier insists,
+//! and a truncated or lying header must never be forwarded). Anything we do not balance is passed
+//! to the kernel untouched; anything claiming to be IPv4 but inconsistent is dropped and counted.
+//!
+//! Multi-buffer frames (jumbo or aggregated frames the driver splits over several pages): the
+//! headers are read from the linear part only; the IP length is checked against the whole frame
+//! (`bpf_xdp_get_buff_len`), asked only when the packet runs past the linear part, so ordinary
+//! frames pay nothing. A header that is itself split is passed to the kernel, never guessed.
+use crate::maps::count;
+use aya_ebpf::{helpers::generated::bpf_xdp_get_buff_len, programs::XdpContext};
 use xdpvs_common::{
     stat, state::TCP_ACK, state::TCP_SYN, Addr, ConnKey, ServiceKey, FAMILY_V4, PROTO_TCP,
     PROTO_UDP,
@@ -28,8 +34,10 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// First fragment of a fragmented datagram.
     pub fragment: bool,
-    /// IP total length (host order), for route lookups and byte counters.
+    /// IP total length (host order), for MTU checks.
     pub ip_len: u16,
+    /// Bytes of the whole frame (linear part and fragments), for byte counters.
+    pub frame_len: u32,
 }
 
 impl Packet {
@@ -82,6 +90,23 @@ fn at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
+/// Length of the whole frame: the linear part plus any fragments of a multi-buffer frame.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
+}
+
+/// A header that does not fit in the linear part up to `end` bytes: truncated (drop) unless
+/// the frame's fragments hold the rest (pass: the kernel reads split headers, we do not).
+#[inline(never)]
+fn short(ctx: &XdpContext, end: usize) -> Parsed {
+    if frame_len(ctx) >= end {
+        Parsed::Pass(stat::PASS_SPLIT_HEADERS)
+    } else {
+        Parsed::Drop(stat::MALFORMED)
+    }
+}
+
 #[inline(always)]
 fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
     at::<[u8; 2]>(ctx, off).map(|p| u16::from_be_bytes(unsafe { *p }))
@@ -123,7 +148,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         ethertype = match be16(ctx, 16) {
             Some(t) => t,
-            None => return Parsed::Drop(stat::MALFORMED),
+            None => return short(ctx, 18),
         };
         l3 += 4;
     }
@@ -137,7 +162,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     let ip = match at::<Ipv4Hdr>(ctx, l3) {
         Some(p) => unsafe { &*p },
-        None => return Parsed::Drop(stat::MALFORMED),
+        None => return short(ctx, l3 + IPV4_MIN_HLEN),
     };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
@@ -145,8 +170,18 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     }
     let tot_len = u16::from_be_bytes(ip.tot_len);
     // The IP length must cover the header and fit in the frame (trailing padding is fine).
-    if (tot_len as usize) < ihl || ctx.data() + l3 + tot_len as usize > ctx.data_end() {
+    if (tot_len as usize) < ihl {
         return Parsed::Drop(stat::MALFORMED);
+    }
+    let mut bytes = (ctx.data_end() - ctx.data()) as u32;
+    if ctx.data() + l3 + tot_len as usize > ctx.data_end() {
+        // Past the linear part: a multi-buffer frame, or a lie.
+        let full = frame_len(ctx);
+        if l3 + tot_len as usize > full {
+            return Parsed::Drop(stat::MALFORMED);
+        }
+        count(stat::MULTI_BUFFER);
+        bytes = full as u32;
     }
     let proto = ip.proto;
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -184,12 +219,13 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
                         0,
                         more_fragments,
                         tot_len,
+                        bytes,
                     )
                 }
-                None => Parsed::Drop(stat::MALFORMED),
+                None => short(ctx, l3 + ihl + 4),
             };
         }
-        None => return Parsed::Drop(stat::MALFORMED),
+        None => return short(ctx, l3 + ihl + core::mem::size_of::<L4Hdr>()),
     };
     let mut tcp_flags = 0;
     if proto == PROTO_TCP {
@@ -208,6 +244,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         tcp_flags,
         more_fragments,
         tot_len,
+        bytes,
     )
 }
 
@@ -222,6 +259,7 @@ fn packet(
     tcp_flags: u8,
     fragment: bool,
     ip_len: u16,
+    frame_len: u32,
 ) -> Parsed {
     Parsed::Packet(Packet {
         src: Addr { w: [src, 0, 0, 0] },
@@ -233,5 +271,6 @@ fn packet(
         tcp_flags,
         fragment,
         ip_len,
+        frame_len,
     })
 }
