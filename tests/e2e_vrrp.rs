@@ -403,9 +403,7 @@ fn interop_with_keepalived() {
         ours.state() == State::Master && has_vip(XD, "x0")
     });
     let t = cut.elapsed();
-    println!(
-        "xdpvs master {t:?} after keepalived's link was cut (361 ms after its last advert)"
-    );
+    println!("xdpvs master {t:?} after keepalived's link was cut (361 ms after its last advert)");
     assert!(
         t >= Duration::from_millis(250),
         "took over before the master could be down: {t:?}"
@@ -428,4 +426,87 @@ fn interop_with_keepalived() {
     assert_eq!(c.address_errors.load(Ordering::Relaxed), 0);
     assert!(c.gratuitous_sent.load(Ordering::Relaxed) >= 1);
     ka.stop();
+}
+
+/// Sends `payload` as a VRRP packet from `vrka` (source 198.18.0.3) to 224.0.0.18 with `ttl`.
+fn inject(payload: &[u8], ttl: u32) {
+    common::in_netns(KA, || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s =
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(112))).expect("raw socket");
+        s.bind_device(Some(b"k0")).expect("bind k0");
+        s.set_multicast_ttl_v4(ttl).expect("ttl");
+        let to = std::net::SocketAddrV4::new(xdpvs::ha::vrrp::packet::GROUP_V4, 0);
+        s.send_to(payload, &to.into()).expect("send");
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn malformed_adverts_are_dropped_and_counted() {
+    if !common::require_root("malformed_adverts_are_dropped_and_counted") {
+        return;
+    }
+    use xdpvs::ha::vrrp::packet::{checksum, encode, Advert, GROUP_V4};
+    let _topo = Topology::up();
+    let ours = Ours::start(100);
+    let src: IpAddr = [198, 18, 0, 3].into();
+    let dst = IpAddr::V4(GROUP_V4);
+    let vip: IpAddr = VIP.parse().unwrap();
+    let advert = |vrid, addresses| Advert {
+        vrid,
+        priority: 200,
+        max_adver_int_cs: 10,
+        addresses,
+    };
+    let good = encode(&advert(51, vec![vip]), src, dst).unwrap();
+    let mut bad_sum = good.clone();
+    bad_sum[7] ^= 0xff;
+    let mut long = [&good[..], &[0, 0, 0, 0]].concat();
+    long[6..8].copy_from_slice(&[0, 0]);
+    let s = checksum(src, dst, &long);
+    long[6..8].copy_from_slice(&s.to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>, u32, Reject)> = vec![
+        ("ttl 64", good.clone(), 64, Reject::Ttl),
+        ("bad checksum", bad_sum, 255, Reject::Checksum),
+        (
+            "vrid 52",
+            encode(&advert(52, vec![vip]), src, dst).unwrap(),
+            255,
+            Reject::Vrid,
+        ),
+        ("trailing bytes", long, 255, Reject::LengthMismatch),
+        ("truncated", good[..10].to_vec(), 255, Reject::Truncated),
+        (
+            "other address",
+            encode(&advert(51, vec![[198, 18, 0, 101].into()]), src, dst).unwrap(),
+            255,
+            Reject::AddressList,
+        ),
+    ];
+    for (name, payload, ttl, reason) in &cases {
+        let before = ours.counters.rejected.get(*reason);
+        inject(payload, *ttl);
+        within(
+            &format!("{name} counted as {reason}"),
+            Duration::from_secs(2),
+            || ours.counters.rejected.get(*reason) == before + 1,
+        );
+    }
+    // None of them counted as accepted or moved the election: alone, we become master on the
+    // Master_Down_Timer as if they had not been sent.
+    assert_eq!(ours.counters.accepted.load(Ordering::Relaxed), 0);
+    assert_eq!(ours.counters.rejected.total(), cases.len() as u64);
+    // The good one is accepted, and a priority-200 master makes us backup again.
+    within("master", Duration::from_secs(3), || {
+        ours.state() == State::Master
+    });
+    inject(&good, 255);
+    within(
+        "backup on a valid higher advert",
+        Duration::from_secs(2),
+        || ours.state() == State::Backup && !has_vip(XD, "x0"),
+    );
+    assert_eq!(ours.counters.accepted.load(Ordering::Relaxed), 1);
+    drop(ours);
 }
