@@ -41,6 +41,13 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// The tests share the namespace names: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The namespaces, deleted on drop (also on panic).
 struct Topology;
 
@@ -93,12 +100,22 @@ impl Drop for Topology {
     }
 }
 
-fn has_vip(ns: &str, dev: &str) -> bool {
+fn addrs(ns: &str, dev: &str) -> String {
     let out = Command::new("ip")
-        .args(["-n", ns, "-4", "addr", "show", "dev", dev])
+        .args(["-n", ns, "addr", "show", "dev", dev])
         .output()
         .expect("ip addr show");
-    String::from_utf8_lossy(&out.stdout).contains(&format!("inet {VIP}/32"))
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn has_vip(ns: &str, dev: &str) -> bool {
+    addrs(ns, dev).contains(&format!("inet {VIP}/32"))
+}
+
+const VIP6: &str = "2001:2::100";
+
+fn has_vip6(ns: &str, dev: &str) -> bool {
+    addrs(ns, dev).contains(&format!("inet6 {VIP6}/128"))
 }
 
 /// keepalived in `vrka`, VRRP only, foreground, its files under DIR; stopped on drop.
@@ -109,13 +126,17 @@ struct Keepalived {
 
 impl Keepalived {
     fn start(priority: u8) -> Keepalived {
+        Keepalived::start_with(priority, &format!("{VIP}/32"))
+    }
+
+    fn start_with(priority: u8, vip: &str) -> Keepalived {
         let conf = format!("{DIR}/keepalived.conf");
         std::fs::write(
             &conf,
             format!(
                 "global_defs {{\n  router_id vrka\n  vrrp_version 3\n  vrrp_garp_master_repeat 1\n}}\n\
                  vrrp_instance front {{\n  state BACKUP\n  interface k0\n  virtual_router_id 51\n  \
-                 priority {priority}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {VIP}/32\n  }}\n}}\n"
+                 priority {priority}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {vip}\n  }}\n}}\n"
             ),
         )
         .expect("write keepalived.conf");
@@ -193,6 +214,10 @@ struct Ours {
 
 impl Ours {
     fn start(priority: u8) -> Ours {
+        Ours::start_with(priority, VIP.parse().unwrap(), 32)
+    }
+
+    fn start_with(priority: u8, vip: IpAddr, prefix: u8) -> Ours {
         let config = VrrpConfig {
             name: "front".into(),
             interface: "x0".into(),
@@ -201,10 +226,7 @@ impl Ours {
             advert_interval: Duration::from_millis(100),
             preempt: true,
             preempt_delay: Duration::ZERO,
-            addresses: vec![VirtualAddress {
-                ip: VIP.parse().unwrap(),
-                prefix: 32,
-            }],
+            addresses: vec![VirtualAddress { ip: vip, prefix }],
             track_services: vec![],
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -308,6 +330,7 @@ fn interop_with_keepalived() {
     if !common::require_root("interop_with_keepalived") {
         return;
     }
+    let _serial = serial();
     let _topo = Topology::up();
     // 100 ms adverts: Master_Down_Interval is 300 ms + skew (< 100 ms): about 0.4 s.
     let limit = Duration::from_secs(3);
@@ -447,6 +470,7 @@ fn malformed_adverts_are_dropped_and_counted() {
     if !common::require_root("malformed_adverts_are_dropped_and_counted") {
         return;
     }
+    let _serial = serial();
     use xdpvs::ha::vrrp::packet::{checksum, encode, Advert, GROUP_V4};
     let _topo = Topology::up();
     let ours = Ours::start(100);
@@ -509,4 +533,75 @@ fn malformed_adverts_are_dropped_and_counted() {
     );
     assert_eq!(ours.counters.accepted.load(Ordering::Relaxed), 1);
     drop(ours);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn interop_ipv6_with_keepalived() {
+    if !common::require_root("interop_ipv6_with_keepalived") {
+        return;
+    }
+    let _serial = serial();
+    let _topo = Topology::up();
+    // Adverts come from the link-local address, usable once its DAD is done.
+    for (ns, dev) in [(KA, "k0"), (XD, "x0")] {
+        within(
+            &format!("link-local on {ns}"),
+            Duration::from_secs(5),
+            || {
+                let a = addrs(ns, dev);
+                a.contains("inet6 fe80") && !a.contains("tentative")
+            },
+        );
+    }
+    let limit = Duration::from_secs(3);
+    let vip6: IpAddr = VIP6.parse().unwrap();
+
+    // keepalived 200 is master; we stay backup on its IPv6 adverts: its checksum over the IPv6
+    // pseudo-header, hop limit 255 and address list all pass our validation.
+    let ka = Keepalived::start_with(200, &format!("{VIP6}/128"));
+    within(
+        "keepalived master (IPv6)",
+        limit + Duration::from_secs(2),
+        || has_vip6(KA, "k0"),
+    );
+    let ours = Ours::start_with(100, vip6, 128);
+    within("xdpvs backup", limit, || ours.state() == State::Backup);
+    stays(
+        "keepalived master, xdpvs backup (IPv6)",
+        Duration::from_secs(2),
+        || ours.state() == State::Backup && has_vip6(KA, "k0") && !has_vip6(XD, "x0"),
+    );
+    let accepted = ours.counters.accepted.load(Ordering::Relaxed);
+    assert!(accepted >= 10, "accepted {accepted} IPv6 adverts in 2 s");
+    assert_eq!(
+        ours.counters.rejected.total(),
+        0,
+        "{:?}",
+        ours.counters.rejected.snapshot()
+    );
+
+    // keepalived stops (priority 0): we take over after our skew.
+    let stopped = Instant::now();
+    ka.stop();
+    within("xdpvs master (IPv6)", limit, || {
+        ours.state() == State::Master && has_vip6(XD, "x0")
+    });
+    println!(
+        "xdpvs IPv6 master {:?} after keepalived stopped",
+        stopped.elapsed()
+    );
+
+    // keepalived 50 comes back: it accepts our adverts (our IPv6 checksum passes its
+    // validation) and stays backup.
+    let ka = Keepalived::start_with(50, &format!("{VIP6}/128"));
+    stays(
+        "xdpvs master, keepalived backup (IPv6)",
+        Duration::from_secs(3),
+        || ours.state() == State::Master && has_vip6(XD, "x0") && !has_vip6(KA, "k0"),
+    );
+    let c = ours.stop();
+    assert_eq!(c.send_errors.load(Ordering::Relaxed), 0);
+    assert!(c.gratuitous_sent.load(Ordering::Relaxed) >= 1);
+    ka.stop();
 }
