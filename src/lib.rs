@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod ha;
 pub mod health;
 pub mod metrics;
 pub mod offline;
