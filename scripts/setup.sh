@@ -19,6 +19,8 @@ if ((${#missing[@]})); then
     # The Debian nginx package starts a default server on :80 in the root namespace; the lab
     # runs its own instances inside namespaces, so keep the system one stopped.
     (systemctl disable --now nginx 2>/dev/null || service nginx stop 2>/dev/null || pkill -x nginx) >/dev/null 2>&1 || true
+    # Same for keepalived: the VRRP tests run their own instances inside lab namespaces only.
+    (systemctl disable --now keepalived 2>/dev/null || service keepalived stop 2>/dev/null) >/dev/null 2>&1 || true
 fi
 
 if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then
