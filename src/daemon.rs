@@ -50,11 +50,7 @@ pub enum ReloadTrigger {
     Admin(std::sync::mpsc::SyncSender<Result<(), String>>),
 }
 
-/// The dataplane and the planner that remembers what was written to it.
-pub struct Programmer {
-    pub dp: Dataplane,
-    pub planner: Planner,
-}
+pub use crate::dataplane::Programmer;
 
 /// Counters about the daemon itself (exported as metrics).
 #[derive(Default)]
@@ -111,24 +107,7 @@ impl Shared {
             let rt = lock(&self.runtime);
             state::desired(&cfg, &rt)
         };
-        let mut p = write(&self.programmer);
-        let writes = p.planner.plan(&desired)?;
-        if !writes.is_empty() {
-            if let Err(e) = p.dp.write(&writes) {
-                // Some writes may have landed: believe the maps, not the plan.
-                let resynced = p.dp.view().and_then(|v| Ok(Planner::adopt(&v)?));
-                match resynced {
-                    Ok(planner) => p.planner = planner,
-                    Err(r) => {
-                        error!(error = %format!("{r:#}"), "re-reading the maps after a failed write failed")
-                    }
-                }
-                return Err(
-                    e.context("writing the dataplane maps (the planner was resynced from them)")
-                );
-            }
-        }
-        Ok(writes.len())
+        write(&self.programmer).apply(&desired)
     }
 
     fn real_addr(&self, service: &str, real: &str) -> Result<SocketAddr> {

@@ -1124,3 +1124,80 @@ fn multi_buffer_frames_not_for_a_service_or_lying_are_passed_or_dropped() {
         assert_eq!(h.dp.connections().len(), 0);
     });
 }
+
+/// Makes one of the loaded program's maps read-only for the control plane (BPF_MAP_FREEZE), so
+/// the next write to it fails: a fault injected into the real map-write path.
+fn freeze_map(dp: &xdpvs::dataplane::Dataplane, name: &str) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let info = dp.main_program().unwrap().info().unwrap();
+    let ids = info.map_ids().unwrap().expect("map ids");
+    let map = ids
+        .into_iter()
+        .map(|id| aya::maps::MapInfo::from_id(id).unwrap())
+        .find(|m| m.name_as_str() == Some(name))
+        .unwrap_or_else(|| panic!("the program uses no map {name}"));
+    let fd = map.fd().unwrap();
+    let attr = [fd.as_fd().as_raw_fd() as u32, 0, 0, 0];
+    const BPF_MAP_FREEZE: libc::c_long = 22;
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_FREEZE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert_eq!(rc, 0, "freeze: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_write_failing_part_way_leaves_the_planner_resynced_from_the_maps() {
+    if !common::require_root("a_write_failing_part_way_leaves_the_planner_resynced_from_the_maps") {
+        return;
+    }
+    use xdpvs::dataplane::{plan::Planner, Programmer};
+    use xdpvs::state::Desired;
+    let net = DpNet::new("rsync", 3);
+    net.run(|| {
+        let h = Harness::new();
+        let mut p = Programmer {
+            dp: h.dp,
+            planner: h.planner,
+        };
+        let desired = |s| Desired {
+            services: vec![s],
+            timeouts: Default::default(),
+        };
+        let two = service(&[(1, 1), (2, 1)]);
+        p.apply(&desired(two.clone())).expect("first apply");
+        // Adding a real plans: its Real slot, then the service's new real set, then the
+        // service. With REALSETS frozen the slot lands and the set does not.
+        freeze_map(&p.dp, "REALSETS");
+        let three = service(&[(1, 1), (2, 1), (3, 1)]);
+        let r3 = three.reals[2].address;
+        let e = p
+            .apply(&desired(three.clone()))
+            .expect_err("the set write must fail");
+        assert!(format!("{e:#}").contains("resynced"), "{e:#}");
+        // The planner believes the maps: real 3 holds the id its slot was written with, but it
+        // is in no live set; the service still points at the two-real set.
+        let from_maps = Planner::adopt(&p.dp.view().unwrap()).unwrap();
+        assert_eq!(p.planner.ids(), from_maps.ids());
+        assert!(p.planner.real_id(&three.key, r3).is_some());
+        assert_eq!(p.planner.live_weight(&three.key, r3), None);
+        assert_eq!(
+            p.planner.live_weight(&two.key, two.reals[0].address),
+            Some(1)
+        );
+        // So a retry plans the missing set again (a planner that believed its own plan would
+        // write nothing and leave real 3 out for good).
+        let retry = p.planner.plan(&desired(three)).unwrap();
+        assert!(
+            retry
+                .iter()
+                .any(|w| matches!(w, xdpvs::dataplane::plan::Write::RealSet(..))),
+            "{retry:?}"
+        );
+    });
+}

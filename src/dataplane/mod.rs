@@ -57,6 +57,38 @@ pub struct LayoutMismatch {
     pub differences: String,
 }
 
+/// The dataplane and the planner that remembers what was written to it: the one writer of the
+/// maps.
+pub struct Programmer {
+    pub dp: Dataplane,
+    pub planner: plan::Planner,
+}
+
+impl Programmer {
+    /// Plans `desired` and writes the difference; returns how many writes it took. If a write
+    /// fails part-way, the planner is rebuilt from the maps, so it never believes a state that
+    /// was never written, and the next apply writes what is still missing.
+    pub fn apply(&mut self, desired: &crate::state::Desired) -> Result<usize> {
+        let writes = self.planner.plan(desired)?;
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.dp.write(&writes) {
+            match self.dp.view().and_then(|v| Ok(plan::Planner::adopt(&v)?)) {
+                Ok(planner) => self.planner = planner,
+                Err(r) => tracing::error!(
+                    error = %format!("{r:#}"),
+                    "re-reading the maps after a failed write failed"
+                ),
+            }
+            return Err(
+                e.context("writing the dataplane maps (the planner was resynced from them)")
+            );
+        }
+        Ok(writes.len())
+    }
+}
+
 /// How a daemon came by its dataplane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
