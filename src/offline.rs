@@ -14,7 +14,7 @@ use xdpvs_common::{fwd_kind, stat, PROTO_UDP, REAL_F_VALID, STAT_NAMES};
 
 use crate::admin::{RealStatus, ServiceStatus, Status};
 use crate::config::Config;
-use crate::dataplane::{pin, PinnedMaps};
+use crate::dataplane::{pin, Maps};
 use crate::state;
 
 /// The pin directory a config's daemon uses (in this network namespace).
@@ -62,7 +62,7 @@ pub fn only_pin_dir() -> Result<PathBuf> {
 
 /// The table as the pinned maps hold it, with names from `cfg` where it has them.
 pub fn status(dir: &Path, cfg: Option<&Config>) -> Result<Status> {
-    let maps = PinnedMaps::open(dir)?;
+    let maps = Maps::open_pinned(dir)?;
     let view = maps.view()?;
     let reals: HashMap<u32, SocketAddr> = view
         .reals

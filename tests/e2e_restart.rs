@@ -295,11 +295,22 @@ fn detach_removes_everything_and_fresh_starts_empty() {
     let mut d = spawn_xdpvs(&lab, &cfg).expect("daemon");
     let (mut held, _) = KeepAlive::open(&lab.ns("client"), vip_addr(), 2, "/").unwrap();
 
-    // A second daemon on the same dataplane is refused, naming the first.
-    let second = spawn_xdpvs(&lab, &cfg);
-    let err = format!(
-        "{:#}",
-        second.err().expect("a second daemon must be refused")
+    // A second daemon on the same dataplane is refused, naming the first. Run to its exit
+    // (bounded): a readiness poll would be answered by the first daemon's admin socket.
+    let second = std::process::Command::new("timeout")
+        .arg("10")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns("dir")))
+        .arg(&d.bin)
+        .args(["run", "--config", d.config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr).into_owned()
+        + &String::from_utf8_lossy(&second.stdout);
+    assert_eq!(
+        second.status.code(),
+        Some(2),
+        "a second daemon must be refused: {err}"
     );
     assert!(err.contains("another xdpvs is running"), "{err}");
     assert!(err.contains(&format!("pid {}", d.pid())), "{err}");

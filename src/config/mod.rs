@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use parse::ConfigError;
+pub(crate) use parse::{parse_duration, valid_interface_name, MAX_IFNAME};
 
 /// Default Prometheus listen address (loopback only: metrics are privileged).
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9469";

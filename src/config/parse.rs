@@ -28,7 +28,7 @@ const MAX_CHECK_DURATION: Duration = Duration::from_secs(3600);
 /// Upper bound of connection idle timeouts.
 const MAX_CONN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Linux `IFNAMSIZ` minus the NUL.
-const MAX_IFNAME: usize = 15;
+pub(crate) const MAX_IFNAME: usize = 15;
 /// `sun_path` minus the NUL: longer admin socket paths cannot be bound.
 const MAX_SOCKET_PATH: usize = 107;
 const CHECK_TYPES: &str = "tcp, http, https, exec, dns, none, off";
@@ -467,14 +467,7 @@ impl Validator<'_> {
             ));
         };
         let name = interface.get_ref();
-        if name.is_empty()
-            || name.len() > MAX_IFNAME
-            || name == "."
-            || name == ".."
-            || name
-                .chars()
-                .any(|c| c == '/' || c == ':' || c.is_whitespace())
-        {
+        if !valid_interface_name(name) {
             return Err(self.at(
                 &interface,
                 "director.interface",
@@ -1147,9 +1140,20 @@ fn regex_message(e: &regex::Error) -> String {
         )
 }
 
+/// A name the kernel accepts for a network interface.
+pub(crate) fn valid_interface_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name.len() > MAX_IFNAME
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace()))
+}
+
 /// Parses `<number><unit>`: an integer or decimal number and one of `ms`, `s`, `m`, `h`.
 /// Compound forms (`1h30m`) are refused: one unit keeps configs easy to read and compare.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     const HINT: &str =
         "expected a number and a unit (ms, s, m or h), e.g. \"500ms\", \"1.5s\", \"2m\"";
     if s.starts_with('-') {

@@ -101,14 +101,9 @@ pub enum Origin {
 pub struct Dataplane {
     ebpf: Ebpf,
     layout: Array<MapData, Layout>,
-    services: HashMap<MapData, ServiceKey, Service>,
-    realsets: Array<MapData, RealSet>,
-    reals: Array<MapData, Real>,
-    real_conns: Array<MapData, RealConns>,
-    real_stats: PerCpuArray<MapData, RealStats>,
+    /// The maps `list`, metrics and adopt read (shared with the offline reader).
+    maps: Maps,
     conns: HashMap<MapData, ConnKey, Conn>,
-    settings_map: Array<MapData, Settings>,
-    stats: PerCpuArray<MapData, u64>,
     settings: Settings,
     attached: Option<(String, &'static str)>,
     /// The pin directory, when opened pinned.
@@ -192,35 +187,27 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("the kernel refused program {name}"))?;
         }
-        let settings_map: Array<MapData, Settings> = take(&mut ebpf, maps::SETTINGS)?;
-        // An adopted dataplane keeps its timeouts; a new one holds zeros until the first plan.
-        let settings = settings_map.get(&0, 0).unwrap_or_default();
-        Ok(Dataplane {
-            layout: take(&mut ebpf, maps::LAYOUT)?,
+        let maps = Maps {
             services: take(&mut ebpf, maps::SERVICES)?,
             realsets: take(&mut ebpf, maps::REALSETS)?,
             reals: take(&mut ebpf, maps::REALS)?,
             real_conns: take(&mut ebpf, maps::REAL_CONNS)?,
             real_stats: take(&mut ebpf, maps::REAL_STATS)?,
-            conns: take(&mut ebpf, maps::CONNS)?,
-            settings_map,
+            settings: take(&mut ebpf, maps::SETTINGS)?,
             stats: take(&mut ebpf, maps::STATS)?,
+        };
+        // An adopted dataplane keeps its timeouts; a new one holds zeros until the first plan.
+        let settings = maps.settings.get(&0, 0).unwrap_or_default();
+        Ok(Dataplane {
+            layout: take(&mut ebpf, maps::LAYOUT)?,
+            maps,
+            conns: take(&mut ebpf, maps::CONNS)?,
             settings,
             attached: None,
             pin_dir,
             link: None,
             ebpf,
         })
-    }
-
-    /// What the maps hold, for [`plan::Planner::adopt`].
-    pub fn view(&self) -> Result<MapsView> {
-        read_view(
-            &self.services,
-            &self.realsets,
-            &self.reals,
-            &self.settings_map,
-        )
     }
 
     /// Attaches the packet program. Opened pinned: if a link is pinned for `interface`, the
@@ -353,39 +340,25 @@ impl Dataplane {
         for w in writes {
             match w {
                 Write::ResetReal(id) => {
-                    self.real_conns.set(*id, RealConns::default(), 0)?;
+                    self.maps.real_conns.set(*id, RealConns::default(), 0)?;
                     let cpus = nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
                     let zero = PerCpuValues::try_from(vec![RealStats::default(); cpus])?;
-                    self.real_stats.set(*id, zero, 0)?;
+                    self.maps.real_stats.set(*id, zero, 0)?;
                 }
-                Write::Real(id, r) => self.reals.set(*id, r, 0)?,
-                Write::RealSet(i, s) => self.realsets.set(*i, s.as_ref(), 0)?,
-                Write::Service(k, s) => self.services.insert(k, s, 0)?,
-                Write::DeleteService(k) => match self.services.remove(k) {
+                Write::Real(id, r) => self.maps.reals.set(*id, r, 0)?,
+                Write::RealSet(i, s) => self.maps.realsets.set(*i, s.as_ref(), 0)?,
+                Write::Service(k, s) => self.maps.services.insert(k, s, 0)?,
+                Write::DeleteService(k) => match self.maps.services.remove(k) {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                     Err(e) => return Err(e.into()),
                 },
                 Write::Settings(s) => {
-                    self.settings_map.set(0, s, 0)?;
+                    self.maps.settings.set(0, s, 0)?;
                     self.settings = *s;
                 }
             }
         }
         Ok(())
-    }
-
-    pub fn real_conns(&self, id: u32) -> Result<RealConns> {
-        Ok(self.real_conns.get(&id, 0)?)
-    }
-
-    /// A real's traffic counters, summed over CPUs.
-    pub fn real_stats(&self, id: u32) -> Result<RealStats> {
-        Ok(sum_real_stats(&self.real_stats.get(&id, 0)?))
-    }
-
-    /// The dataplane's packet counters (`stat::*`), summed over CPUs.
-    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize]> {
-        sum_stats(&self.stats)
     }
 
     /// The tracked connections (a snapshot; the table changes while it is read).
@@ -425,7 +398,8 @@ impl Dataplane {
         for (key, conn) in self.connections() {
             report.entries += 1;
             let real_ok = *valid.entry(conn.real).or_insert_with(|| {
-                self.reals
+                self.maps
+                    .reals
                     .get(&conn.real, 0)
                     .map(|r| r.flags & REAL_F_VALID != 0)
                     .unwrap_or(false)
@@ -545,29 +519,6 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-fn read_view(
-    services: &HashMap<MapData, ServiceKey, Service>,
-    realsets: &Array<MapData, RealSet>,
-    reals: &Array<MapData, Real>,
-    settings: &Array<MapData, Settings>,
-) -> Result<MapsView> {
-    let mut view = MapsView::default();
-    for r in services.iter() {
-        let (k, v) = r?;
-        view.realsets
-            .insert(v.realset, realsets.get(&v.realset, 0)?);
-        view.services.push((k, v));
-    }
-    for id in 0..MAX_REALS {
-        let r = reals.get(&id, 0)?;
-        if r.family != FAMILY_NONE {
-            view.reals.push((id, r));
-        }
-    }
-    view.settings = settings.get(&0, 0)?;
-    Ok(view)
-}
-
 fn ifindex(interface: &str) -> Result<u32> {
     let c = std::ffi::CString::new(interface)?;
     // SAFETY: a valid NUL-terminated name.
@@ -577,9 +528,9 @@ fn ifindex(interface: &str) -> Result<u32> {
     }
 }
 
-/// The pinned maps opened read-only, for `xdpvs list` while no daemon runs.
-pub struct PinnedMaps {
-    pub dir: PathBuf,
+/// The maps that are read by `list`, metrics and adopt: the daemon's through [`Dataplane`]
+/// (which derefs to them), or opened read-only from the pins while no daemon runs.
+pub struct Maps {
     services: HashMap<MapData, ServiceKey, Service>,
     realsets: Array<MapData, RealSet>,
     reals: Array<MapData, Real>,
@@ -589,11 +540,11 @@ pub struct PinnedMaps {
     stats: PerCpuArray<MapData, u64>,
 }
 
-impl PinnedMaps {
-    pub fn open(dir: &Path) -> Result<Self> {
+impl Maps {
+    /// Opens the maps pinned in `dir` (their layout checked) without loading any program.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
         check_layout_lenient(dir)?;
-        Ok(PinnedMaps {
-            dir: dir.to_path_buf(),
+        Ok(Maps {
             services: pinned_map(dir, maps::SERVICES)?,
             realsets: pinned_map(dir, maps::REALSETS)?,
             reals: pinned_map(dir, maps::REALS)?,
@@ -604,20 +555,57 @@ impl PinnedMaps {
         })
     }
 
+    /// What the maps hold, for [`plan::Planner::adopt`].
     pub fn view(&self) -> Result<MapsView> {
-        read_view(&self.services, &self.realsets, &self.reals, &self.settings)
+        let mut view = MapsView::default();
+        for r in self.services.iter() {
+            let (k, v) = r?;
+            view.realsets
+                .insert(v.realset, self.realsets.get(&v.realset, 0)?);
+            view.services.push((k, v));
+        }
+        for id in 0..MAX_REALS {
+            let r = self.reals.get(&id, 0)?;
+            if r.family != FAMILY_NONE {
+                view.reals.push((id, r));
+            }
+        }
+        view.settings = self.settings.get(&0, 0)?;
+        Ok(view)
     }
 
     pub fn real_conns(&self, id: u32) -> Result<RealConns> {
         Ok(self.real_conns.get(&id, 0)?)
     }
 
+    /// A real's traffic counters, summed over CPUs.
     pub fn real_stats(&self, id: u32) -> Result<RealStats> {
-        Ok(sum_real_stats(&self.real_stats.get(&id, 0)?))
+        let per_cpu = self.real_stats.get(&id, 0)?;
+        Ok(per_cpu.iter().fold(RealStats::default(), |a, s| RealStats {
+            conns: a.conns.wrapping_add(s.conns),
+            packets: a.packets.wrapping_add(s.packets),
+            bytes: a.bytes.wrapping_add(s.bytes),
+        }))
     }
 
+    /// The dataplane's packet counters (`stat::*`), summed over CPUs.
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize]> {
-        sum_stats(&self.stats)
+        let mut out = [0u64; stat::COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = self
+                .stats
+                .get(&(i as u32), 0)?
+                .iter()
+                .fold(0u64, |a, x| a.wrapping_add(*x));
+        }
+        Ok(out)
+    }
+}
+
+impl std::ops::Deref for Dataplane {
+    type Target = Maps;
+    fn deref(&self) -> &Maps {
+        &self.maps
     }
 }
 
@@ -637,25 +625,6 @@ fn check_layout_lenient(dir: &Path) -> Result<()> {
         .into());
     }
     Ok(())
-}
-
-fn sum_real_stats(per_cpu: &PerCpuValues<RealStats>) -> RealStats {
-    per_cpu.iter().fold(RealStats::default(), |a, s| RealStats {
-        conns: a.conns.wrapping_add(s.conns),
-        packets: a.packets.wrapping_add(s.packets),
-        bytes: a.bytes.wrapping_add(s.bytes),
-    })
-}
-
-fn sum_stats(map: &PerCpuArray<MapData, u64>) -> Result<[u64; stat::COUNT as usize]> {
-    let mut out = [0u64; stat::COUNT as usize];
-    for (i, v) in out.iter_mut().enumerate() {
-        *v = map
-            .get(&(i as u32), 0)?
-            .iter()
-            .fold(0u64, |a, x| a.wrapping_add(*x));
-    }
-    Ok(out)
 }
 
 /// Largest MTU whose frames fit one page in most drivers' XDP buffers; above it a driver needs

@@ -15,7 +15,6 @@ use toml::Spanned;
 use super::vrrp::packet::{Family, MAX_ADVER_INT_CS};
 
 /// Linux `IFNAMSIZ` minus the NUL.
-const MAX_IFNAME: usize = 15;
 /// Longest `preempt_delay` accepted: more is almost surely a typo.
 const MAX_PREEMPT_DELAY: Duration = Duration::from_secs(3600);
 
@@ -184,19 +183,13 @@ fn one(
         );
     };
     let ifname = interface.get_ref();
-    if ifname.is_empty()
-        || ifname.len() > MAX_IFNAME
-        || ifname == "."
-        || ifname == ".."
-        || ifname
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
+    if !crate::config::valid_interface_name(ifname) {
         return err(
             interface.span(),
             key("interface"),
             format!(
-                "\"{ifname}\" is not a valid interface name (1..={MAX_IFNAME} characters, no '/', ':' or spaces)"
+                "\"{ifname}\" is not a valid interface name (1..={} characters, no '/', ':' or spaces)",
+                crate::config::MAX_IFNAME
             ),
         );
     }
@@ -390,57 +383,7 @@ fn is_broadcast(ip: IpAddr) -> bool {
 
 /// `"100ms"`, `"1s"`, `"1.5s"`, `"2m"`, `"1h"`: the duration syntax of the rest of the config.
 fn duration(v: &Spanned<String>, key: &str) -> Result<Duration, VrrpConfigError> {
-    let s = v.get_ref();
-    let bad = || {
-        err(
-            v.span(),
-            key.to_string(),
-            format!(
-                "\"{s}\" is not a duration; expected a number and a unit (ms, s, m or h), e.g. \"100ms\", \"1s\""
-            ),
-        )
-    };
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let unit_us: u128 = match unit {
-        "ms" => 1_000,
-        "s" => 1_000_000,
-        "m" => 60_000_000,
-        "h" => 3_600_000_000,
-        _ => return bad(),
-    };
-    let (int_part, frac) = number.split_once('.').unwrap_or((number, ""));
-    if int_part.is_empty()
-        || int_part.len() > 9
-        || frac.len() > 6
-        || frac.contains('.')
-        || (number.contains('.') && frac.is_empty())
-    {
-        return bad();
-    }
-    let (Ok(i), Ok(f)) = (
-        int_part.parse::<u128>(),
-        if frac.is_empty() {
-            Ok(0)
-        } else {
-            frac.parse::<u128>()
-        },
-    ) else {
-        return bad();
-    };
-    // i.frac * unit, in microseconds, exact.
-    let scale = 10u128.pow(frac.len() as u32);
-    let us = i * unit_us + f * unit_us / scale;
-    if !(f * unit_us).is_multiple_of(scale) {
-        return err(
-            v.span(),
-            key.to_string(),
-            format!("\"{s}\" is finer than a microsecond"),
-        );
-    }
-    Ok(Duration::from_micros(us as u64))
+    crate::config::parse_duration(v.get_ref()).or_else(|m| err(v.span(), key.to_string(), m))
 }
 
 #[cfg(test)]
@@ -528,7 +471,7 @@ mod tests {
             ),
             (t("advert_interval = \"15ms\"\n"), "vrrp[0].advert_interval", "not a whole number of centiseconds", "15ms"),
             (t("advert_interval = \"41s\"\n"), "vrrp[0].advert_interval", "out of range (10ms..=40.95s)", "41s"),
-            (t("advert_interval = \"1\"\n"), "vrrp[0].advert_interval", "is not a duration", "\"1\""),
+            (t("advert_interval = \"1\"\n"), "vrrp[0].advert_interval", "has no unit", "\"1\""),
             (t("preempt = false\npreempt_delay = \"1s\"\n"), "vrrp[0].preempt_delay", "no effect with `preempt = false`", "1s"),
             (t("preempt_delay = \"2h\"\n"), "vrrp[0].preempt_delay", "longer than the maximum of 1h", "2h"),
             (t("track_services = [\"mail\"]\n"), "vrrp[0].track_services[0]", "no service is named \"mail\"", "mail"),
