@@ -419,6 +419,7 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     let runtime = Runtime {
         health: health_from(&checker),
         overrides: HashMap::new(),
+        standby_vips: Default::default(),
     };
     let shared = Arc::new(Shared {
         config_path: config_path.to_path_buf(),

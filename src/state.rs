@@ -37,6 +37,9 @@ pub struct Health {
 pub struct Runtime {
     pub health: HashMap<RealId, Health>,
     pub overrides: HashMap<RealId, Override>,
+    /// VIPs this director does not own right now (held by VRRP instances that are not
+    /// master). A VIP no VRRP instance lists is always owned.
+    pub standby_vips: std::collections::HashSet<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +60,9 @@ pub struct DesiredService {
     pub reals: Vec<DesiredReal>,
     /// Cut a removed real's connections at once instead of letting them drain.
     pub cut_on_remove: bool,
+    /// Its VIP belongs to a VRRP instance that is not master here: the dataplane drops its
+    /// packets but keeps its connection entries for a takeover.
+    pub standby: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +131,7 @@ pub fn desired(config: &Config, rt: &Runtime) -> Desired {
                 fallback: s.fallback,
                 reals,
                 cut_on_remove: s.on_remove == OnRemove::Cut,
+                standby: rt.standby_vips.contains(&s.address.ip()),
             }
         })
         .collect();

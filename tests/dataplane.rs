@@ -437,6 +437,59 @@ fn removed_real_with_cut_drops_its_flows_and_releases_counts() {
 
 #[test]
 #[ignore = "needs root"]
+fn a_standby_service_forwards_nothing_and_keeps_its_connections_for_a_takeover() {
+    if !common::require_root(
+        "a_standby_service_forwards_nothing_and_keeps_its_connections_for_a_takeover",
+    ) {
+        return;
+    }
+    let net = DpNet::new("standby", 2);
+    net.run(|| {
+        let mut h = Harness::new();
+        let active = service(&[(1, 1), (2, 1)]);
+        h.apply(vec![active.clone()]);
+        let out = h.run(&syn(47000).build());
+        assert_eq!(out.action, XDP_TX);
+        let owner = Harness::real_of(&out.frame).expect("forwarded to a real");
+        h.run(&Frame::tcp(CLIENT, 47000, VIP, 80, ACK).build());
+
+        // VRRP backup: the VIP is not ours. Nothing is forwarded, new or established.
+        let mut standby = active.clone();
+        standby.standby = true;
+        h.apply(vec![standby.clone()]);
+        for (name, f) in [
+            ("new SYN", syn(47001).build()),
+            (
+                "established",
+                Frame::tcp(CLIENT, 47000, VIP, 80, ACK | PSH).build(),
+            ),
+        ] {
+            assert_eq!(h.run(&f).action, XDP_DROP, "{name} on a standby service");
+        }
+        let stats = h.dp.stats().unwrap();
+        assert_eq!(stats[stat::DROP_STANDBY as usize], 2);
+        assert_eq!(
+            stats[stat::TX as usize],
+            2,
+            "only the frames sent while master"
+        );
+        assert_eq!(
+            h.dp.connections().len(),
+            1,
+            "the held entry stays, none added"
+        );
+        assert_eq!(h.conns(owner, &standby), (1, 0));
+
+        // Takeover: the held connection continues on the same real.
+        h.apply(vec![active.clone()]);
+        let out = h.run(&Frame::tcp(CLIENT, 47000, VIP, 80, ACK | PSH).build());
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(Harness::real_of(&out.frame), Some(owner));
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
 fn fragments_to_a_service_are_dropped() {
     if !common::require_root("fragments_to_a_service_are_dropped") {
         return;

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use xdpvs_common::{
     Real, RealSet, RealSlot, Service, ServiceKey, Settings, MAX_REALS, MAX_REALS_PER_SERVICE,
-    MAX_SERVICES, NO_REAL, REAL_F_VALID, SVC_F_DRAINING,
+    MAX_SERVICES, NO_REAL, REAL_F_VALID, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
 use crate::config::Timeouts;
@@ -280,6 +280,7 @@ impl Planner {
                 fallback,
                 sched: ds.sched,
                 fwd: ds.fwd,
+                flags: if ds.standby { SVC_F_STANDBY } else { 0 },
                 ..Service::default()
             };
             if old.map(|(s, _)| s != service).unwrap_or(true) {
@@ -535,6 +536,7 @@ mod tests {
                 })
                 .collect(),
             cut_on_remove: false,
+            standby: false,
         }
     }
 

@@ -160,6 +160,7 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
             })
             .collect(),
         cut_on_remove: false,
+        standby: false,
     }
 }
 

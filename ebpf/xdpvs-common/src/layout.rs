@@ -20,7 +20,7 @@ use crate::{
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -169,7 +169,7 @@ mod tests {
     /// Every layout version with the fingerprint it was released with. A failure here means a
     /// map type changed: bump `LAYOUT_VERSION` and add a line, so a daemon meeting maps pinned
     /// by an older build refuses them instead of misreading them.
-    const RELEASED: &[(u32, u64)] = &[(1, 0x23d4_1dbb_7521_8935)];
+    const RELEASED: &[(u32, u64)] = &[(1, 0x23d4_1dbb_7521_8935), (2, 0x6a38_7763_08dc_a4c5)];
 
     #[test]
     fn layout_version_matches_its_fingerprint() {

@@ -138,6 +138,10 @@ pub struct Service {
 /// Service flag: removed from the configuration, kept only so its open connections can finish;
 /// new connections are not accepted (passed to the kernel as for any non-service address).
 pub const SVC_F_DRAINING: u8 = 1;
+/// Service flag: its VIP belongs to a VRRP instance that is not master here. Every packet to it
+/// is dropped (`DROP_STANDBY`), while its connection entries are kept (a sync peer keeps them
+/// current) so that a takeover continues them.
+pub const SVC_F_STANDBY: u8 = 2;
 
 /// One entry of a real set: which real, with which effective weight.
 #[repr(C)]
@@ -335,7 +339,12 @@ pub mod stat {
     /// Multi-buffer frame whose headers do not all lie in the linear part: passed to the
     /// kernel, which can read them (the XDP program reads and rewrites only linear bytes).
     pub const PASS_SPLIT_HEADERS: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Packet to a service whose VIP this director does not own right now (a VRRP backup):
+    /// dropped, never forwarded, so two directors never both send a flow to the reals.
+    pub const DROP_STANDBY: u32 = 16;
+    /// Slots 17..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// map layout of pinned maps.
+    pub const COUNT: u32 = 32;
 }
 
 /// Human names for `stat::*`, in index order (labels of `xdpvs_dataplane_packets_total`).
@@ -356,6 +365,22 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "multi_buffer",
     "over_mtu",
     "pass_split_headers",
+    "drop_standby",
+    "unused_17",
+    "unused_18",
+    "unused_19",
+    "unused_20",
+    "unused_21",
+    "unused_22",
+    "unused_23",
+    "unused_24",
+    "unused_25",
+    "unused_26",
+    "unused_27",
+    "unused_28",
+    "unused_29",
+    "unused_30",
+    "unused_31",
 ];
 
 #[cfg(feature = "user")]

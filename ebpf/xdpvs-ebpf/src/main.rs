@@ -22,7 +22,9 @@ mod schedule;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
-use xdpvs_common::{stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING};
+use xdpvs_common::{
+    stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING, SVC_F_STANDBY,
+};
 
 use crate::conntrack::Lookup;
 use crate::maps::count;
@@ -56,6 +58,10 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
             return xdp_action::XDP_PASS;
         }
     };
+    if svc.flags & SVC_F_STANDBY != 0 {
+        count(stat::DROP_STANDBY);
+        return xdp_action::XDP_DROP;
+    }
     if pkt.fragment {
         // A first fragment carries ports but its followers do not: tracking only part of a
         // datagram would split it between reals.
