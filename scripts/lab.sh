@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Network-namespace lab for end-to-end tests of xdpvs in DR mode (LVS-style).
 #
-#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver]
+#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1]
 #                                         build the lab (runs `down PREFIX` first); DIRXDP is the
-#                                         XDP mode the director will use (driver or skb)
+#                                         XDP mode the director will use (driver or skb); DIRS=2
+#                                         adds a second director (an HA pair, VIP held by VRRP)
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
 #   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until port 80 is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
@@ -16,6 +17,8 @@
 #
 #   ${PREFIX}client  eth0  198.18.0.1/24
 #   ${PREFIX}dir     d0    198.18.0.2/24 + VIP 198.18.0.100/32 (the director answers ARP for the VIP)
+#   ${PREFIX}dir2    d0    198.18.0.3/24, only with DIRS=2: then neither director has the VIP
+#                          until VRRP elects one (the daemons add and remove it)
 #   ${PREFIX}rI      eth0  198.18.0.(10+I)/24, VIP 198.18.0.100/32 on lo, arp_ignore=1,
 #                          arp_announce=2 (never answers ARP for the VIP), nginx on :80 -> "rI\n"
 #
@@ -27,11 +30,12 @@ VIP=198.18.0.100
 NET=198.18.0
 CLIENT_IP=$NET.1
 DIR_IP=$NET.2
+DIR2_IP=$NET.3
 
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -50,7 +54,7 @@ labdir() { echo "/tmp/${1}lab"; }
 lab_namespaces() {
     local p=$1 n
     ip netns list 2>/dev/null | awk '{print $1}' | while read -r n; do
-        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|r[0-9]+)$ ]]; then
+        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|dir2|r[0-9]+)$ ]]; then
             echo "$n"
         fi
     done
@@ -187,7 +191,9 @@ lab_down() {
     done
     # The director's pinned dataplane (xdpvs pins per network namespace, in the host's bpffs,
     # so it outlives the namespace unless removed) and its lock files.
-    rm -rf "/sys/fs/bpf/xdpvs/${p}dir" /run/xdpvs/lock/sys_fs_bpf_xdpvs_"${p}"dir_*.lock 2>/dev/null
+    rm -rf "/sys/fs/bpf/xdpvs/${p}dir" "/sys/fs/bpf/xdpvs/${p}dir2" \
+        /run/xdpvs/lock/sys_fs_bpf_xdpvs_"${p}"dir_*.lock \
+        /run/xdpvs/lock/sys_fs_bpf_xdpvs_"${p}"dir2_*.lock 2>/dev/null
     for ns in $nss; do
         ip netns delete "$ns" 2>/dev/null
     done
@@ -242,6 +248,31 @@ link_host() {
     ip -n "$ns" link set "$ifn" up
 }
 
+# make_director PREFIX NS IP PORT: a director host on the segment, d0 at IP, bridge port PORT.
+make_director() {
+    local p=$1 ns=$2 addr=$3 port=$4
+    ip netns add "$ns"
+    sysctls_host "$ns"
+    nsx "$ns" sysctl -qw net.ipv4.conf.all.forwarding=1
+    ip -n "$ns" link set lo up
+    link_host "$p" "$ns" d0 "$port"
+    ip -n "$ns" addr add "$addr/24" dev d0
+    if [[ $DIRXDP == driver ]]; then
+        ip -n "${p}sw" link set dev "$port" xdpdrv obj "$(labdir "$p")/xdp_pass.o" sec xdp.frags
+        # GRO on p-client aggregates the client's segments; the bridge must cut them again for
+        # the director's port (an XDP program on d0 takes its TSO away), and those segments carry
+        # CHECKSUM_PARTIAL (checksum left to the "hardware"), which the director's XDP_TX loses:
+        # the real then drops them (TcpInCsumErrors; measured: an upload through the director
+        # at 0.45 Mbit/s). Without tx checksum offload on p-dir the stack completes every
+        # checksum as it segments. A veth director in a container needs the same on its
+        # host-side veth; frames from a physical NIC always carry full checksums.
+        nsx "${p}sw" ethtool -K "$port" tx off >/dev/null
+    fi
+    # DIRXDP=skb: generic XDP works on the skb, so neither is needed: p-dir keeps TSO, the
+    # bridge hands d0 whole GRO aggregates (multi-buffer frames far above the MTU), XDP_TX sends
+    # the skb on with its checksum state, and the reals' stacks segment or take them whole.
+}
+
 lab_up() {
     local p=$1 n=$2 i ns
     lab_down "$p"
@@ -261,29 +292,17 @@ lab_up() {
     link_host "$p" "${p}client" eth0 p-client
     ip -n "${p}client" addr add "$CLIENT_IP/24" dev eth0
 
-    # director: owns the VIP (answers ARP for it), forwards (bpf_fib_lookup needs it)
-    ip netns add "${p}dir"
-    sysctls_host "${p}dir"
-    nsx "${p}dir" sysctl -qw net.ipv4.conf.all.forwarding=1
-    ip -n "${p}dir" link set lo up
-    link_host "$p" "${p}dir" d0 p-dir
-    ip -n "${p}dir" addr add "$DIR_IP/24" dev d0
-    ip -n "${p}dir" addr add "$VIP/32" dev d0
+    # director(s): forward (bpf_fib_lookup needs it); a single director owns the VIP (answers
+    # ARP for it), a pair leaves it to VRRP
     if [[ $DIRXDP == driver ]]; then
         build_xdp_pass "$(labdir "$p")/xdp_pass.o"
-        ip -n "${p}sw" link set dev p-dir xdpdrv obj "$(labdir "$p")/xdp_pass.o" sec xdp.frags
-        # GRO on p-client aggregates the client's segments; the bridge must cut them again for
-        # p-dir (an XDP program on d0 takes p-dir's TSO away), and those segments carry
-        # CHECKSUM_PARTIAL (checksum left to the "hardware"), which the director's XDP_TX loses:
-        # the real then drops them (TcpInCsumErrors; measured: an upload through the director
-        # at 0.45 Mbit/s). Without tx checksum offload on p-dir the stack completes every
-        # checksum as it segments. A veth director in a container needs the same on its
-        # host-side veth; frames from a physical NIC always carry full checksums.
-        nsx "${p}sw" ethtool -K p-dir tx off >/dev/null
     fi
-    # DIRXDP=skb: generic XDP works on the skb, so neither is needed: p-dir keeps TSO, the
-    # bridge hands d0 whole GRO aggregates (multi-buffer frames far above the MTU), XDP_TX sends
-    # the skb on with its checksum state, and the reals' stacks segment or take them whole.
+    make_director "$p" "${p}dir" "$DIR_IP" p-dir
+    if ((DIRS == 2)); then
+        make_director "$p" "${p}dir2" "$DIR2_IP" p-dir2
+    else
+        ip -n "${p}dir" addr add "$VIP/32" dev d0
+    fi
 
     # reals: VIP on lo, never answer ARP for it
     for i in $(seq "$n"); do
@@ -311,7 +330,11 @@ lab_up() {
     for i in $(seq "$n"); do
         answers "$p" "$i" || die "real r$i ($NET.$((10 + i))) does not answer the client"
     done
-    echo "lab $p up: client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n))"
+    if ((DIRS == 2)); then
+        echo "lab $p up: client $CLIENT_IP, directors $DIR_IP and $DIR2_IP (VIP $VIP by VRRP), reals $NET.11..$NET.$((10 + n))"
+    else
+        echo "lab $p up: client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n))"
+    fi
 }
 
 # ----------------------------------------------------------------------------------------- main
@@ -330,6 +353,8 @@ case $cmd in
         [[ $MTU =~ ^[0-9]+$ ]] && ((MTU >= 68 && MTU <= 65000)) || die "bad MTU '$MTU' (68..65000)"
         DIRXDP=${5:-driver}
         [[ $DIRXDP == driver || $DIRXDP == skb ]] || die "bad DIRXDP '$DIRXDP' (driver or skb)"
+        DIRS=${6:-1}
+        [[ $DIRS == 1 || $DIRS == 2 ]] || die "bad DIRS '$DIRS' (1 or 2)"
         # On any failure (errexit or die), leave nothing behind.
         trap 'rc=$?; if ((rc)); then echo "lab.sh: up $prefix failed; tearing down" >&2; lab_down "$prefix"; fi; exit $rc' EXIT
         lab_up "$prefix" "$nreals"

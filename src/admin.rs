@@ -84,6 +84,9 @@ pub struct Status {
     /// Set when no daemon answered and the table was read from the pinned maps: says so.
     #[serde(default)]
     pub offline: Option<String>,
+    /// VRRP instances (empty without `[[vrrp]]`).
+    #[serde(default)]
+    pub vrrp: Vec<crate::ha::director::VrrpStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -213,6 +216,42 @@ pub fn render(status: &Status) -> String {
         "Connections tracked: {}\n",
         status.conntrack_entries
     ));
+    for v in &status.vrrp {
+        let mut notes = Vec::new();
+        if v.priority != v.configured_priority {
+            notes.push(format!(
+                "configured priority {}; tracked service without a healthy real: {}",
+                v.configured_priority,
+                v.tracked_failed.join(", ")
+            ));
+        }
+        let rejected: u64 = v.rejected.values().sum();
+        if rejected > 0 {
+            let reasons: Vec<String> = v
+                .rejected
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(r, n)| format!("{r}={n}"))
+                .collect();
+            notes.push(format!("adverts dropped: {}", reasons.join(" ")));
+        }
+        out.push_str(&format!(
+            "VRRP {} ({} vrid {}): {} priority {} master {} addresses {} transitions {}{}\n",
+            v.name,
+            v.interface,
+            v.virtual_router_id,
+            v.state.to_uppercase(),
+            v.priority,
+            v.master.as_deref().unwrap_or("unknown"),
+            v.addresses.join(","),
+            v.transitions,
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", notes.join("; "))
+            }
+        ));
+    }
     // Packet counters that are not zero: drops and malformed frames show up here first.
     let counters: Vec<String> = status
         .dataplane

@@ -39,6 +39,8 @@ use xdpvs_common::STAT_NAMES;
 use crate::admin::{RealStatus, Request, Response, ServiceStatus, Status};
 use crate::config::{Config, Forwarding, OnExit, Protocol};
 use crate::dataplane::{pin, plan::Planner, Dataplane, Origin};
+use crate::ha::director::Vrrp;
+use crate::ha::vrrp::io::Transition;
 use crate::health::{HealthChecker, HealthEvent, Target};
 use crate::state::{self, Health, Override, Runtime};
 
@@ -71,6 +73,8 @@ pub struct Shared {
     /// them, so a scrape or a sweep of a large table never waits for another.
     pub programmer: RwLock<Programmer>,
     pub stats: DaemonStats,
+    /// The VRRP instances (none without `[[vrrp]]`); taken at stop to leave the elections.
+    pub vrrp: Mutex<Option<Vrrp>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -108,6 +112,47 @@ impl Shared {
             state::desired(&cfg, &rt)
         };
         write(&self.programmer).apply(&desired)
+    }
+
+    /// A VRRP instance changed state: the VIPs this director owns change with it.
+    fn on_vrrp(&self, t: &Transition) {
+        let standby = match lock(&self.vrrp).as_ref() {
+            Some(v) => v.standby_vips(),
+            None => return,
+        };
+        let changed = {
+            let mut rt = lock(&self.runtime);
+            let changed = rt.standby_vips != standby;
+            rt.standby_vips = standby;
+            changed
+        };
+        let master = t.to == crate::ha::vrrp::machine::State::Master;
+        if master {
+            // The reals' neighbour entries may be gone or stuck (a link that lost its carrier)
+            // and the XDP program cannot resolve them itself.
+            let cfg = self.config.load();
+            Dataplane::reresolve_neighbours(&cfg.director.interface, real_addresses(&cfg));
+        }
+        let role = if master {
+            "forwarding for its addresses"
+        } else {
+            "not forwarding for its addresses"
+        };
+        info!(vrrp = %t.name, from = %t.from, to = %t.to, master = ?t.master, priority = t.priority, "vrrp: {role}");
+        if changed {
+            if let Err(e) = self.apply() {
+                error!(error = %format!("{e:#}"), "applying a VRRP transition to the dataplane failed");
+            }
+        }
+    }
+
+    /// Tracked services: instances lower their priority while one has no healthy real.
+    fn track(&self) {
+        let cfg = self.config.load();
+        let health = lock(&self.runtime).health.clone();
+        if let Some(v) = lock(&self.vrrp).as_mut() {
+            v.track(&cfg, &health);
+        }
     }
 
     fn real_addr(&self, service: &str, real: &str) -> Result<SocketAddr> {
@@ -319,6 +364,10 @@ impl Shared {
             dataplane,
             pin_path: p.dp.pin_dir().map(|d| d.display().to_string()),
             offline: None,
+            vrrp: lock(&self.vrrp)
+                .as_ref()
+                .map(|v| v.status())
+                .unwrap_or_default(),
         })
     }
 }
@@ -419,14 +468,17 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     let runtime = Runtime {
         health: health_from(&checker),
         overrides: HashMap::new(),
-        standby_vips: Default::default(),
+        // Until an election makes this director master, it owns none of the VRRP addresses.
+        standby_vips: Vrrp::listed(&config.vrrp),
     };
+    let vrrp_configs = config.vrrp.clone();
     let shared = Arc::new(Shared {
         config_path: config_path.to_path_buf(),
         config: ArcSwap::from_pointee(config),
         runtime: Mutex::new(runtime),
         programmer: RwLock::new(Programmer { dp, planner }),
         stats: DaemonStats::default(),
+        vrrp: Mutex::new(None),
     });
     let first = shared
         .apply_counted()
@@ -442,6 +494,15 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         .last_reload_ok
         .store(now_unix(), Ordering::SeqCst);
     prime_neighbours(&shared);
+
+    // The elections start once the dataplane holds the configuration, so a director that
+    // becomes master forwards at once.
+    let (vrrp_tx, mut vrrp_rx) = mpsc::unbounded_channel::<Transition>();
+    if !vrrp_configs.is_empty() {
+        let v = Vrrp::start(&vrrp_configs, vrrp_tx).context("starting VRRP")?;
+        *lock(&shared.vrrp) = Some(v);
+        shared.track();
+    }
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<ReloadTrigger>();
     let admin_task = tokio::spawn(serve_admin(
@@ -493,7 +554,20 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
                 }
             }
             Some(ev) = events_rx.recv() => on_health(&shared, ev),
+            Some(t) = vrrp_rx.recv() => shared.on_vrrp(&t),
         }
+    }
+    let vrrp = lock(&shared.vrrp).take();
+    if let Some(v) = vrrp {
+        // Leave the elections first (priority 0: the peer takes over now), then stop
+        // forwarding for their addresses, so a dataplane left pinned never competes with the
+        // new master.
+        v.stop().await;
+        lock(&shared.runtime).standby_vips = Vrrp::listed(&shared.config.load().vrrp);
+        if let Err(e) = shared.apply() {
+            error!(error = %format!("{e:#}"), "marking the VRRP addresses standby failed");
+        }
+        info!("left the VRRP elections; the dataplane no longer forwards for their addresses");
     }
     checker.shutdown();
     admin_task.abort();
@@ -569,6 +643,7 @@ fn on_health(shared: &Shared, ev: HealthEvent) {
         if let Err(e) = shared.apply() {
             error!(error = %format!("{e:#}"), "applying a health change to the dataplane failed");
         }
+        shared.track();
     }
 }
 
@@ -597,6 +672,10 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
                 }
                 new.director = old.director.clone();
                 new.director.timeouts = timeouts;
+            }
+            if new.vrrp != old.vrrp {
+                warn!("[[vrrp]] changes take effect at the next restart; the running elections keep their settings");
+                new.vrrp = old.vrrp.clone();
             }
             // The checks change only once the dataplane has taken the new state: a rejected
             // reload must leave every check of the running configuration in place (and the
@@ -636,6 +715,7 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
                         .last_reload_ok
                         .store(now_unix(), Ordering::SeqCst);
                     info!(services, "configuration reloaded");
+                    shared.track();
                     prime_neighbours(shared);
                     Ok(())
                 }
@@ -653,14 +733,15 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
     }
 }
 
-fn prime_neighbours(shared: &Shared) {
-    let cfg = shared.config.load();
-    let addrs: Vec<SocketAddr> = cfg
-        .services
+fn real_addresses(cfg: &Config) -> Vec<SocketAddr> {
+    cfg.services
         .iter()
         .flat_map(|s| s.reals.iter().map(|r| r.address).chain(s.fallback))
-        .collect();
-    Dataplane::prime_neighbours(addrs);
+        .collect()
+}
+
+fn prime_neighbours(shared: &Shared) {
+    Dataplane::prime_neighbours(real_addresses(&shared.config.load()));
 }
 
 /// Once a second: retire idle connection entries, free the ids of drained reals; every few

@@ -82,6 +82,7 @@ pub struct Snapshot {
     /// Unix time of the last successful (re)load, start-up included.
     pub last_reload_ok: u64,
     pub version: String,
+    pub vrrp: Vec<crate::ha::director::VrrpStatus>,
 }
 
 impl Snapshot {
@@ -113,6 +114,7 @@ impl Snapshot {
             reloads_error: shared.stats.reloads_error.load(Ordering::SeqCst),
             last_reload_ok: shared.stats.last_reload_ok.load(Ordering::SeqCst),
             version: st.version,
+            vrrp: st.vrrp,
         })
     }
 }
@@ -374,6 +376,59 @@ pub fn families(snap: &Snapshot, mono: &mut Monotonic) -> prometheus::Result<Vec
         &["version"],
     )?;
 
+    let vrrp_labels = &["instance"];
+    let vrrp_state = gauge(
+        "xdpvs_vrrp_state",
+        "VRRP state of the instance: 0 initialize, 1 backup, 2 master.",
+        vrrp_labels,
+    )?;
+    let vrrp_priority = gauge(
+        "xdpvs_vrrp_priority",
+        "Running VRRP priority (lowered while a tracked service has no healthy real).",
+        vrrp_labels,
+    )?;
+    let vrrp_transitions = counter(
+        "xdpvs_vrrp_transitions_total",
+        "VRRP state changes of the instance.",
+        vrrp_labels,
+    )?;
+    let vrrp_adverts = counter(
+        "xdpvs_vrrp_adverts_total",
+        "VRRP advertisements, by direction (sent, received, accepted).",
+        &["instance", "direction"],
+    )?;
+    let vrrp_rejected = counter(
+        "xdpvs_vrrp_adverts_rejected_total",
+        "Received VRRP packets dropped, by reason (RFC 5798 section 7.1 checks).",
+        &["instance", "reason"],
+    )?;
+    for v in &snap.vrrp {
+        let i = v.name.as_str();
+        vrrp_state
+            .with_label_values(&[i])
+            .set(match v.state.as_str() {
+                "master" => 2,
+                "backup" => 1,
+                _ => 0,
+            });
+        vrrp_priority
+            .with_label_values(&[i])
+            .set(i64::from(v.priority));
+        vrrp_transitions
+            .with_label_values(&[i])
+            .inc_by(v.transitions);
+        for (dir, n) in [
+            ("sent", v.adverts_sent),
+            ("received", v.adverts_received),
+            ("accepted", v.adverts_accepted),
+        ] {
+            vrrp_adverts.with_label_values(&[i, dir]).inc_by(n);
+        }
+        for (reason, n) in &v.rejected {
+            vrrp_rejected.with_label_values(&[i, reason]).inc_by(*n);
+        }
+    }
+
     mono.begin();
     let mut seen = HashSet::new();
     for rs in &snap.reals {
@@ -595,6 +650,17 @@ mod tests {
             reloads_error: 1,
             last_reload_ok: 1_700_000_000,
             version: "0.1.0".into(),
+            vrrp: vec![crate::ha::director::VrrpStatus {
+                name: "front".into(),
+                state: "master".into(),
+                priority: 150,
+                configured_priority: 150,
+                transitions: 3,
+                adverts_sent: 40,
+                adverts_received: 7,
+                rejected: [("ttl".to_string(), 2u64)].into_iter().collect(),
+                ..Default::default()
+            }],
         }
     }
 
@@ -632,6 +698,20 @@ mod tests {
                 1.7e9,
             ),
             ("xdpvs_build_info{version=\"0.1.0\"}".into(), 1.0),
+            ("xdpvs_vrrp_state{instance=\"front\"}".into(), 2.0),
+            ("xdpvs_vrrp_priority{instance=\"front\"}".into(), 150.0),
+            (
+                "xdpvs_vrrp_transitions_total{instance=\"front\"}".into(),
+                3.0,
+            ),
+            (
+                "xdpvs_vrrp_adverts_total{direction=\"sent\",instance=\"front\"}".into(),
+                40.0,
+            ),
+            (
+                "xdpvs_vrrp_adverts_rejected_total{instance=\"front\",reason=\"ttl\"}".into(),
+                2.0,
+            ),
         ] {
             assert_eq!(value(&text, &series), Some(want), "{series} in:\n{text}");
         }

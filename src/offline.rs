@@ -175,6 +175,7 @@ pub fn status(dir: &Path, cfg: Option<&Config>) -> Result<Status> {
              until `xdpvs run` adopts it",
             dir.display()
         )),
+        vrrp: Vec::new(),
     })
 }
 

@@ -65,6 +65,15 @@ fn interface_flags(name: &str) -> Option<u32> {
     ifreq_ioctl(name, libc::SIOCGIFFLAGS).map(|r| unsafe { r.ifr_ifru.ifru_flags } as u16 as u32)
 }
 
+/// Whether the interface is up with its carrier present (`IFF_UP` and `IFF_RUNNING`, the
+/// kernel's operational state), in this process's network namespace; `None` if it is gone.
+pub fn interface_running(name: &str) -> Option<bool> {
+    interface_flags(name).map(|f| {
+        let want = (libc::IFF_UP | libc::IFF_RUNNING) as u32;
+        f & want == want
+    })
+}
+
 /// The interface's MTU, in this process's network namespace (sysfs may show another one's).
 pub fn interface_mtu(name: &str) -> Option<u32> {
     // SAFETY: SIOCGIFMTU fills the mtu member of the union.

@@ -26,6 +26,9 @@ pub struct Config {
     pub source: PathBuf,
     pub director: Director,
     pub services: Vec<ServiceConfig>,
+    /// VRRP instances electing which director of a pair owns which VIPs (empty: this director
+    /// owns every VIP, no HA).
+    pub vrrp: Vec<crate::ha::config::VrrpConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -103,6 +103,8 @@ struct RawFile {
     director: Option<Spanned<RawDirector>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    vrrp: Vec<Spanned<crate::ha::config::RawVrrp>>,
 }
 
 #[derive(Deserialize)]
@@ -448,10 +450,15 @@ impl Validator<'_> {
             services.push(service);
         }
 
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let vrrp = crate::ha::config::validate(&raw.vrrp, &names)
+            .map_err(|e| self.err(e.span, &e.key, e.message))?;
+
         Ok(Config {
             source: self.file.to_path_buf(),
             director,
             services,
+            vrrp,
         })
     }
 

@@ -423,6 +423,25 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// [`prime_neighbours`](Self::prime_neighbours) after dropping the entries of
+    /// `interface` that are still resolving or failed. An entry left INCOMPLETE while the link
+    /// was down is retried only at the next ARP retransmit (up to a second later), and new
+    /// traffic does not hurry it: a director taking over after its link came back would drop
+    /// connections to that real (`drop_no_neigh`) until then.
+    pub fn reresolve_neighbours(interface: &str, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let flushed = std::process::Command::new("ip")
+            .args(["-4", "neigh", "flush", "dev", interface])
+            .args(["nud", "incomplete", "nud", "failed"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if let Err(e) = flushed {
+            tracing::debug!(error = %e, "ip neigh flush failed");
+        }
+        Self::prime_neighbours(addrs);
+    }
+
     /// Makes the kernel resolve each real's MAC ahead of traffic (the XDP program reads the
     /// neighbour table and cannot trigger resolution itself): one empty datagram to the discard
     /// port of each address.

@@ -7,5 +7,6 @@
 //! into desired state (forward for the VIPs only while master).
 
 pub mod config;
+pub mod director;
 pub mod sync;
 pub mod vrrp;

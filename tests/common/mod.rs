@@ -95,6 +95,16 @@ impl Lab {
     /// Builds the lab with `mtu` on every link, prepared for a director in XDP mode `dir_xdp`
     /// ("driver" or "skb"; see scripts/lab.sh).
     pub fn up_with(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str) -> Result<Lab> {
+        Lab::up_full(prefix, reals, mtu, dir_xdp, 1)
+    }
+
+    /// A lab with two directors, `dir` (198.18.0.2) and `dir2` (198.18.0.3), neither holding
+    /// the VIP until VRRP elects one (`lab.sh up ... DIRS=2`).
+    pub fn up_pair(prefix: &str, reals: usize) -> Result<Lab> {
+        Lab::up_full(prefix, reals, 1500, "driver", 2)
+    }
+
+    fn up_full(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str, dirs: u8) -> Result<Lab> {
         let ok_prefix = !prefix.is_empty()
             && prefix.len() <= 10
             && prefix
@@ -119,8 +129,9 @@ impl Lab {
                 &reals.to_string(),
                 &mtu.to_string(),
                 dir_xdp,
+                &dirs.to_string(),
             ]),
-            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp}"),
+            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp} {dirs}"),
         )?;
         Ok(lab)
     }
@@ -578,18 +589,45 @@ pub fn spawn_xdpvs_with(lab: &Lab, config_toml: &str, run_args: &[&str]) -> Resu
 
 /// [`spawn_xdpvs_with`] running the binary at `bin` (an upgrade test runs a rebuilt copy).
 pub fn spawn_binary(lab: &Lab, bin: &Path, config_toml: &str, run_args: &[&str]) -> Result<Daemon> {
+    spawn_in(lab, "dir", bin, config_toml, run_args)
+}
+
+/// [`spawn_xdpvs_with`] in director host `host` of the lab (`"dir"`, or `"dir2"` of a pair:
+/// its files are `xdpvs-dir2.toml` and `xdpvs-dir2.log`).
+pub fn spawn_director(
+    lab: &Lab,
+    host: &str,
+    config_toml: &str,
+    run_args: &[&str],
+) -> Result<Daemon> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_xdpvs"));
+    spawn_in(lab, host, &bin, config_toml, run_args)
+}
+
+fn spawn_in(
+    lab: &Lab,
+    host: &str,
+    bin: &Path,
+    config_toml: &str,
+    run_args: &[&str],
+) -> Result<Daemon> {
     let bin = bin.to_path_buf();
     std::fs::create_dir_all(&lab.dir)?;
-    let config_path = lab.dir.join("xdpvs.toml");
+    let stem = if host == "dir" {
+        "xdpvs".to_string()
+    } else {
+        format!("xdpvs-{host}")
+    };
+    let config_path = lab.dir.join(format!("{stem}.toml"));
     std::fs::write(&config_path, config_toml)
         .with_context(|| format!("write {}", config_path.display()))?;
-    let log_path = lab.dir.join("xdpvs.log");
+    let log_path = lab.dir.join(format!("{stem}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("open {}", log_path.display()))?;
-    let ns = lab.ns("dir");
+    let ns = lab.ns(host);
     // nsenter execs the binary: the child's pid is the daemon's.
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))

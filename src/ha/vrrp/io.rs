@@ -35,6 +35,9 @@ use super::machine::{Action, Event, Machine, Params, State};
 use super::packet::{self, Advert, Family, Local, Received, Reject, RejectCounts};
 use crate::ha::config::VrrpConfig;
 
+/// Longest time between two carrier checks of the interface.
+const LINK_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A state change, reported to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -61,8 +64,14 @@ pub struct Counters {
     pub gratuitous_sent: AtomicU64,
     /// `ip addr add/del` that failed.
     pub address_errors: AtomicU64,
+    /// The interface lost its carrier (or went down or away): out of the election until back.
+    pub link_down: std::sync::atomic::AtomicBool,
     /// The current [`State`] as `State as u8` (0 initialize, 1 backup, 2 master).
     state: AtomicU8,
+    /// Running priority (tracked services lower it).
+    priority: AtomicU8,
+    /// The master as last known (ourselves while master; `None` before any advert).
+    master: std::sync::Mutex<Option<IpAddr>>,
 }
 
 impl Counters {
@@ -76,6 +85,19 @@ impl Counters {
 
     fn set_state(&self, s: State) {
         self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    pub fn priority(&self) -> u8 {
+        self.priority.load(Ordering::Relaxed)
+    }
+
+    pub fn master(&self) -> Option<IpAddr> {
+        *self.master.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn observe(&self, m: &Machine) {
+        self.priority.store(m.priority(), Ordering::Relaxed);
+        *self.master.lock().unwrap_or_else(|p| p.into_inner()) = m.master();
     }
 }
 
@@ -180,7 +202,16 @@ impl Instance {
             primary = %self.primary, "vrrp instance starting"
         );
         self.step(&mut m, Event::Startup, &events).await;
+        if m.state() == State::Backup {
+            // A daemon killed while master left its addresses on the interface: a backup must
+            // not answer ARP for them.
+            self.addresses("del").await;
+        }
         let mut buf = vec![0u8; 2048];
+        // Carrier is polled (one ioctl), at least as often as adverts are sent.
+        let mut link_tick = tokio::time::interval(LINK_POLL.min(self.config.advert_interval));
+        link_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut link_up = true;
         loop {
             let deadline = m.next_deadline();
             let timer = async {
@@ -210,6 +241,14 @@ impl Instance {
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 },
+                _ = link_tick.tick() => {
+                    let up = crate::preflight::interface_running(&self.config.interface)
+                        .unwrap_or(false);
+                    if up != link_up {
+                        link_up = up;
+                        self.link_changed(&mut m, up, &events).await;
+                    }
+                }
                 Ok(()) = priority.changed() => {
                     let p = *priority.borrow_and_update();
                     self.step(&mut m, Event::SetPriority(p), &events).await;
@@ -218,9 +257,53 @@ impl Instance {
         }
     }
 
+    /// keepalived's FAULT: without carrier the instance leaves the election (as master it
+    /// gives up the addresses: it cannot defend them), and rejoins as a backup when the carrier
+    /// returns, so a master whose link was cut takes its addresses back only through a fresh
+    /// election, with gratuitous ARP that points the clients at it again.
+    async fn link_changed(
+        &self,
+        m: &mut Machine,
+        up: bool,
+        events: &mpsc::UnboundedSender<Transition>,
+    ) {
+        self.counters.link_down.store(!up, Ordering::Relaxed);
+        if up {
+            tracing::info!(vrrp = %self.config.name, interface = %self.config.interface, "carrier back: rejoining the election");
+            self.step(m, Event::Startup, events).await;
+            if m.state() == State::Backup {
+                self.addresses("del").await;
+            }
+        } else {
+            tracing::warn!(vrrp = %self.config.name, interface = %self.config.interface, "interface down or without carrier: leaving the election until it returns");
+            self.step(m, Event::Shutdown, events).await;
+        }
+    }
+
     async fn step(&self, m: &mut Machine, ev: Event, events: &mpsc::UnboundedSender<Transition>) {
         let from = m.state();
         let actions = m.step(ev, Instant::now());
+        let to = m.state();
+        // Taking over, the daemon is told first: it starts forwarding for the VIPs while the
+        // addresses are added and announced, so the first client packet after the gratuitous
+        // ARP finds the dataplane ready. Leaving, it is told after the addresses are gone.
+        let report = |counters: &Counters| {
+            if to != from {
+                counters.transitions.fetch_add(1, Ordering::Relaxed);
+                counters.set_state(to);
+                tracing::info!(vrrp = %self.config.name, %from, %to, master = ?m.master(), "vrrp transition");
+                let _ = events.send(Transition {
+                    name: self.config.name.clone(),
+                    from,
+                    to,
+                    master: m.master(),
+                    priority: m.priority(),
+                });
+            }
+        };
+        if to == State::Master {
+            report(&self.counters);
+        }
         for a in actions {
             match a {
                 Action::SendAdvert { priority } => self.send_advert(priority),
@@ -231,19 +314,10 @@ impl Instance {
                 Action::Arm { .. } | Action::Cancel(_) => {}
             }
         }
-        let to = m.state();
-        if to != from {
-            self.counters.transitions.fetch_add(1, Ordering::Relaxed);
-            self.counters.set_state(to);
-            tracing::info!(vrrp = %self.config.name, %from, %to, master = ?m.master(), "vrrp transition");
-            let _ = events.send(Transition {
-                name: self.config.name.clone(),
-                from,
-                to,
-                master: m.master(),
-                priority: m.priority(),
-            });
+        if to != State::Master {
+            report(&self.counters);
         }
+        self.counters.observe(m);
     }
 
     /// Reads one packet; `Some` when it is a valid advert from another router.
@@ -340,7 +414,9 @@ impl Instance {
                 Ok(o) => {
                     let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
                     let benign = (op == "add" && err.contains("File exists"))
-                        || (op == "del" && err.contains("Cannot assign requested address"));
+                        || (op == "del"
+                            && (err.contains("Cannot assign requested address")
+                                || err.contains("Address not found")));
                     (!benign).then_some(err)
                 }
                 Err(e) => Some(e.to_string()),

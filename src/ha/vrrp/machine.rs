@@ -337,7 +337,13 @@ impl Machine {
         let local = self.params.priority;
         let wins = priority > local || (priority == local && ip_greater(from, self.params.primary));
         if !wins {
-            return vec![];
+            // Two masters: a partition between the pair just healed. The RFC discards the
+            // advert; like keepalived (garp_lower_prio_repeat) we also answer at once with an
+            // advert, so the other side yields now, and with gratuitous ARP, because while
+            // partitioned the clients and switches learned the other master's MAC.
+            let mut out = self.advertise(now).to_vec();
+            out.push(Action::SendGratuitous);
+            return out;
         }
         self.adver_at = None;
         self.state = State::Backup;
@@ -700,22 +706,30 @@ mod tests {
                 ],
             },
             Row {
-                name: "master: equal priority from a lower address is discarded",
+                name: "master: equal priority from a lower address is answered with an advert and gratuitous ARP (two masters)",
                 params: p100,
                 from: State::Master,
                 after: t,
                 event: advert(LOWER_IP, 100, 100),
                 to: State::Master,
-                actions: vec![],
+                actions: vec![
+                    act(SendAdvert { priority: 100 }),
+                    arm(Timer::Adver, t + ms(1000)),
+                    act(SendGratuitous),
+                ],
             },
             Row {
-                name: "master: lower priority advert is discarded",
+                name: "master: lower priority advert is answered with an advert and gratuitous ARP (two masters)",
                 params: p100,
                 from: State::Master,
                 after: t,
                 event: advert(HIGHER_IP, 99, 100),
                 to: State::Master,
-                actions: vec![],
+                actions: vec![
+                    act(SendAdvert { priority: 100 }),
+                    arm(Timer::Adver, t + ms(1000)),
+                    act(SendGratuitous),
+                ],
             },
             Row {
                 name: "master: lowered priority is advertised at once",
