@@ -374,3 +374,84 @@ fn a_director_pair_fails_over_and_back_within_the_rfc_detection_time() {
         );
     }
 }
+
+/// Drops VRRP in director `host`'s input path (both directors then hear nobody) or lets it in.
+fn isolate(lab: &Lab, host: &str, on: bool) {
+    let ns = lab.ns(host);
+    let nft = |script: &str| {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(script.as_bytes())?;
+                c.wait()
+            })
+            .expect("nft");
+        assert!(st.success(), "nft in {ns}: {script}");
+    };
+    if on {
+        nft("table ip xha_split {\n chain input {\n type filter hook input priority 0;\n ip protocol vrrp drop\n }\n}\n");
+    } else {
+        nft("delete table ip xha_split\n");
+    }
+}
+
+/// Split brain: the directors stop hearing each other's adverts while both still see the
+/// clients. Each becomes (or stays) master and holds the VIP; the clients follow whichever
+/// gratuitous ARP they heard last, so new connections keep working through one of them. Once
+/// the adverts pass again, the lower priority yields at once and the higher answers with
+/// gratuitous ARP: one master, clients through it, neither daemon crashed.
+#[test]
+#[ignore = "needs root"]
+fn split_brain_leaves_both_masters_serving_and_recovers_to_one() {
+    if !common::require_root("split_brain_leaves_both_masters_serving_and_recovers_to_one") {
+        return;
+    }
+    let lab = Lab::up_pair("xhs", 2).expect("lab");
+    let (mut a, b) = pair(&lab, 100);
+    let p = Prober::start(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let split = p.now();
+    isolate(&lab, "dir", true);
+    isolate(&lab, "dir2", true);
+    wait_until("both masters", Duration::from_secs(5), || {
+        is_master(a.as_ref().expect("A")) && is_master(&b)
+    });
+    assert!(
+        has_vip(&lab, "dir") && has_vip(&lab, "dir2"),
+        "both hold the VIP"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (n, failed, outage) = p.finish(split);
+    println!("split: {n} new connections, {failed} failed, client outage {outage:?}");
+    assert!(
+        outage <= master_down(Duration::from_millis(100)) + Duration::from_millis(50),
+        "split brain: the client lost service for {outage:?}"
+    );
+
+    let p = Prober::start(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let heal = p.now();
+    isolate(&lab, "dir", false);
+    isolate(&lab, "dir2", false);
+    wait_until("one master again", Duration::from_secs(5), || {
+        is_master(a.as_ref().expect("A")) && is_backup(&b)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (n, failed, outage) = p.finish(heal);
+    println!("healed: {n} new connections, {failed} failed, client outage {outage:?}");
+    assert!(has_vip(&lab, "dir") && !has_vip(&lab, "dir2"));
+    assert!(
+        outage <= Duration::from_millis(350),
+        "after the split healed the client lost service for {outage:?}"
+    );
+    let d = a.as_mut().expect("A");
+    assert!(d.try_wait().expect("A").is_none(), "A still runs");
+    let st = b.list().expect("B answers");
+    assert!(st.contains("BACKUP"), "{st}");
+}
