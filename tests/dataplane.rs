@@ -310,6 +310,7 @@ fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
                 tcp_close: zero,
                 udp: zero,
             },
+            sync: false,
         });
         assert_eq!(h.dp.sweep().unwrap().retired, 1);
         assert_eq!(h.conns(1, &s), (0, 0));
@@ -1221,6 +1222,7 @@ fn a_write_failing_part_way_leaves_the_planner_resynced_from_the_maps() {
         let desired = |s| Desired {
             services: vec![s],
             timeouts: Default::default(),
+            sync: false,
         };
         let two = service(&[(1, 1), (2, 1)]);
         p.apply(&desired(two.clone())).expect("first apply");
