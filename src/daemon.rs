@@ -457,6 +457,19 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         None
     };
     let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+    // Connection-state sync with the peer director (`[sync]`); the first apply above already
+    // set SETTINGS_F_SYNC, so the dataplane reports events from now on.
+    let sync = match shared.config.load().sync.clone() {
+        None => None,
+        Some(cfg) => {
+            let ring = write(&shared.programmer)
+                .dp
+                .take_sync_events()
+                .ok_or_else(|| anyhow!("the sync event ring buffer is already taken"))?;
+            let tables: Arc<dyn crate::ha::sync::service::Tables> = shared.clone();
+            Some(crate::ha::sync::service::start(&cfg, tables, ring)?)
+        }
+    };
     let mut metrics_task = None;
     if let Some(addr) = director.metrics {
         metrics_task = Some(tokio::spawn(crate::metrics::serve(addr, shared.clone())));
@@ -496,6 +509,7 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         }
     }
     checker.shutdown();
+    drop(sync);
     admin_task.abort();
     sweeper.abort();
     if let Some(t) = metrics_task {
@@ -597,6 +611,10 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
                 }
                 new.director = old.director.clone();
                 new.director.timeouts = timeouts;
+            }
+            if new.sync != old.sync {
+                warn!("[sync] changes take effect at the next restart");
+                new.sync = old.sync.clone();
             }
             // The checks change only once the dataplane has taken the new state: a rejected
             // reload must leave every check of the running configuration in place (and the

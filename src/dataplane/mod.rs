@@ -591,6 +591,11 @@ impl Maps {
         Ok(view)
     }
 
+    /// What `REALS` holds for an id (family `FAMILY_NONE`: no real).
+    pub fn real(&self, id: u32) -> Result<Real> {
+        Ok(self.reals.get(&id, 0)?)
+    }
+
     pub fn real_conns(&self, id: u32) -> Result<RealConns> {
         Ok(self.real_conns.get(&id, 0)?)
     }

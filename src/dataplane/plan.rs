@@ -97,6 +97,11 @@ impl Planner {
         self.reals.get(&(*service, real)).map(|r| r.id)
     }
 
+    /// The dataplane id of a service (live or draining), if it holds one.
+    pub fn service_id(&self, service: &ServiceKey) -> Option<u32> {
+        self.services.get(service).map(|e| e.id)
+    }
+
     /// A real's weight in its service's live set; `None` if it is not in the set.
     pub fn live_weight(&self, service: &ServiceKey, real: SocketAddr) -> Option<u32> {
         let id = self.real_id(service, real)?;
