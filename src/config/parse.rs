@@ -498,16 +498,27 @@ impl Validator<'_> {
             }
             Ok(a)
         };
-        let listen_v = required(raw.listen, "listen", "the local address:port for the peer's datagrams")?;
+        let listen_v = required(
+            raw.listen,
+            "listen",
+            "the local address:port for the peer's datagrams",
+        )?;
         let peer_v = required(raw.peer, "peer", "the peer director's address:port")?;
-        let key_v = required(raw.key_file, "key_file", "a file holding the shared 32-byte key")?;
+        let key_v = required(
+            raw.key_file,
+            "key_file",
+            "a file holding the shared 32-byte key",
+        )?;
         let listen = endpoint(&listen_v, "listen")?;
         let peer = endpoint(&peer_v, "peer")?;
         if peer.ip().is_unspecified() || peer.ip().is_multicast() {
             return Err(self.at(
                 &peer_v,
                 "sync.peer",
-                format!("{} is not a unicast address (multicast sync is not supported yet)", peer.ip()),
+                format!(
+                    "{} is not a unicast address (multicast sync is not supported yet)",
+                    peer.ip()
+                ),
             ));
         }
         if peer == listen {
@@ -2098,7 +2109,10 @@ scheduler = "rr"
             "listen = \"0.0.0.0:8899\"\npeer = \"198.18.0.3:8899\"\nkey_file = \"{}\"\n",
             k.display()
         ));
-        assert_eq!(parse_str(&text).unwrap().sync.unwrap().refresh, DEFAULT_SYNC_REFRESH);
+        assert_eq!(
+            parse_str(&text).unwrap().sync.unwrap().refresh,
+            DEFAULT_SYNC_REFRESH
+        );
         // A relative key_file is found next to the config file.
         let cfg = k.parent().unwrap().join("x.toml");
         let text = sync_table(
@@ -2126,7 +2140,12 @@ scheduler = "rr"
             "sync.listen",
             "not an IP:PORT address",
         );
-        expect_err(&ok("198.18.0.2:0", good.1, &k), ("listen", 0), "sync.listen", "port 0");
+        expect_err(
+            &ok("198.18.0.2:0", good.1, &k),
+            ("listen", 0),
+            "sync.listen",
+            "port 0",
+        );
         expect_err(
             &ok(good.0, "239.1.1.1:8899", &k),
             ("peer", 0),

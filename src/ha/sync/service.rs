@@ -497,10 +497,8 @@ struct SenderTask {
 impl SenderTask {
     async fn run(mut self, mut ring: AsyncFd<RingBuf<MapData>>, mut asks: mpsc::Receiver<Ask>) {
         let mut batch = Batcher::default();
-        let mut refresh = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.refresh,
-            self.refresh,
-        );
+        let mut refresh =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.refresh, self.refresh);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval(DUMP_RETRY);
         let mut last_request: Option<Instant> = None;
@@ -819,4 +817,204 @@ pub fn install_all(p: &Programmer, events: &[ConnEvent], stats: &SyncStats) -> R
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn real_slot(addr: &str, service: u32) -> Real {
+        let a = sa(addr);
+        let (ad, family) = crate::state::addr(a.ip());
+        Real {
+            addr: ad,
+            port: a.port().to_be(),
+            family,
+            flags: xdpvs_common::REAL_F_VALID,
+            service,
+        }
+    }
+
+    fn dp_event(kind: u8, st: u32) -> SyncEvent {
+        SyncEvent {
+            key: conn_key(
+                ConnProto::Tcp,
+                sa("198.18.0.1:40000"),
+                sa("198.18.0.100:80"),
+            ),
+            real: 7,
+            service: 3,
+            state: st,
+            kind,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn dataplane_events_are_named_by_address_and_back_by_local_ids() {
+        let ev = dp_event(sync_kind::NEW, state::ESTABLISHED);
+        let w = to_wire(&ev, &real_slot("198.18.0.12:80", 3)).unwrap();
+        assert_eq!(
+            w,
+            ConnEvent {
+                kind: EventKind::New,
+                proto: ConnProto::Tcp,
+                state: state::ESTABLISHED as u8,
+                client: sa("198.18.0.1:40000"),
+                service: sa("198.18.0.100:80"),
+                real: sa("198.18.0.12:80"),
+            }
+        );
+        // The peer's ids differ from ours: only the addresses cross.
+        let skey = crate::state::service_key(sa("198.18.0.100:80"), crate::config::Protocol::Tcp);
+        let back = to_install(
+            &w,
+            |k| (*k == skey).then_some(11),
+            |k, a| (*k == skey && a == sa("198.18.0.12:80")).then_some(42),
+        )
+        .unwrap();
+        assert_eq!((back.service, back.real), (11, 42));
+        assert_eq!(
+            back.key, ev.key,
+            "the same connection-table key on both directors"
+        );
+        assert_eq!((back.state, back.kind), (ev.state, ev.kind));
+        for (kind, want) in [
+            (sync_kind::STATE, EventKind::StateChange),
+            (sync_kind::END, EventKind::End),
+        ] {
+            let w = to_wire(
+                &dp_event(kind, state::FIN_WAIT),
+                &real_slot("198.18.0.12:80", 3),
+            );
+            assert_eq!(w.map(|w| w.kind), Some(want));
+        }
+    }
+
+    #[test]
+    fn inconsistent_records_are_not_sent() {
+        let ev = dp_event(sync_kind::NEW, state::ESTABLISHED);
+        // The real slot now belongs to another service (freed and reused meanwhile).
+        assert_eq!(to_wire(&ev, &real_slot("198.18.0.12:80", 4)), None);
+        // An empty slot.
+        assert_eq!(to_wire(&ev, &Real::default()), None);
+        assert_eq!(
+            to_wire(
+                &dp_event(9, state::ESTABLISHED),
+                &real_slot("198.18.0.12:80", 3)
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_services_reals_and_states_are_refused() {
+        let w = ConnEvent {
+            kind: EventKind::New,
+            proto: ConnProto::Tcp,
+            state: state::ESTABLISHED as u8,
+            client: sa("198.18.0.1:40000"),
+            service: sa("198.18.0.100:80"),
+            real: sa("198.18.0.12:80"),
+        };
+        let some = |_: &ServiceKey| Some(1);
+        let none = |_: &ServiceKey| None;
+        let real = |_: &ServiceKey, _| Some(2);
+        let no_real = |_: &ServiceKey, _| None;
+        assert_eq!(
+            to_install(&w, none, real),
+            Err(InstallReject::UnknownService)
+        );
+        assert_eq!(
+            to_install(&w, some, no_real),
+            Err(InstallReject::UnknownReal)
+        );
+        let cases = [
+            (ConnProto::Tcp, state::UDP, EventKind::New),
+            (ConnProto::Tcp, state::SYN_RECV, EventKind::New),
+            (ConnProto::Tcp, state::DEAD, EventKind::End),
+            (ConnProto::Udp, state::ESTABLISHED, EventKind::New),
+            (ConnProto::Tcp, 200, EventKind::StateChange),
+        ];
+        for (proto, st, kind) in cases {
+            let e = ConnEvent {
+                proto,
+                state: st as u8,
+                kind,
+                ..w
+            };
+            assert_eq!(
+                to_install(&e, some, real),
+                Err(InstallReject::Invalid),
+                "{e:?}"
+            );
+        }
+        let mixed = ConnEvent {
+            real: sa("[2001:db8::1]:80"),
+            ..w
+        };
+        assert_eq!(to_install(&mixed, some, real), Err(InstallReject::Invalid));
+        let udp = ConnEvent {
+            proto: ConnProto::Udp,
+            state: state::UDP as u8,
+            ..w
+        };
+        let r = to_install(&udp, some, real).unwrap();
+        assert_eq!(r.key.proto, PROTO_UDP);
+    }
+
+    fn wev(i: u16, v6: bool) -> ConnEvent {
+        let (c, s, r) = if v6 {
+            ("[2001:db8::1]", "[2001:db8::100]:80", "[2001:db8::11]:80")
+        } else {
+            ("198.18.0.1", "198.18.0.100:80", "198.18.0.11:80")
+        };
+        ConnEvent {
+            kind: EventKind::New,
+            proto: ConnProto::Tcp,
+            state: 2,
+            client: sa(&format!("{c}:{i}")),
+            service: sa(s),
+            real: sa(r),
+        }
+    }
+
+    #[test]
+    fn batches_fill_a_datagram_and_no_more() {
+        let mut b = Batcher::default();
+        assert_eq!(b.deadline(), None);
+        let n4 = wire::Sender::max_events(false);
+        let mut out = Vec::new();
+        for i in 0..(n4 as u16 * 2 + 5) {
+            out.extend(b.push(wev(i, false)));
+        }
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|x| x.len() == n4));
+        assert_eq!(b.len(), 5);
+        let d = b.deadline().unwrap();
+        assert!(d <= Instant::now() + FLUSH_AFTER);
+        assert_eq!(b.take().map(|x| x.len()), Some(5));
+        assert!(b.is_empty() && b.deadline().is_none() && b.take().is_none());
+        // Every batch seals into one datagram, including one that turns IPv6 midway.
+        let key = wire::Key::from_bytes([3; 32]);
+        let mut s = wire::Sender::new(&key, [1; 16], 1);
+        let mut batches = out;
+        for i in 0..(n4 as u16 - 1) {
+            batches.extend(b.push(wev(i, false)));
+        }
+        for i in 0..200 {
+            batches.extend(b.push(wev(i, true)));
+        }
+        batches.extend(b.take());
+        let total: usize = batches.iter().map(|x| x.len()).sum();
+        assert_eq!(total, 2 * n4 + n4 - 1 + 200);
+        for x in batches {
+            let d = s.seal(&Message::Events(x)).expect("fits one datagram");
+            assert!(d.len() <= wire::MAX_DATAGRAM);
+        }
+    }
 }
