@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Network-namespace lab for end-to-end tests of xdpvs in DR mode (LVS-style).
 #
-#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver]
+#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1]
 #                                         build the lab (runs `down PREFIX` first); DIRXDP is the
-#                                         XDP mode the director will use (driver or skb)
+#                                         XDP mode the director will use (driver or skb); DIRS=2
+#                                         adds a second director (for HA pairs: sync, VRRP)
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
 #   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until port 80 is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
@@ -16,6 +17,9 @@
 #
 #   ${PREFIX}client  eth0  198.18.0.1/24
 #   ${PREFIX}dir     d0    198.18.0.2/24 + VIP 198.18.0.100/32 (the director answers ARP for the VIP)
+#   ${PREFIX}dir2    d0    198.18.0.3/24, only with DIRS=2: the second director of a pair, set
+#                          up like the first but WITHOUT the VIP (only one host may answer ARP
+#                          for it; whoever takes it over, e.g. VRRP, adds it)
 #   ${PREFIX}rI      eth0  198.18.0.(10+I)/24, VIP 198.18.0.100/32 on lo, arp_ignore=1,
 #                          arp_announce=2 (never answers ARP for the VIP), nginx on :80 -> "rI\n"
 #
@@ -27,11 +31,12 @@ VIP=198.18.0.100
 NET=198.18.0
 CLIENT_IP=$NET.1
 DIR_IP=$NET.2
+DIR2_IP=$NET.3
 
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -50,7 +55,7 @@ labdir() { echo "/tmp/${1}lab"; }
 lab_namespaces() {
     local p=$1 n
     ip netns list 2>/dev/null | awk '{print $1}' | while read -r n; do
-        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|r[0-9]+)$ ]]; then
+        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|dir2|r[0-9]+)$ ]]; then
             echo "$n"
         fi
     done
@@ -188,6 +193,7 @@ lab_down() {
     # The director's pinned dataplane (xdpvs pins per network namespace, in the host's bpffs,
     # so it outlives the namespace unless removed) and its lock files.
     rm -rf "/sys/fs/bpf/xdpvs/${p}dir" /run/xdpvs/lock/sys_fs_bpf_xdpvs_"${p}"dir_*.lock 2>/dev/null
+    rm -rf "/sys/fs/bpf/xdpvs/${p}dir2" /run/xdpvs/lock/sys_fs_bpf_xdpvs_"${p}"dir2_*.lock 2>/dev/null
     for ns in $nss; do
         ip netns delete "$ns" 2>/dev/null
     done
@@ -242,6 +248,24 @@ link_host() {
     ip -n "$ns" link set "$ifn" up
 }
 
+# add_director PREFIX NS IP PORT: a director host (forwarding on, d0 on the segment, the XDP pass
+# program on its bridge port in driver mode). The VIP is added by the caller.
+add_director() {
+    local p=$1 ns=$2 addr=$3 port=$4
+    ip netns add "$ns"
+    sysctls_host "$ns"
+    nsx "$ns" sysctl -qw net.ipv4.conf.all.forwarding=1
+    ip -n "$ns" link set lo up
+    link_host "$p" "$ns" d0 "$port"
+    ip -n "$ns" addr add "$addr/24" dev d0
+    if [[ $DIRXDP == driver ]]; then
+        [[ -f $(labdir "$p")/xdp_pass.o ]] || build_xdp_pass "$(labdir "$p")/xdp_pass.o"
+        ip -n "${p}sw" link set dev "$port" xdpdrv obj "$(labdir "$p")/xdp_pass.o" sec xdp.frags
+        # See the first director below for why.
+        nsx "${p}sw" ethtool -K "$port" tx off >/dev/null
+    fi
+}
+
 lab_up() {
     local p=$1 n=$2 i ns
     lab_down "$p"
@@ -284,6 +308,9 @@ lab_up() {
     # DIRXDP=skb: generic XDP works on the skb, so neither is needed: p-dir keeps TSO, the
     # bridge hands d0 whole GRO aggregates (multi-buffer frames far above the MTU), XDP_TX sends
     # the skb on with its checksum state, and the reals' stacks segment or take them whole.
+    if ((DIRS == 2)); then
+        add_director "$p" "${p}dir2" "$DIR2_IP" p-dir2
+    fi
 
     # reals: VIP on lo, never answer ARP for it
     for i in $(seq "$n"); do
@@ -311,7 +338,7 @@ lab_up() {
     for i in $(seq "$n"); do
         answers "$p" "$i" || die "real r$i ($NET.$((10 + i))) does not answer the client"
     done
-    echo "lab $p up: client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n))"
+    echo "lab $p up: client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0)$( ((DIRS == 2)) && echo ", second director $DIR2_IP (no VIP)"), reals $NET.11..$NET.$((10 + n))"
 }
 
 # ----------------------------------------------------------------------------------------- main
@@ -330,6 +357,8 @@ case $cmd in
         [[ $MTU =~ ^[0-9]+$ ]] && ((MTU >= 68 && MTU <= 65000)) || die "bad MTU '$MTU' (68..65000)"
         DIRXDP=${5:-driver}
         [[ $DIRXDP == driver || $DIRXDP == skb ]] || die "bad DIRXDP '$DIRXDP' (driver or skb)"
+        DIRS=${6:-${DIRS:-1}}
+        [[ $DIRS == 1 || $DIRS == 2 ]] || die "bad DIRS '$DIRS' (1 or 2)"
         # On any failure (errexit or die), leave nothing behind.
         trap 'rc=$?; if ((rc)); then echo "lab.sh: up $prefix failed; tearing down" >&2; lab_down "$prefix"; fi; exit $rc' EXIT
         lab_up "$prefix" "$nreals"

@@ -82,6 +82,8 @@ fn run_checked(cmd: &mut Command, what: &str) -> Result<Output> {
 pub struct Lab {
     pub prefix: String,
     pub reals: usize,
+    /// Directors: 1, or 2 with `dir2` at 198.18.0.3 (no VIP; see scripts/lab.sh).
+    pub dirs: usize,
     /// `/tmp/<prefix>lab`: nginx files, the daemon's config, log and admin socket.
     pub dir: PathBuf,
 }
@@ -95,6 +97,18 @@ impl Lab {
     /// Builds the lab with `mtu` on every link, prepared for a director in XDP mode `dir_xdp`
     /// ("driver" or "skb"; see scripts/lab.sh).
     pub fn up_with(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str) -> Result<Lab> {
+        Lab::up_with_dirs(prefix, reals, mtu, dir_xdp, 1)
+    }
+
+    /// [`Lab::up_with`] with `dirs` directors (2: a second one, namespace `dir2`, address
+    /// 198.18.0.3, set up like the first but without the VIP).
+    pub fn up_with_dirs(
+        prefix: &str,
+        reals: usize,
+        mtu: u32,
+        dir_xdp: &str,
+        dirs: usize,
+    ) -> Result<Lab> {
         let ok_prefix = !prefix.is_empty()
             && prefix.len() <= 10
             && prefix
@@ -106,10 +120,14 @@ impl Lab {
         if !(1..=80).contains(&reals) {
             bail!("bad number of reals {reals} (1..=80)");
         }
+        if !(1..=2).contains(&dirs) {
+            bail!("bad number of directors {dirs} (1 or 2)");
+        }
         // Built before running the script so that Drop tears down whatever `up` left behind.
         let lab = Lab {
             prefix: prefix.to_string(),
             reals,
+            dirs,
             dir: PathBuf::from(format!("/tmp/{prefix}lab")),
         };
         run_checked(
@@ -119,8 +137,9 @@ impl Lab {
                 &reals.to_string(),
                 &mtu.to_string(),
                 dir_xdp,
+                &dirs.to_string(),
             ]),
-            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp}"),
+            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp} {dirs}"),
         )?;
         Ok(lab)
     }
@@ -138,7 +157,7 @@ impl Lab {
     fn is_full_ns(&self, name: &str) -> bool {
         match name.strip_prefix(&self.prefix) {
             Some(rest) => {
-                matches!(rest, "sw" | "client" | "dir")
+                matches!(rest, "sw" | "client" | "dir" | "dir2")
                     || (rest.len() > 1
                         && rest.starts_with('r')
                         && rest[1..].chars().all(|c| c.is_ascii_digit()))
@@ -578,18 +597,45 @@ pub fn spawn_xdpvs_with(lab: &Lab, config_toml: &str, run_args: &[&str]) -> Resu
 
 /// [`spawn_xdpvs_with`] running the binary at `bin` (an upgrade test runs a rebuilt copy).
 pub fn spawn_binary(lab: &Lab, bin: &Path, config_toml: &str, run_args: &[&str]) -> Result<Daemon> {
+    spawn_on(lab, "dir", bin, config_toml, run_args)
+}
+
+/// [`spawn_xdpvs_with`] on director `host` (`"dir"`, or `"dir2"` in a two-director lab). The
+/// second director's files are `xdpvs-dir2.toml` and `xdpvs-dir2.log` in the lab dir.
+pub fn spawn_xdpvs_on(
+    lab: &Lab,
+    host: &str,
+    config_toml: &str,
+    run_args: &[&str],
+) -> Result<Daemon> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_xdpvs"));
+    spawn_on(lab, host, &bin, config_toml, run_args)
+}
+
+fn spawn_on(
+    lab: &Lab,
+    host: &str,
+    bin: &Path,
+    config_toml: &str,
+    run_args: &[&str],
+) -> Result<Daemon> {
     let bin = bin.to_path_buf();
     std::fs::create_dir_all(&lab.dir)?;
-    let config_path = lab.dir.join("xdpvs.toml");
+    let stem = if host == "dir" {
+        "xdpvs".to_string()
+    } else {
+        format!("xdpvs-{host}")
+    };
+    let config_path = lab.dir.join(format!("{stem}.toml"));
     std::fs::write(&config_path, config_toml)
         .with_context(|| format!("write {}", config_path.display()))?;
-    let log_path = lab.dir.join("xdpvs.log");
+    let log_path = lab.dir.join(format!("{stem}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("open {}", log_path.display()))?;
-    let ns = lab.ns("dir");
+    let ns = lab.ns(host);
     // nsenter execs the binary: the child's pid is the daemon's.
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
