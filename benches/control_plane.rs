@@ -487,12 +487,14 @@ fn run() -> Result<String> {
     let lab = Lab {
         prefix: PREFIX.to_string(),
         reals: 1,
+        dirs: 1,
         dir: PathBuf::from(format!("/tmp/{PREFIX}lab")),
     };
     // A namespace left over by an interrupted earlier run.
     drop(Lab {
         prefix: PREFIX.to_string(),
         reals: 1,
+        dirs: 1,
         dir: lab.dir.clone(),
     });
     std::fs::create_dir_all(&lab.dir)?;
