@@ -87,6 +87,9 @@ pub struct Status {
     /// VRRP instances (empty without `[[vrrp]]`).
     #[serde(default)]
     pub vrrp: Vec<crate::ha::director::VrrpStatus>,
+    /// Connection-state sync with the peer director (`None` without `[sync]`).
+    #[serde(default)]
+    pub sync: Option<crate::ha::sync::service::SyncStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -249,6 +252,37 @@ pub fn render(status: &Status) -> String {
                 String::new()
             } else {
                 format!("; {}", notes.join("; "))
+            }
+        ));
+    }
+    if let Some(y) = &status.sync {
+        let heard = match y.peer_last_heard_ms {
+            Some(ms) => format!("heard {ms} ms ago"),
+            None => "never heard".to_string(),
+        };
+        let rejected: Vec<String> = y
+            .rejected
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        out.push_str(&format!(
+            "Sync with {} ({heard}): sent {} events, received {} (installed {}, updated {}, retired {}){}{}\n",
+            y.peer,
+            y.sent_events,
+            y.received_events,
+            y.installed,
+            y.updated,
+            y.retired,
+            if y.lost > 0 {
+                format!("; lost {}", y.lost)
+            } else {
+                String::new()
+            },
+            if rejected.is_empty() {
+                String::new()
+            } else {
+                format!("; rejected {}", rejected.join(" "))
             }
         ));
     }

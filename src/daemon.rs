@@ -75,6 +75,8 @@ pub struct Shared {
     pub stats: DaemonStats,
     /// The VRRP instances (none without `[[vrrp]]`); taken at stop to leave the elections.
     pub vrrp: Mutex<Option<Vrrp>>,
+    /// Counters of the connection-state sync (none without `[sync]`).
+    pub sync: Mutex<Option<Arc<crate::ha::sync::service::SyncStats>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -368,6 +370,12 @@ impl Shared {
                 .as_ref()
                 .map(|v| v.status())
                 .unwrap_or_default(),
+            sync: match (lock(&self.sync).as_ref(), cfg.sync.as_ref()) {
+                (Some(st), Some(c)) => {
+                    Some(st.status(c, stats[xdpvs_common::stat::SYNC_EVENTS_LOST as usize]))
+                }
+                _ => None,
+            },
         })
     }
 }
@@ -479,6 +487,7 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         programmer: RwLock::new(Programmer { dp, planner }),
         stats: DaemonStats::default(),
         vrrp: Mutex::new(None),
+        sync: Mutex::new(None),
     });
     let first = shared
         .apply_counted()
@@ -518,6 +527,21 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         None
     };
     let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+    // Connection-state sync with the peer director (`[sync]`); the first apply above already
+    // set SETTINGS_F_SYNC, so the dataplane reports events from now on.
+    let sync = match shared.config.load().sync.clone() {
+        None => None,
+        Some(cfg) => {
+            let ring = write(&shared.programmer)
+                .dp
+                .take_sync_events()
+                .ok_or_else(|| anyhow!("the sync event ring buffer is already taken"))?;
+            let tables: Arc<dyn crate::ha::sync::service::Tables> = shared.clone();
+            let handle = crate::ha::sync::service::start(&cfg, tables, ring)?;
+            *lock(&shared.sync) = Some(handle.stats.clone());
+            Some(handle)
+        }
+    };
     let mut metrics_task = None;
     if let Some(addr) = director.metrics {
         metrics_task = Some(tokio::spawn(crate::metrics::serve(addr, shared.clone())));
@@ -570,6 +594,7 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         info!("left the VRRP elections; the dataplane no longer forwards for their addresses");
     }
     checker.shutdown();
+    drop(sync);
     admin_task.abort();
     sweeper.abort();
     if let Some(t) = metrics_task {
@@ -676,6 +701,10 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
             if new.vrrp != old.vrrp {
                 warn!("[[vrrp]] changes take effect at the next restart; the running elections keep their settings");
                 new.vrrp = old.vrrp.clone();
+            }
+            if new.sync != old.sync {
+                warn!("[sync] changes take effect at the next restart");
+                new.sync = old.sync.clone();
             }
             // The checks change only once the dataplane has taken the new state: a rejected
             // reload must leave every check of the running configuration in place (and the

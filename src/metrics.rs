@@ -83,6 +83,7 @@ pub struct Snapshot {
     pub last_reload_ok: u64,
     pub version: String,
     pub vrrp: Vec<crate::ha::director::VrrpStatus>,
+    pub sync: Option<crate::ha::sync::service::SyncStatus>,
 }
 
 impl Snapshot {
@@ -115,6 +116,7 @@ impl Snapshot {
             last_reload_ok: shared.stats.last_reload_ok.load(Ordering::SeqCst),
             version: st.version,
             vrrp: st.vrrp,
+            sync: st.sync,
         })
     }
 }
@@ -429,6 +431,40 @@ pub fn families(snap: &Snapshot, mono: &mut Monotonic) -> prometheus::Result<Vec
         }
     }
 
+    if let Some(y) = &snap.sync {
+        let events = counter(
+            "xdpvs_sync_events_total",
+            "Connection-state sync events, by what happened to them.",
+            &["event"],
+        )?;
+        for (what, n) in [
+            ("sent", y.sent_events),
+            ("received", y.received_events),
+            ("installed", y.installed),
+            ("updated", y.updated),
+            ("retired", y.retired),
+            ("lost", y.lost),
+            ("dump_sent", y.dump_events_sent),
+            ("refresh_sent", y.refresh_events_sent),
+        ] {
+            events.with_label_values(&[what]).inc_by(n);
+        }
+        let rejected = counter(
+            "xdpvs_sync_rejected_total",
+            "Sync datagrams or events refused, by reason.",
+            &["reason"],
+        )?;
+        for (reason, n) in &y.rejected {
+            rejected.with_label_values(&[reason]).inc_by(*n);
+        }
+        let heard = IntGauge::new(
+            "xdpvs_sync_peer_last_heard_milliseconds",
+            "Time since the peer director was last heard (-1: never).",
+        )?;
+        r.register(Box::new(heard.clone()))?;
+        heard.set(y.peer_last_heard_ms.map_or(-1, clamp));
+    }
+
     mono.begin();
     let mut seen = HashSet::new();
     for rs in &snap.reals {
@@ -661,6 +697,7 @@ mod tests {
                 rejected: [("ttl".to_string(), 2u64)].into_iter().collect(),
                 ..Default::default()
             }],
+            sync: None,
         }
     }
 

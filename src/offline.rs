@@ -176,6 +176,7 @@ pub fn status(dir: &Path, cfg: Option<&Config>) -> Result<Status> {
             dir.display()
         )),
         vrrp: Vec::new(),
+        sync: None,
     })
 }
 

@@ -46,6 +46,8 @@ pub struct Runtime {
 pub struct Desired {
     pub services: Vec<DesiredService>,
     pub timeouts: Timeouts,
+    /// A sync peer is configured: the dataplane reports connection events.
+    pub sync: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +140,7 @@ pub fn desired(config: &Config, rt: &Runtime) -> Desired {
     Desired {
         services,
         timeouts: config.director.timeouts,
+        sync: config.sync.is_some(),
     }
 }
 

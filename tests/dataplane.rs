@@ -310,6 +310,7 @@ fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
                 tcp_close: zero,
                 udp: zero,
             },
+            sync: false,
         });
         assert_eq!(h.dp.sweep().unwrap().retired, 1);
         assert_eq!(h.conns(1, &s), (0, 0));
@@ -1221,6 +1222,7 @@ fn a_write_failing_part_way_leaves_the_planner_resynced_from_the_maps() {
         let desired = |s| Desired {
             services: vec![s],
             timeouts: Default::default(),
+            sync: false,
         };
         let two = service(&[(1, 1), (2, 1)]);
         p.apply(&desired(two.clone())).expect("first apply");
@@ -1252,5 +1254,342 @@ fn a_write_failing_part_way_leaves_the_planner_resynced_from_the_maps() {
                 .any(|w| matches!(w, xdpvs::dataplane::plan::Write::RealSet(..))),
             "{retry:?}"
         );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection-state sync: what the packet path reports, and the install program.
+
+use std::net::SocketAddr;
+use xdpvs::ha::sync::service::conn_key;
+use xdpvs::ha::sync::wire::ConnProto;
+use xdpvs_common::{install_rc, state, sync_kind, SyncEvent, CONN_F_SYNCED};
+
+/// Every record waiting in the ring buffer, as (kind, state, client port, real id).
+fn drain_events(rb: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<SyncEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = rb.next() {
+        assert_eq!(item.len(), std::mem::size_of::<SyncEvent>());
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SyncEvent>()) });
+    }
+    out
+}
+
+fn summary(evs: &[SyncEvent]) -> Vec<(u8, u32, u16)> {
+    evs.iter()
+        .map(|e| (e.kind, e.state, u16::from_be(e.key.sport)))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn sync_events_follow_the_tcp_lifecycle_and_udp_flows() {
+    if !common::require_root("sync_events_follow_the_tcp_lifecycle_and_udp_flows") {
+        return;
+    }
+    let net = DpNet::new("syncev", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        let tcp = service(&[(1, 1)]);
+        let mut udp = service_on(53, &[(1, 1)]);
+        udp.key = xdpvs::state::service_key(udp.address, xdpvs::config::Protocol::Udp);
+        h.apply_synced(vec![tcp.clone(), udp.clone()]);
+        let mut rb = h.dp.take_sync_events().expect("ring buffer");
+        let f = |flags| Frame::tcp(CLIENT, 48000, VIP, 80, flags).build();
+
+        h.run(&f(SYN));
+        h.run(&f(SYN));
+        assert_eq!(drain_events(&mut rb), vec![], "half-open: nothing reported");
+        h.run(&f(ACK));
+        let evs = drain_events(&mut rb);
+        assert_eq!(
+            summary(&evs),
+            vec![(sync_kind::NEW, state::ESTABLISHED, 48000)]
+        );
+        let (key, conn) = h.dp.connections()[0];
+        assert_eq!(evs[0].key, key, "the event names the table's key");
+        assert_eq!((evs[0].real, evs[0].service), (conn.real, conn.service));
+        h.run(&f(ACK | PSH));
+        h.run(&f(ACK));
+        assert_eq!(drain_events(&mut rb), vec![], "data: no state change");
+        h.run(&f(FIN | ACK));
+        assert_eq!(
+            summary(&drain_events(&mut rb)),
+            vec![(sync_kind::STATE, state::FIN_WAIT, 48000)]
+        );
+        h.run(&f(RST));
+        assert_eq!(
+            summary(&drain_events(&mut rb)),
+            vec![(sync_kind::STATE, state::CLOSE, 48000)]
+        );
+        assert!(h.dp.expire(key, true).unwrap());
+        assert_eq!(
+            summary(&drain_events(&mut rb)),
+            vec![(sync_kind::END, state::CLOSE, 48000)]
+        );
+
+        // A half-open entry that expires was never reported: no END either.
+        h.run(&Frame::tcp(CLIENT, 48001, VIP, 80, SYN).build());
+        let (k2, _) = h.dp.connections()[0];
+        assert!(h.dp.expire(k2, true).unwrap());
+        assert_eq!(drain_events(&mut rb), vec![]);
+
+        // A SYN reopening a closing tuple: END of the old one, then NEW once established.
+        let g = |flags| Frame::tcp(CLIENT, 48002, VIP, 80, flags).build();
+        for fl in [SYN, ACK, FIN | ACK, SYN, ACK] {
+            h.run(&g(fl));
+        }
+        assert_eq!(
+            summary(&drain_events(&mut rb)),
+            vec![
+                (sync_kind::NEW, state::ESTABLISHED, 48002),
+                (sync_kind::STATE, state::FIN_WAIT, 48002),
+                (sync_kind::END, state::FIN_WAIT, 48002),
+                (sync_kind::NEW, state::ESTABLISHED, 48002),
+            ]
+        );
+
+        // UDP: the first datagram reports the flow, later ones nothing, expiry its end.
+        for _ in 0..3 {
+            h.run(&Frame::udp(CLIENT, 48100, VIP, 53).build());
+        }
+        let evs = drain_events(&mut rb);
+        assert_eq!(summary(&evs), vec![(sync_kind::NEW, state::UDP, 48100)]);
+        assert!(h.dp.expire(evs[0].key, true).unwrap());
+        assert_eq!(
+            summary(&drain_events(&mut rb)),
+            vec![(sync_kind::END, state::UDP, 48100)]
+        );
+        assert_eq!(h.dp.stats().unwrap()[stat::SYNC_EVENTS_LOST as usize], 0);
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn nothing_is_reported_without_the_sync_flag() {
+    if !common::require_root("nothing_is_reported_without_the_sync_flag") {
+        return;
+    }
+    let net = DpNet::new("syncoff", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        let mut udp = service_on(53, &[(1, 1)]);
+        udp.key = xdpvs::state::service_key(udp.address, xdpvs::config::Protocol::Udp);
+        h.apply(vec![service(&[(1, 1)]), udp]);
+        let mut rb = h.dp.take_sync_events().expect("ring buffer");
+        for fl in [SYN, ACK, ACK | PSH, FIN | ACK, RST] {
+            assert_eq!(
+                h.run(&Frame::tcp(CLIENT, 48200, VIP, 80, fl).build())
+                    .action,
+                XDP_TX
+            );
+        }
+        h.run(&Frame::udp(CLIENT, 48201, VIP, 53).build());
+        for (k, _) in h.dp.connections() {
+            assert!(h.dp.expire(k, true).unwrap());
+        }
+        assert_eq!(drain_events(&mut rb), vec![]);
+        assert_eq!(h.dp.stats().unwrap()[stat::SYNC_EVENTS_LOST as usize], 0);
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn sync_install_keeps_counts_exact_is_idempotent_and_forwards_to_the_installed_real() {
+    if !common::require_root(
+        "sync_install_keeps_counts_exact_is_idempotent_and_forwards_to_the_installed_real",
+    ) {
+        return;
+    }
+    let net = DpNet::new("syncin", 2);
+    net.run(|| {
+        let mut h = Harness::new();
+        let s = service(&[(1, 1), (2, 1)]);
+        h.apply_synced(vec![s.clone()]);
+        let mut rb = h.dp.take_sync_events().expect("ring buffer");
+        let id = |n| {
+            h.planner
+                .real_id(&s.key, SocketAddr::new(dpnet::real_ip(n).into(), 80))
+                .unwrap()
+        };
+        let svc_id = h.planner.service_id(&s.key).unwrap();
+        let client: SocketAddr = format!("{CLIENT}:49000").parse().unwrap();
+        let key = conn_key(ConnProto::Tcp, client, s.address);
+        let req = |real: usize, st: u32, kind: u8| SyncEvent {
+            key,
+            real: id(real),
+            service: svc_id,
+            state: st,
+            kind,
+            _pad: [0; 3],
+        };
+        let both = |h: &Harness| (h.conns(1, &s), h.conns(2, &s));
+
+        let rc =
+            h.dp.sync_install(&req(2, state::ESTABLISHED, sync_kind::NEW))
+                .unwrap();
+        assert_eq!(rc, install_rc::INSERTED);
+        assert_eq!(both(&h), ((0, 0), (1, 0)), "established: active on real 2");
+        let rc =
+            h.dp.sync_install(&req(2, state::ESTABLISHED, sync_kind::NEW))
+                .unwrap();
+        assert_eq!(rc, install_rc::UPDATED, "twice: idempotent");
+        assert_eq!(both(&h), ((0, 0), (1, 0)));
+        let conns = h.dp.connections();
+        assert_eq!(conns.len(), 1);
+        assert_eq!(conns[0].1.flags & CONN_F_SYNCED, CONN_F_SYNCED);
+        let t0 = conns[0].1.last_seen_ns;
+        assert!(t0 > 0 && t0 <= xdpvs::dataplane::monotonic_ns());
+
+        for _ in 0..2 {
+            let rc =
+                h.dp.sync_install(&req(2, state::FIN_WAIT, sync_kind::STATE))
+                    .unwrap();
+            assert_eq!(rc, install_rc::UPDATED);
+            assert_eq!(both(&h), ((0, 0), (0, 1)), "FIN_WAIT: inactive");
+        }
+        // Another real on the same tuple: the old entry is retired, the new one counted.
+        let rc =
+            h.dp.sync_install(&req(1, state::ESTABLISHED, sync_kind::STATE))
+                .unwrap();
+        assert_eq!(rc, install_rc::REPLACED);
+        assert_eq!(both(&h), ((1, 0), (0, 0)));
+        assert_eq!(h.dp.connections().len(), 1);
+        assert_eq!(
+            drain_events(&mut rb),
+            vec![],
+            "installs are never reported back to the peer"
+        );
+
+        // Refused requests change nothing.
+        let mut bad = req(1, state::ESTABLISHED, sync_kind::NEW);
+        bad.real = 60_000; // no such real here
+        assert_eq!(h.dp.sync_install(&bad).unwrap(), install_rc::INVALID);
+        let mut bad = req(1, state::ESTABLISHED, sync_kind::NEW);
+        bad.service = svc_id + 1; // the real is not this service's
+        assert_eq!(h.dp.sync_install(&bad).unwrap(), install_rc::INVALID);
+        assert_eq!(
+            h.dp.sync_install(&req(1, state::DEAD, sync_kind::NEW))
+                .unwrap(),
+            install_rc::INVALID
+        );
+        assert_eq!(
+            h.dp.sync_install(&req(1, state::ESTABLISHED, 9)).unwrap(),
+            install_rc::INVALID
+        );
+        assert_eq!(
+            h.dp.sync_install(&req(2, state::ESTABLISHED, sync_kind::END))
+                .unwrap(),
+            install_rc::ABSENT,
+            "END naming another real leaves the entry"
+        );
+        assert_eq!(both(&h), ((1, 0), (0, 0)));
+
+        // A packet of the installed connection goes to its real; from then on this director
+        // owns the entry and reports its changes.
+        let out = h.run(&Frame::tcp(CLIENT, 49000, VIP, 80, ACK | PSH).build());
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(Harness::real_of(&out.frame), Some(1));
+        assert_eq!(h.dp.connections()[0].1.flags & CONN_F_SYNCED, 0);
+        h.run(&Frame::tcp(CLIENT, 49000, VIP, 80, FIN | ACK).build());
+        assert_eq!(
+            summary(&drain_events(&mut rb)),
+            vec![(sync_kind::STATE, state::FIN_WAIT, 49000)]
+        );
+        assert_eq!(both(&h), ((0, 1), (0, 0)));
+
+        // END retires once.
+        let rc =
+            h.dp.sync_install(&req(1, state::FIN_WAIT, sync_kind::END))
+                .unwrap();
+        assert_eq!(rc, install_rc::RETIRED);
+        assert_eq!(both(&h), ((0, 0), (0, 0)));
+        assert_eq!(h.dp.connections().len(), 0);
+        assert_eq!(
+            h.dp.sync_install(&req(1, state::FIN_WAIT, sync_kind::END))
+                .unwrap(),
+            install_rc::ABSENT
+        );
+        assert_eq!(drain_events(&mut rb), vec![], "a peer's END is not echoed");
+
+        // An installed copy that expires here (idle) ends silently: the peer owns it.
+        h.dp.sync_install(&req(2, state::ESTABLISHED, sync_kind::NEW))
+            .unwrap();
+        assert!(h.dp.expire(key, true).unwrap());
+        assert_eq!(both(&h), ((0, 0), (0, 0)));
+        assert_eq!(drain_events(&mut rb), vec![]);
+
+        // Many installs, then Ends: counts come back to exactly zero.
+        let mut keys = Vec::new();
+        for i in 0..200u16 {
+            let c: SocketAddr = format!("{CLIENT}:{}", 50000 + i).parse().unwrap();
+            let k = conn_key(ConnProto::Tcp, c, s.address);
+            let st = [state::ESTABLISHED, state::FIN_WAIT, state::CLOSE][i as usize % 3];
+            let mut r = req(1 + (i as usize % 2), st, sync_kind::NEW);
+            r.key = k;
+            assert_eq!(h.dp.sync_install(&r).unwrap(), install_rc::INSERTED);
+            keys.push(r);
+        }
+        let (a1, i1) = h.conns(1, &s);
+        let (a2, i2) = h.conns(2, &s);
+        assert_eq!((a1 + a2, i1 + i2), (67, 133));
+        for mut r in keys {
+            r.kind = sync_kind::END;
+            assert_eq!(h.dp.sync_install(&r).unwrap(), install_rc::RETIRED);
+        }
+        assert_eq!(both(&h), ((0, 0), (0, 0)));
+        assert_eq!(h.dp.connections().len(), 0);
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn sync_install_of_a_udp_flow_and_a_full_table() {
+    if !common::require_root("sync_install_of_a_udp_flow_and_a_full_table") {
+        return;
+    }
+    let net = DpNet::new("syncudp", 1);
+    net.run(|| {
+        let mut h = Harness::with_table(1024);
+        let mut u = service_on(53, &[(1, 1)]);
+        u.key = xdpvs::state::service_key(u.address, xdpvs::config::Protocol::Udp);
+        h.apply(vec![u.clone()]);
+        let real = h
+            .planner
+            .real_id(&u.key, SocketAddr::new(dpnet::real_ip(1).into(), 53))
+            .unwrap();
+        let svc = h.planner.service_id(&u.key).unwrap();
+        let mk = |port: u32| SyncEvent {
+            key: conn_key(
+                ConnProto::Udp,
+                SocketAddr::new(CLIENT.parse().unwrap(), (port % 60000 + 1) as u16),
+                u.address,
+            ),
+            real,
+            service: svc,
+            state: state::UDP,
+            kind: sync_kind::NEW,
+            _pad: [0; 3],
+        };
+        let mut inserted = 0u64;
+        let mut full = 0;
+        for p in 0..1400 {
+            match h.dp.sync_install(&mk(p)).unwrap() {
+                install_rc::INSERTED => inserted += 1,
+                install_rc::FULL => full += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+        println!("table of 1024: {inserted} inserted, {full} refused as full");
+        assert!(full > 0, "a 1024-entry table refuses some of 1400");
+        assert_eq!(
+            h.conns(1, &u),
+            (0, inserted),
+            "UDP counts as inactive, exactly"
+        );
+        assert_eq!(h.dp.connections().len() as u64, inserted);
+        let out = h.run(&Frame::udp(CLIENT, 1, VIP, 53).build());
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(Harness::real_of(&out.frame), Some(1));
     });
 }

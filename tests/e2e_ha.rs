@@ -10,23 +10,95 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{lab_config, spawn_director, Daemon, Lab};
+use common::{lab_config, spawn_director, Daemon, KeepAlive, Lab};
 
 const PRIO_A: u8 = 150;
 const PRIO_B: u8 = 100;
 
+/// Held keep-alive connections through the pair, as the acceptance asks.
+const HELD: usize = 50;
+
 fn pair_config(lab: &Lab, host: &str, priority: u8, advert_ms: u64) -> String {
     let c = lab_config(lab, &[1, 1], "").replace("admin.sock", &format!("admin-{host}.sock"));
+    let key = lab.dir.join("sync.key");
+    if !key.exists() {
+        std::fs::write(&key, format!("{}\n", "a5".repeat(32))).expect("key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("0600");
+    }
+    let (me, peer) = if host == "dir" {
+        ("198.18.0.2", "198.18.0.3")
+    } else {
+        ("198.18.0.3", "198.18.0.2")
+    };
     format!(
         "{c}\n[[vrrp]]\nname = \"front\"\ninterface = \"d0\"\nvirtual_router_id = 51\n\
          priority = {priority}\nadvert_interval = \"{advert_ms}ms\"\npreempt = true\n\
-         addresses = [\"198.18.0.100/32\"]\ntrack_services = [\"web\"]\n"
+         addresses = [\"198.18.0.100/32\"]\ntrack_services = [\"web\"]\n\n\
+         [sync]\nlisten = \"{me}:8899\"\npeer = \"{peer}:8899\"\nkey_file = \"{}\"\n",
+        key.display()
     )
+}
+
+/// ActiveConn per real (address -> count) from `xdpvs list --json`.
+fn active(d: &Daemon) -> BTreeMap<String, u64> {
+    let st: xdpvs::admin::Status =
+        serde_json::from_str(&d.admin(&["list", "--json"]).unwrap_or_default()).unwrap_or_default();
+    st.services
+        .iter()
+        .flat_map(|s| s.reals.iter().map(|r| (r.address.clone(), r.active)))
+        .collect()
+}
+
+/// Held connections per real, from the bodies ("r1", "r2") they were first answered with.
+fn expected_active(bodies: &[String]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for b in bodies {
+        let i = common::real_of(b).expect("a real answered");
+        *m.entry(common::real_addr(i).to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Every held connection answers again (on its real) and `d` counts them on the right reals.
+fn held_continue(
+    what: &str,
+    held: &mut KeepAlive,
+    bodies: &[String],
+    d: &Daemon,
+    who: &str,
+) -> usize {
+    let want = expected_active(bodies);
+    let t0 = Instant::now();
+    while active(d) != want && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = active(d);
+    assert_eq!(got, want, "{what}: {who}'s ActiveConn per real");
+    let answers = held.try_request_all("/");
+    let mut ok = 0;
+    for (i, r) in answers.iter().enumerate() {
+        match r {
+            Ok(body) if body == &bodies[i] => ok += 1,
+            Ok(body) => panic!(
+                "{what}: held connection {i} moved from {} to {body}",
+                bodies[i]
+            ),
+            Err(e) => println!("  {what}: held connection {i} failed: {e:#}"),
+        }
+    }
+    assert_eq!(
+        ok,
+        bodies.len(),
+        "{what}: held connections that kept working through {who}"
+    );
+    ok
 }
 
 /// RFC 5798 6.1 timings of the backup (priority `PRIO_B`).
@@ -212,6 +284,14 @@ fn failover_and_back(
     fail: &mut dyn FnMut(&mut Option<Daemon>),
     recover: &mut dyn FnMut(&mut Option<Daemon>),
 ) -> (Duration, Duration) {
+    let (mut held, bodies) =
+        KeepAlive::open(&lab.ns("client"), common::vip_addr(), HELD, "/").expect("held conns");
+    // The backup knows them (sync) before the master fails.
+    let want = expected_active(&bodies);
+    let t0 = Instant::now();
+    while active(b) != want && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let p = Prober::start(lab);
     std::thread::sleep(Duration::from_millis(300));
     let cut = p.now();
@@ -226,6 +306,8 @@ fn failover_and_back(
     println!(
         "{what} ({advert:?} adverts): {n} new connections, {failed} failed, client outage {over:?}"
     );
+    let kept = held_continue(what, &mut held, &bodies, b, "the backup");
+    println!("{what}: {kept}/{HELD} held connections continued through the backup");
 
     let p = Prober::start(lab);
     std::thread::sleep(Duration::from_millis(300));
@@ -261,6 +343,15 @@ fn failover_and_back(
         has_vip(lab, "dir") && !has_vip(lab, "dir2"),
         "{what}: VIP back on the master only"
     );
+    let kept = held_continue(
+        &format!("{what} failback"),
+        &mut held,
+        &bodies,
+        d,
+        "the old master",
+    );
+    println!("{what} failback: {kept}/{HELD} held connections continued through the old master");
+    held.close();
     (over, again)
 }
 

@@ -29,6 +29,24 @@ pub struct Config {
     /// VRRP instances electing which director of a pair owns which VIPs (empty: this director
     /// owns every VIP, no HA).
     pub vrrp: Vec<crate::ha::config::VrrpConfig>,
+    /// `[sync]`: connection-state sync with the peer director; `None` = no peer.
+    pub sync: Option<SyncConfig>,
+}
+
+/// Default `[sync] refresh`: how often connections that saw traffic are re-announced to the
+/// peer (see `ha::sync::service`).
+pub const DEFAULT_SYNC_REFRESH: Duration = Duration::from_secs(30);
+
+/// `[sync]`: where this director listens for its peer's datagrams, where it sends its own, and
+/// the shared key that authenticates both directions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    pub key_file: PathBuf,
+    /// Read (and checked) when the configuration is.
+    pub key: crate::ha::sync::wire::Key,
+    pub refresh: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

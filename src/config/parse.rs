@@ -8,8 +8,8 @@
 
 use super::{
     CheckConfig, CheckKind, Config, Director, Forwarding, Initially, OnExit, OnFailure, OnRemove,
-    Protocol, RealConfig, Scheduler, ServiceConfig, Timeouts, XdpMode, DEFAULT_ADMIN_SOCKET,
-    DEFAULT_METRICS,
+    Protocol, RealConfig, Scheduler, ServiceConfig, SyncConfig, Timeouts, XdpMode,
+    DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS, DEFAULT_SYNC_REFRESH,
 };
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -105,6 +105,16 @@ struct RawFile {
     service: Vec<Spanned<RawService>>,
     #[serde(default)]
     vrrp: Vec<Spanned<crate::ha::config::RawVrrp>>,
+    sync: Option<Spanned<RawSync>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    listen: Option<Spanned<String>>,
+    peer: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    refresh: Option<Spanned<DurationText>>,
 }
 
 #[derive(Deserialize)]
@@ -453,12 +463,103 @@ impl Validator<'_> {
         let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
         let vrrp = crate::ha::config::validate(&raw.vrrp, &names)
             .map_err(|e| self.err(e.span, &e.key, e.message))?;
+        let sync = match raw.sync {
+            None => None,
+            Some(raw) => Some(self.sync(raw)?),
+        };
 
         Ok(Config {
             source: self.file.to_path_buf(),
             director,
             services,
             vrrp,
+            sync,
+        })
+    }
+
+    fn sync(&self, raw: Spanned<RawSync>) -> Result<SyncConfig, ConfigError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let required = |v: Option<Spanned<String>>, key: &str, what: &str| {
+            v.ok_or_else(|| {
+                self.err(
+                    Some(span.clone()),
+                    &format!("sync.{key}"),
+                    format!("missing required key `{key}` ({what})"),
+                )
+            })
+        };
+        let endpoint = |v: &Spanned<String>, key: &str| -> Result<SocketAddr, ConfigError> {
+            let key = format!("sync.{key}");
+            let s = v.get_ref();
+            let a: SocketAddr = s.parse().map_err(|_| {
+                self.at(
+                    v,
+                    &key,
+                    format!("\"{s}\" is not an IP:PORT address (e.g. 198.18.0.2:8899)"),
+                )
+            })?;
+            if a.port() == 0 {
+                return Err(self.at(v, &key, "port 0 is not allowed".into()));
+            }
+            Ok(a)
+        };
+        let listen_v = required(
+            raw.listen,
+            "listen",
+            "the local address:port for the peer's datagrams",
+        )?;
+        let peer_v = required(raw.peer, "peer", "the peer director's address:port")?;
+        let key_v = required(
+            raw.key_file,
+            "key_file",
+            "a file holding the shared 32-byte key",
+        )?;
+        let listen = endpoint(&listen_v, "listen")?;
+        let peer = endpoint(&peer_v, "peer")?;
+        if peer.ip().is_unspecified() || peer.ip().is_multicast() {
+            return Err(self.at(
+                &peer_v,
+                "sync.peer",
+                format!(
+                    "{} is not a unicast address (multicast sync is not supported yet)",
+                    peer.ip()
+                ),
+            ));
+        }
+        if peer == listen {
+            return Err(self.at(
+                &peer_v,
+                "sync.peer",
+                format!("{peer} is this director's own `listen` address"),
+            ));
+        }
+        if listen.is_ipv4() != peer.is_ipv4() {
+            return Err(self.at(
+                &peer_v,
+                "sync.peer",
+                format!("{peer} is not in the address family of `listen` ({listen})"),
+            ));
+        }
+        // Relative to the config file, as an operator reading it would expect.
+        let given = PathBuf::from(key_v.get_ref());
+        let key_file = if given.is_absolute() {
+            given
+        } else {
+            self.file.parent().unwrap_or(Path::new(".")).join(given)
+        };
+        let key = crate::ha::sync::wire::Key::from_file(&key_file)
+            .map_err(|e| self.at(&key_v, "sync.key_file", e.to_string()))?;
+        let refresh = match &raw.refresh {
+            None => DEFAULT_SYNC_REFRESH,
+            Some(v) => self.duration(v, "sync.refresh", Duration::from_secs(3600), "1h")?,
+        };
+        Ok(SyncConfig {
+            listen,
+            peer,
+            key_file,
+            key,
+            refresh,
         })
     }
 
@@ -1978,5 +2079,136 @@ scheduler = "rr"
             "director.interface",
             "not a valid interface name",
         );
+    }
+
+    /// A key file in a fresh private directory, with `mode`.
+    fn key_file(name: &str, content: &[u8], mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("xdpvs-cfg-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("sync.key");
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn sync_table(body: &str) -> String {
+        format!("{HEAD}\n[sync]\n{body}")
+    }
+
+    #[test]
+    fn sync_table_is_parsed_and_its_key_read() {
+        let k = key_file("ok", "0f".repeat(32).as_bytes(), 0o600);
+        let text = sync_table(&format!(
+            "listen = \"198.18.0.2:8899\"\npeer = \"198.18.0.3:8899\"\nkey_file = \"{}\"\nrefresh = \"5s\"\n",
+            k.display()
+        ));
+        let c = parse_str(&text).unwrap();
+        let s = c.sync.expect("[sync] parsed");
+        assert_eq!(s.listen, sa("198.18.0.2:8899"));
+        assert_eq!(s.peer, sa("198.18.0.3:8899"));
+        assert_eq!(s.key, crate::ha::sync::wire::Key::from_bytes([0x0f; 32]));
+        assert_eq!(s.refresh, Duration::from_secs(5));
+        // Without the table: no sync; refresh has a default.
+        assert!(parse_str(HEAD).unwrap().sync.is_none());
+        let text = sync_table(&format!(
+            "listen = \"0.0.0.0:8899\"\npeer = \"198.18.0.3:8899\"\nkey_file = \"{}\"\n",
+            k.display()
+        ));
+        assert_eq!(
+            parse_str(&text).unwrap().sync.unwrap().refresh,
+            DEFAULT_SYNC_REFRESH
+        );
+        // A relative key_file is found next to the config file.
+        let cfg = k.parent().unwrap().join("x.toml");
+        let text = sync_table(
+            "listen = \"198.18.0.2:8899\"\npeer = \"198.18.0.3:8899\"\nkey_file = \"sync.key\"\n",
+        );
+        assert_eq!(parse(&text, &cfg).unwrap().sync.unwrap().key_file, k);
+        std::fs::remove_dir_all(k.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn sync_errors_name_line_and_key() {
+        let k = key_file("err", "0f".repeat(32).as_bytes(), 0o600);
+        let lax = key_file("lax", "0f".repeat(32).as_bytes(), 0o640);
+        let short = key_file("short", b"0f0f", 0o600);
+        let ok = |listen: &str, peer: &str, key: &Path| {
+            sync_table(&format!(
+                "listen = \"{listen}\"\npeer = \"{peer}\"\nkey_file = \"{}\"\n",
+                key.display()
+            ))
+        };
+        let good = ("198.18.0.2:8899", "198.18.0.3:8899");
+        expect_err(
+            &ok("198.18.0.2", good.1, &k),
+            ("listen", 0),
+            "sync.listen",
+            "not an IP:PORT address",
+        );
+        expect_err(
+            &ok("198.18.0.2:0", good.1, &k),
+            ("listen", 0),
+            "sync.listen",
+            "port 0",
+        );
+        expect_err(
+            &ok(good.0, "239.1.1.1:8899", &k),
+            ("peer", 0),
+            "sync.peer",
+            "not a unicast address",
+        );
+        expect_err(
+            &ok(good.0, good.0, &k),
+            ("peer", 0),
+            "sync.peer",
+            "own `listen` address",
+        );
+        expect_err(
+            &ok(good.0, "[2001:db8::1]:8899", &k),
+            ("peer", 0),
+            "sync.peer",
+            "address family",
+        );
+        let e = expect_err(
+            &ok(good.0, good.1, &lax),
+            ("key_file", 0),
+            "sync.key_file",
+            "accessible by group or others (mode 0640)",
+        );
+        assert!(e.message.contains("chmod 600"), "{e}");
+        expect_err(
+            &ok(good.0, good.1, &short),
+            ("key_file", 0),
+            "sync.key_file",
+            "expected 32 raw bytes or 64 hex digits",
+        );
+        expect_err(
+            &ok(good.0, good.1, Path::new("/nonexistent/xdpvs.key")),
+            ("key_file", 0),
+            "sync.key_file",
+            "cannot read key file",
+        );
+        expect_err(
+            &sync_table("listen = \"198.18.0.2:8899\"\npeer = \"198.18.0.3:8899\"\n"),
+            ("[sync]", 0),
+            "sync.key_file",
+            "missing required key `key_file`",
+        );
+        expect_err(
+            &sync_table("listen = \"198.18.0.2:8899\"\npeers = \"x\"\n"),
+            ("peers", 0),
+            "sync.peers",
+            "unknown field `peers`",
+        );
+        expect_err(
+            &format!("{}refresh = \"0s\"\n", ok(good.0, good.1, &k)),
+            ("refresh", 0),
+            "sync.refresh",
+            "greater than 0",
+        );
+        for p in [k, lax, short] {
+            std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
+        }
     }
 }

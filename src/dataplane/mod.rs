@@ -18,15 +18,15 @@ use std::net::{SocketAddr, UdpSocket};
 use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
     expire_rc, maps, progs, stat, state, Conn, ConnKey, ExpireRequest, Layout, Real, RealConns,
-    RealSet, RealStats, Service, ServiceKey, Settings, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS,
-    REAL_F_VALID,
+    RealSet, RealStats, Service, ServiceKey, Settings, SyncEvent, EXPIRE_F_FORCE, FAMILY_NONE,
+    MAX_REALS, REAL_F_VALID,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;
@@ -104,6 +104,8 @@ pub struct Dataplane {
     /// The maps `list`, metrics and adopt read (shared with the offline reader).
     maps: Maps,
     conns: HashMap<MapData, ConnKey, Conn>,
+    /// The sync event ring buffer, until its reader takes it ([`Dataplane::take_sync_events`]).
+    sync_events: Option<RingBuf<MapData>>,
     settings: Settings,
     attached: Option<(String, &'static str)>,
     /// The pin directory, when opened pinned.
@@ -179,7 +181,7 @@ impl Dataplane {
             .map_max_entries(maps::CONNS, conn_table_size)
             .load(OBJECT)
             .context("loading the XDP object (needs root / CAP_BPF)")?;
-        for name in [progs::XDP_MAIN, progs::XDP_EXPIRE] {
+        for name in [progs::XDP_MAIN, progs::XDP_EXPIRE, progs::XDP_SYNC_INSTALL] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
@@ -202,6 +204,7 @@ impl Dataplane {
             layout: take(&mut ebpf, maps::LAYOUT)?,
             maps,
             conns: take(&mut ebpf, maps::CONNS)?,
+            sync_events: Some(take(&mut ebpf, maps::SYNC_EVENTS)?),
             settings,
             attached: None,
             pin_dir,
@@ -373,19 +376,33 @@ impl Dataplane {
             flags: if force { EXPIRE_F_FORCE } else { 0 },
             _pad: 0,
         };
-        // SAFETY: ExpireRequest is #[repr(C)] plain integers with explicit padding.
+        Ok(self.test_run(progs::XDP_EXPIRE, &req)? == expire_rc::RETIRED)
+    }
+
+    /// Installs, moves or retires one entry as the sync peer reported it (ids already ours),
+    /// through the install program; returns its `install_rc::*`.
+    pub fn sync_install(&self, req: &SyncEvent) -> Result<u32> {
+        self.test_run(progs::XDP_SYNC_INSTALL, req)
+    }
+
+    /// Runs one of the control programs with `req` as the frame; returns its return value.
+    fn test_run<T: aya::Pod>(&self, prog: &str, req: &T) -> Result<u32> {
+        // SAFETY: Pod types are #[repr(C)] plain integers with explicit padding.
         let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&req as *const ExpireRequest).cast::<u8>(),
-                std::mem::size_of::<ExpireRequest>(),
-            )
+            std::slice::from_raw_parts((req as *const T).cast::<u8>(), std::mem::size_of::<T>())
         };
-        let prog = self.program(progs::XDP_EXPIRE)?;
+        let prog = self.program(prog)?;
         let r = prog.test_run(TestRunOptions {
             data_in: Some(bytes),
             ..TestRunOptions::default()
         })?;
-        Ok(r.return_value == expire_rc::RETIRED)
+        Ok(r.return_value)
+    }
+
+    /// The ring buffer of connection events for the sync peer; `None` once taken (it has one
+    /// reader, which owns it).
+    pub fn take_sync_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.sync_events.take()
     }
 
     /// Retires every entry idle past its state's timeout, or whose real is no longer valid.
@@ -591,6 +608,11 @@ impl Maps {
         }
         view.settings = self.settings.get(&0, 0)?;
         Ok(view)
+    }
+
+    /// What `REALS` holds for an id (family `FAMILY_NONE`: no real).
+    pub fn real(&self, id: u32) -> Result<Real> {
+        Ok(self.reals.get(&id, 0)?)
     }
 
     pub fn real_conns(&self, id: u32) -> Result<RealConns> {

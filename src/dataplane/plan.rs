@@ -97,6 +97,11 @@ impl Planner {
         self.reals.get(&(*service, real)).map(|r| r.id)
     }
 
+    /// The dataplane id of a service (live or draining), if it holds one.
+    pub fn service_id(&self, service: &ServiceKey) -> Option<u32> {
+        self.services.get(service).map(|e| e.id)
+    }
+
     /// A real's weight in its service's live set; `None` if it is not in the set.
     pub fn live_weight(&self, service: &ServiceKey, real: SocketAddr) -> Option<u32> {
         let id = self.real_id(service, real)?;
@@ -229,7 +234,7 @@ impl Planner {
 
     fn plan_inner(&mut self, desired: &Desired) -> Result<Vec<Write>, PlanError> {
         let mut writes = Vec::new();
-        let settings = settings(&desired.timeouts);
+        let settings = settings(&desired.timeouts, desired.sync);
         if self.settings != Some(settings) {
             writes.push(Write::Settings(settings));
             self.settings = Some(settings);
@@ -499,8 +504,9 @@ impl Planner {
     }
 }
 
-/// The XDP program's idle timeouts, from the configured ones.
-pub fn settings(t: &Timeouts) -> Settings {
+/// The XDP program's idle timeouts, from the configured ones, and whether it reports
+/// connection events for a sync peer.
+pub fn settings(t: &Timeouts, sync: bool) -> Settings {
     use xdpvs_common::state;
     let mut s = Settings::default();
     let ns = |d: std::time::Duration| d.as_nanos().min(u64::MAX as u128) as u64;
@@ -509,6 +515,9 @@ pub fn settings(t: &Timeouts) -> Settings {
     s.timeout_ns[state::FIN_WAIT as usize] = ns(t.tcp_fin);
     s.timeout_ns[state::CLOSE as usize] = ns(t.tcp_close);
     s.timeout_ns[state::UDP as usize] = ns(t.udp);
+    if sync {
+        s.flags |= xdpvs_common::SETTINGS_F_SYNC;
+    }
     s
 }
 
@@ -553,6 +562,7 @@ mod tests {
         Desired {
             services,
             timeouts: Timeouts::default(),
+            sync: false,
         }
     }
 

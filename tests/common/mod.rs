@@ -149,7 +149,7 @@ impl Lab {
     fn is_full_ns(&self, name: &str) -> bool {
         match name.strip_prefix(&self.prefix) {
             Some(rest) => {
-                matches!(rest, "sw" | "client" | "dir")
+                matches!(rest, "sw" | "client" | "dir" | "dir2")
                     || (rest.len() > 1
                         && rest.starts_with('r')
                         && rest[1..].chars().all(|c| c.is_ascii_digit()))

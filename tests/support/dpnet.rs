@@ -186,6 +186,16 @@ impl Harness {
         self.apply_desired(&Desired {
             services,
             timeouts: Default::default(),
+            sync: false,
+        });
+    }
+
+    /// As [`Harness::apply`], with the dataplane reporting connection events for a sync peer.
+    pub fn apply_synced(&mut self, services: Vec<DesiredService>) {
+        self.apply_desired(&Desired {
+            services,
+            timeouts: Default::default(),
+            sync: true,
         });
     }
 

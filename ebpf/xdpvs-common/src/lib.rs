@@ -52,6 +52,9 @@ pub mod maps {
     pub const SETTINGS: &str = "SETTINGS";
     pub const STATS: &str = "STATS";
     pub const LAYOUT: &str = "LAYOUT";
+    /// Ring buffer of connection events for the sync peer. Not pinned: each loaded program
+    /// gets its own, read by the daemon that loaded it.
+    pub const SYNC_EVENTS: &str = "SYNC_EVENTS";
 
     /// The maps pinned in bpffs, outliving the daemon: everything but per-CPU caches that a
     /// new program may start empty.
@@ -76,6 +79,9 @@ pub mod progs {
     /// Retires one connection-table entry exactly once; run by the control plane through
     /// BPF_PROG_TEST_RUN so expiry and packet-driven state changes serialise on the entry.
     pub const XDP_EXPIRE: &str = "xdpvs_expire";
+    /// Installs (or moves, or retires) one entry as the sync peer reported it; run through
+    /// BPF_PROG_TEST_RUN with a [`super::SyncEvent`] as the frame.
+    pub const XDP_SYNC_INSTALL: &str = "xdpvs_sync_install";
 }
 
 /// An IPv4 or IPv6 address in network byte order; IPv4 uses `w[0]` and leaves the rest zero.
@@ -256,6 +262,11 @@ pub struct Conn {
     pub _pad: [u8; 6],
 }
 
+/// Conn flag: installed from the sync peer and not forwarded here since. Changes to such an
+/// entry (its expiry here, the install itself) are never reported back to the peer, which owns
+/// it; the first packet this director forwards on it clears the flag.
+pub const CONN_F_SYNCED: u32 = 1;
+
 /// Value of `SETTINGS` (one element): runtime configuration the XDP program reads per packet.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -279,6 +290,57 @@ impl Default for Settings {
             flags: 0,
         }
     }
+}
+
+/// Settings flag: report connection events on `SYNC_EVENTS` (a director with a sync peer).
+/// Off, the packet path does not even look at the ring buffer.
+pub const SETTINGS_F_SYNC: u64 = 1;
+
+/// Kinds of [`SyncEvent`].
+pub mod sync_kind {
+    /// A connection the peer should hold: a TCP entry became established (or left the
+    /// handshake otherwise), or a UDP flow was created.
+    pub const NEW: u8 = 1;
+    /// A synced TCP entry changed state (FIN_WAIT, CLOSE).
+    pub const STATE: u8 = 2;
+    /// A synced entry was retired.
+    pub const END: u8 = 3;
+}
+
+/// A connection event: emitted by the packet path on `SYNC_EVENTS` (local ids of the sender),
+/// and the request passed to `XDP_SYNC_INSTALL` (local ids of the receiver, translated through
+/// (service, real address) in between).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct SyncEvent {
+    pub key: ConnKey,
+    pub real: u32,
+    pub service: u32,
+    /// `state::*` after the event (for END, the state it was retired from).
+    pub state: u32,
+    /// `sync_kind::*`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Return codes of `XDP_SYNC_INSTALL` (any u32: test-run reports the program's return value).
+pub mod install_rc {
+    /// A new entry was inserted and counted.
+    pub const INSERTED: u32 = 10;
+    /// An existing entry of the same real took the state (or already had it); idle clock reset.
+    pub const UPDATED: u32 = 11;
+    /// The entry was on another real: retired and reinserted on this one.
+    pub const REPLACED: u32 = 12;
+    /// END: the entry was retired.
+    pub const RETIRED: u32 = 13;
+    /// END for an entry that is not here (or on another real): nothing to do.
+    pub const ABSENT: u32 = 14;
+    /// The request is malformed (kind, state, a real that is not valid here).
+    pub const INVALID: u32 = 15;
+    /// The connection table is full.
+    pub const FULL: u32 = 16;
+    /// The entry changed under the request (the packet path or expiry won a race); retry.
+    pub const RACED: u32 = 17;
 }
 
 /// Request passed as the "packet" to `XDP_EXPIRE` through BPF_PROG_TEST_RUN.
@@ -342,7 +404,10 @@ pub mod stat {
     /// Packet to a service whose VIP this director does not own right now (a VRRP backup):
     /// dropped, never forwarded, so two directors never both send a flow to the reals.
     pub const DROP_STANDBY: u32 = 16;
-    /// Slots 17..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// A connection event the sync ring buffer had no room for (the daemon reads too slowly,
+    /// or no daemon runs): the peer misses it until the next refresh or dump.
+    pub const SYNC_EVENTS_LOST: u32 = 17;
+    /// Slots 18..32 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -366,7 +431,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "over_mtu",
     "pass_split_headers",
     "drop_standby",
-    "unused_17",
+    "sync_events_lost",
     "unused_18",
     "unused_19",
     "unused_20",
@@ -399,6 +464,8 @@ mod pod {
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Layout {}
+    unsafe impl aya::Pod for SyncEvent {}
+    unsafe impl aya::Pod for ExpireRequest {}
 }
 
 // Layout guards: a size change here is a change to the dataplane ABI.
@@ -409,4 +476,5 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
 const _: () = assert!(core::mem::size_of::<Conn>() == 56);
 const _: () = assert!(core::mem::size_of::<ExpireRequest>() == 48);
 const _: () = assert!(core::mem::size_of::<Layout>() == 16);
+const _: () = assert!(core::mem::size_of::<SyncEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<RealSet>() == 8 + 8 * MAX_REALS_PER_SERVICE);

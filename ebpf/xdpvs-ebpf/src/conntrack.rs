@@ -9,7 +9,8 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
     expire_rc, stat,
     state::{self, is_active, is_live},
-    Conn, ConnKey, ExpireRequest, Real, Service, EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
+    sync_kind, Conn, ConnKey, ExpireRequest, Real, Service, CONN_F_SYNCED, EXPIRE_F_FORCE, NO_REAL,
+    PROTO_TCP, REAL_F_VALID,
 };
 
 use crate::atomic;
@@ -30,7 +31,7 @@ pub enum Lookup {
 
 /// Adds `delta` (+1/-1) connections in `st` to the real's counts.
 #[inline(always)]
-fn account(real: u32, st: u32, up: bool) {
+pub(crate) fn account(real: u32, st: u32, up: bool) {
     if !is_live(st) {
         return;
     }
@@ -50,9 +51,10 @@ fn account(real: u32, st: u32, up: bool) {
     }
 }
 
-/// Moves an entry from `from` to `to`; the counts move only if this call won the swap.
+/// Moves an entry from `from` to `to`; the counts move (and the sync peer hears of it) only if
+/// this call won the swap.
 #[inline(always)]
-fn transition(conn: *mut Conn, real: u32, from: u32, to: u32) -> bool {
+pub(crate) fn transition(key: &ConnKey, conn: *mut Conn, real: u32, from: u32, to: u32) -> bool {
     if from == to {
         return true;
     }
@@ -61,6 +63,7 @@ fn transition(conn: *mut Conn, real: u32, from: u32, to: u32) -> bool {
             account(real, from, false);
             account(real, to, true);
         }
+        crate::sync::on_transition(key, conn, real, from, to);
         return true;
     }
     false
@@ -68,12 +71,12 @@ fn transition(conn: *mut Conn, real: u32, from: u32, to: u32) -> bool {
 
 /// Retires an entry: marks it DEAD (releasing its counts once) and deletes it.
 #[inline(always)]
-fn retire(key: &ConnKey, conn: *mut Conn) -> bool {
+pub(crate) fn retire(key: &ConnKey, conn: *mut Conn) -> bool {
     let (st, real) = unsafe { ((*conn).state, (*conn).real) };
     if !is_live(st) {
         return false;
     }
-    if !transition(conn, real, st, state::DEAD) {
+    if !transition(key, conn, real, st, state::DEAD) {
         return false;
     }
     let _ = CONNS.remove(key);
@@ -105,6 +108,12 @@ pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
             return Lookup::Drop(stat::DROP_REAL_GONE);
         }
     };
+    // Forwarded here from now on: this director owns the entry and reports its changes.
+    unsafe {
+        if (*conn).flags & CONN_F_SYNCED != 0 {
+            (*conn).flags &= !CONN_F_SYNCED;
+        }
+    }
     if pkt.proto == PROTO_TCP {
         if pkt.is_syn() && state::syn_reopens(st) {
             // A new connection on a tuple whose old one is closing: schedule it afresh, so
@@ -114,7 +123,7 @@ pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
         }
         let next = state::tcp_next(st, pkt.tcp_flags);
         // Losing the race means another CPU moved the state; its update stands.
-        transition(conn, real, st, next);
+        transition(key, conn, real, st, next);
     }
     // Refreshing the idle clock at most once a millisecond keeps the entry's cache line from
     // being written by every packet (and bounced between CPUs) on a busy flow.
@@ -151,6 +160,10 @@ pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -
         Ok(()) => {
             count(stat::NEW_CONN);
             crate::forward::count_new_conn(real);
+            if st == state::UDP {
+                // A TCP entry is reported once it leaves the handshake (`transition`).
+                crate::sync::emit(key, real, svc.id, st, sync_kind::NEW);
+            }
             real
         }
         Err(_) => {

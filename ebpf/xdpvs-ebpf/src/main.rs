@@ -18,12 +18,14 @@ mod forward;
 mod maps;
 mod parse;
 mod schedule;
+mod sync;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use xdpvs_common::{
-    stat, ConnKey, ExpireRequest, Service, NO_REAL, PROTO_TCP, SVC_F_DRAINING, SVC_F_STANDBY,
+    stat, ConnKey, ExpireRequest, Service, SyncEvent, NO_REAL, PROTO_TCP, SVC_F_DRAINING,
+    SVC_F_STANDBY,
 };
 
 use crate::conntrack::Lookup;
@@ -124,6 +126,20 @@ pub fn xdpvs_expire(ctx: XdpContext) -> u32 {
     }
     let req = unsafe { *(start as *const ExpireRequest) };
     conntrack::expire(&req)
+}
+
+/// Installs one connection entry as the sync peer reported it (see [`sync::install`]); run by
+/// the control plane through BPF_PROG_TEST_RUN with a [`SyncEvent`] as the frame. Returns one
+/// of `install_rc::*`.
+#[xdp]
+pub fn xdpvs_sync_install(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + core::mem::size_of::<SyncEvent>() > end {
+        return xdpvs_common::install_rc::INVALID;
+    }
+    let req = unsafe { *(start as *const SyncEvent) };
+    sync::install(&req)
 }
 
 #[cfg(not(test))]

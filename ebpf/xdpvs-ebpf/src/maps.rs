@@ -1,7 +1,7 @@
 //! The maps, declared once; their types and names come from `xdpvs-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use xdpvs_common::{
     Conn, ConnKey, Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
@@ -39,6 +39,12 @@ pub static LAYOUT: Array<Layout> = Array::with_max_entries(1, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(xdpvs_common::stat::COUNT, 0);
+
+/// Connection events for the sync peer (`sync::emit`), read by the daemon that loaded this
+/// program; not pinned, so a program swapped in on the pinned link starts with an empty one.
+/// 1 MiB holds 16384 events (56 bytes plus the kernel's 8-byte header each).
+#[map(name = "SYNC_EVENTS")]
+pub static SYNC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Bumps one of the per-CPU `stat::*` counters.
 #[inline(always)]

@@ -42,12 +42,26 @@ impl std::fmt::Debug for Key {
     }
 }
 
+impl PartialEq for Key {
+    fn eq(&self, o: &Key) -> bool {
+        // Compared only when a reload checks whether `[sync]` changed; not a secret comparison
+        // an attacker can time.
+        self.0 == o.0
+    }
+}
+
+impl Eq for Key {}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {0}: {1}")]
     Io(String, std::io::Error),
-    #[error("key file {0}: expected 64 hex digits (32 bytes, e.g. from `openssl rand -hex 32`)")]
+    #[error(
+        "key file {0}: expected 32 raw bytes or 64 hex digits (e.g. from `openssl rand -hex 32`)"
+    )]
     Format(String),
+    #[error("key file {0} is accessible by group or others (mode {1:04o}); run `chmod 600 {0}`")]
+    Permissions(String, u32),
 }
 
 impl Key {
@@ -55,11 +69,27 @@ impl Key {
         Key(b)
     }
 
-    /// 64 hex digits, surrounding whitespace ignored.
+    /// 64 hex digits (surrounding whitespace ignored) or exactly 32 raw bytes. Refused if group
+    /// or others have any access: a shared secret readable by another user is no secret.
     pub fn from_file(path: &Path) -> Result<Key, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| KeyError::Io(name.clone(), e))?;
-        Key::from_hex(text.trim()).ok_or(KeyError::Format(name))
+        let meta = std::fs::metadata(path).map_err(|e| KeyError::Io(name.clone(), e))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions(name, mode));
+        }
+        let bytes = std::fs::read(path).map_err(|e| KeyError::Io(name.clone(), e))?;
+        if let Some(k) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| Key::from_hex(t.trim()))
+        {
+            return Ok(k);
+        }
+        match <[u8; 32]>::try_from(bytes.as_slice()) {
+            Ok(raw) => Ok(Key(raw)),
+            Err(_) => Err(KeyError::Format(name)),
+        }
     }
 
     pub fn from_hex(s: &str) -> Option<Key> {
@@ -641,13 +671,33 @@ mod tests {
 
     #[test]
     fn key_files() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("xdpvs-key-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("k");
         std::fs::write(&p, format!("{}\n", "ab".repeat(32))).unwrap();
+        let mode = |m| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        mode(0o600);
         assert_eq!(Key::from_file(&p).unwrap().0, [0xab; 32]);
         std::fs::write(&p, "abcd\n").unwrap();
         assert!(matches!(Key::from_file(&p), Err(KeyError::Format(_))));
+        // 32 raw bytes (not text): taken as they are.
+        let raw: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x80).collect();
+        std::fs::write(&p, &raw).unwrap();
+        assert_eq!(Key::from_file(&p).unwrap().0.to_vec(), raw);
+        std::fs::write(&p, &raw[..31]).unwrap();
+        assert!(matches!(Key::from_file(&p), Err(KeyError::Format(_))));
+        // Any access for group or others is refused, whatever the content.
+        std::fs::write(&p, &raw).unwrap();
+        for m in [0o640, 0o604, 0o620, 0o644, 0o601] {
+            mode(m);
+            match Key::from_file(&p) {
+                Err(KeyError::Permissions(_, got)) => assert_eq!(got, m),
+                other => panic!("mode {m:o}: {other:?}"),
+            }
+        }
+        mode(0o400);
+        assert!(Key::from_file(&p).is_ok());
         assert!(matches!(
             Key::from_file(&dir.join("none")),
             Err(KeyError::Io(..))

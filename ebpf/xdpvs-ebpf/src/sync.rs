@@ -1,0 +1,145 @@
+//! Connection-state sync, kernel side: what the packet path reports to the peer, and how an
+//! entry the peer reported is installed here.
+//!
+//! Reports go to the `SYNC_EVENTS` ring buffer, only while `SETTINGS_F_SYNC` is set (so a
+//! director without a peer pays one flag test per state change, nothing per packet). Reported:
+//! a TCP entry leaving the handshake (NEW: the peer only needs connections that can continue),
+//! its later state changes (STATE), a UDP flow's creation (NEW), and the retirement of any
+//! reported entry (END). Entries installed from the peer carry `CONN_F_SYNCED` and are never
+//! reported back, so their expiry here cannot end the peer's live connection, and events never
+//! echo between the two directors.
+//!
+//! [`install`] is the receiving end, run by the control plane through BPF_PROG_TEST_RUN like
+//! the expiry program: the same compare-and-swap on the entry as the packet path, so the counts
+//! in `REAL_CONNS` stay exact whatever the interleaving.
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use xdpvs_common::{
+    install_rc, stat,
+    state::{self, is_live},
+    sync_kind, Conn, ConnKey, SyncEvent, CONN_F_SYNCED, REAL_F_VALID, SETTINGS_F_SYNC,
+};
+
+use crate::conntrack::{account, retire, transition};
+use crate::maps::{count, CONNS, REALS, SETTINGS, SYNC_EVENTS};
+
+#[inline(always)]
+fn enabled() -> bool {
+    match SETTINGS.get(0) {
+        Some(s) => s.flags & SETTINGS_F_SYNC != 0,
+        None => false,
+    }
+}
+
+/// Reports one event; a full ring buffer loses it (counted).
+#[inline(always)]
+pub fn emit(key: &ConnKey, real: u32, service: u32, st: u32, kind: u8) {
+    if !enabled() {
+        return;
+    }
+    let ev = SyncEvent {
+        key: *key,
+        real,
+        service,
+        state: st,
+        kind,
+        _pad: [0; 3],
+    };
+    if SYNC_EVENTS.output::<SyncEvent>(&ev, 0).is_err() {
+        count(stat::SYNC_EVENTS_LOST);
+    }
+}
+
+/// Reports the state change `conntrack::transition` has just won (`to` = DEAD: retired).
+#[inline(always)]
+pub fn on_transition(key: &ConnKey, conn: *const Conn, real: u32, from: u32, to: u32) {
+    let (flags, service) = unsafe { ((*conn).flags, (*conn).service) };
+    if flags & CONN_F_SYNCED != 0 {
+        return;
+    }
+    let (kind, st) = if to == state::DEAD {
+        if from == state::SYN_RECV {
+            // Half-open: never reported, so nothing to end.
+            return;
+        }
+        (sync_kind::END, from)
+    } else if from == state::SYN_RECV {
+        (sync_kind::NEW, to)
+    } else {
+        (sync_kind::STATE, to)
+    };
+    emit(key, real, service, st, kind);
+}
+
+/// Inserts a new entry for `req`, counted first as `conntrack::create` does.
+#[inline(always)]
+fn insert(req: &SyncEvent, now: u64, ok: u32) -> u32 {
+    let conn = Conn {
+        real: req.real,
+        service: req.service,
+        state: req.state,
+        flags: CONN_F_SYNCED,
+        created_ns: now,
+        last_seen_ns: now,
+        ..Conn::default()
+    };
+    account(req.real, req.state, true);
+    match CONNS.insert(&req.key, &conn, BPF_NOEXIST as u64) {
+        Ok(()) => ok,
+        Err(_) => {
+            account(req.real, req.state, false);
+            if CONNS.get_ptr(&req.key).is_some() {
+                install_rc::RACED
+            } else {
+                install_rc::FULL
+            }
+        }
+    }
+}
+
+/// Applies one event from the peer (its ids already translated to ours).
+pub fn install(req: &SyncEvent) -> u32 {
+    let key = req.key;
+    let existing = CONNS.get_ptr_mut(&key);
+    if req.kind == sync_kind::END {
+        let Some(conn) = existing else {
+            return install_rc::ABSENT;
+        };
+        if unsafe { (*conn).real } != req.real {
+            return install_rc::ABSENT;
+        }
+        unsafe { (*conn).flags |= CONN_F_SYNCED };
+        return if retire(&key, conn) {
+            install_rc::RETIRED
+        } else {
+            install_rc::ABSENT
+        };
+    }
+    if (req.kind != sync_kind::NEW && req.kind != sync_kind::STATE) || !is_live(req.state) {
+        return install_rc::INVALID;
+    }
+    match REALS.get(req.real) {
+        Some(r) if r.flags & REAL_F_VALID != 0 && r.service == req.service => {}
+        _ => return install_rc::INVALID,
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(conn) = existing else {
+        return insert(req, now, install_rc::INSERTED);
+    };
+    let (cur, real) = unsafe { ((*conn).state, (*conn).real) };
+    if !is_live(cur) {
+        return install_rc::RACED;
+    }
+    // Marked first, so neither the move below nor a later expiry is reported back.
+    unsafe { (*conn).flags |= CONN_F_SYNCED };
+    if real == req.real {
+        if !transition(&key, conn, real, cur, req.state) {
+            return install_rc::RACED;
+        }
+        unsafe { (*conn).last_seen_ns = now };
+        return install_rc::UPDATED;
+    }
+    if !retire(&key, conn) {
+        return install_rc::RACED;
+    }
+    insert(req, now, install_rc::REPLACED)
+}
