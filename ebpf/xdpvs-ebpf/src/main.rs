@@ -18,6 +18,7 @@ mod forward;
 mod maps;
 mod parse;
 mod schedule;
+mod sweep;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
@@ -124,6 +125,18 @@ pub fn xdpvs_expire(ctx: XdpContext) -> u32 {
     }
     let req = unsafe { *(start as *const ExpireRequest) };
     conntrack::expire(&req)
+}
+
+/// Expires both connection tables in one call and recounts the embryonic entries (see
+/// [`sweep`]); the frame is a [`xdpvs_common::SweepResult`], overwritten with the result.
+#[xdp]
+pub fn xdpvs_sweep(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + core::mem::size_of::<xdpvs_common::SweepResult>() > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    sweep::sweep(start as *mut xdpvs_common::SweepResult);
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]
