@@ -25,8 +25,67 @@ fn main() -> Result<()> {
     let target_dir = out.join("ebpf");
     build(&ebpf, &target_dir)?;
     let obj = target_dir.join("bpfel-unknown-none/release/xdpvs");
-    std::fs::copy(&obj, out.join("xdpvs.bpf.o"))
-        .with_context(|| format!("copying {}", obj.display()))?;
+    let mut bytes = std::fs::read(&obj).with_context(|| format!("reading {}", obj.display()))?;
+    sanitize_btf(&mut bytes).context("sanitizing the XDP object's BTF")?;
+    std::fs::write(out.join("xdpvs.bpf.o"), bytes).context("writing xdpvs.bpf.o")?;
+    Ok(())
+}
+
+fn le<const N: usize>(b: &[u8], o: usize) -> Result<[u8; N]> {
+    b.get(o..o + N)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| anyhow::anyhow!("truncated at offset {o}"))
+}
+
+/// Makes the object's BTF acceptable to the kernel. rustc describes a data-carrying enum
+/// (e.g. `Parsed`) as a BTF union whose variant members sit at non-zero bit offsets, which
+/// BPF_BTF_LOAD rejects ("Invalid member bits_offset"); aya then loads the programs without
+/// BTF, and without BTF func_info the kernel refuses callbacks (`bpf_for_each_map_elem`,
+/// `bpf_loop`) and verifies "global" functions inline. Zeroing those offsets changes only
+/// debug descriptions of enum payloads, never a map or a function signature.
+fn sanitize_btf(obj: &mut [u8]) -> Result<()> {
+    let u16_at = |b: &[u8], o| -> Result<usize> { Ok(u16::from_le_bytes(le(b, o)?) as usize) };
+    let u32_at = |b: &[u8], o| -> Result<usize> { Ok(u32::from_le_bytes(le(b, o)?) as usize) };
+    let u64_at = |b: &[u8], o| -> Result<usize> { Ok(u64::from_le_bytes(le(b, o)?) as usize) };
+    // ELF64 little endian: section headers, and the section-name string table.
+    let (shoff, shentsize) = (u64_at(obj, 0x28)?, u16_at(obj, 0x3a)?);
+    let (shnum, shstrndx) = (u16_at(obj, 0x3c)?, u16_at(obj, 0x3e)?);
+    let sh = |i: usize| shoff + i * shentsize;
+    let names = u64_at(obj, sh(shstrndx) + 24)?;
+    let mut btf = None;
+    for i in 0..shnum {
+        let name = names + u32_at(obj, sh(i))?;
+        if obj.get(name..name + 5) == Some(b".BTF\0") {
+            btf = Some(u64_at(obj, sh(i) + 24)?);
+        }
+    }
+    let Some(b) = btf else {
+        bail!("no .BTF section (is -Clink-arg=--btf set?)");
+    };
+    let start = b + u32_at(obj, b + 4)? + u32_at(obj, b + 8)?;
+    let end = start + u32_at(obj, b + 12)?;
+    let mut p = start;
+    while p < end {
+        let info = u32_at(obj, p + 4)?;
+        let (kind, vlen) = ((info >> 24) & 0x1f, info & 0xffff);
+        p += 12;
+        p += match kind {
+            1 | 14 | 17 => 4,         // INT, VAR, DECL_TAG
+            3 => 12,                  // ARRAY
+            4 | 15 | 19 => 12 * vlen, // STRUCT, DATASEC, ENUM64
+            6 | 13 => 8 * vlen,       // ENUM, FUNC_PROTO
+            5 => {
+                // UNION: every member at offset 0.
+                for m in 0..vlen {
+                    let o = p + m * 12 + 8;
+                    le::<4>(obj, o)?;
+                    obj[o..o + 4].copy_from_slice(&[0; 4]);
+                }
+                12 * vlen
+            }
+            _ => 0,
+        };
+    }
     Ok(())
 }
 

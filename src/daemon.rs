@@ -442,7 +442,14 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
             director.interface
         ),
     )?;
-    let (mut dp, origin) = Dataplane::open(&pin_dir, director.conn_table_size, opts.fresh)?;
+    let (mut dp, origin) = Dataplane::open(
+        &pin_dir,
+        crate::dataplane::Tables {
+            conns: director.conn_table_size,
+            embryos: director.embryonic_table_size,
+        },
+        opts.fresh,
+    )?;
     let planner = match origin {
         Origin::Fresh => Planner::new(),
         Origin::Adopted => Planner::adopt(&dp.view()?)
@@ -689,6 +696,7 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
                 if new.director.interface != old.director.interface
                     || new.director.xdp_mode != old.director.xdp_mode
                     || new.director.conn_table_size != old.director.conn_table_size
+                    || new.director.embryonic_table_size != old.director.embryonic_table_size
                     || new.director.admin_socket != old.director.admin_socket
                     || new.director.metrics != old.director.metrics
                     || new.director.watch_config != old.director.watch_config

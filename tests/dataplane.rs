@@ -284,14 +284,21 @@ fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
         assert_eq!(h.conns(1, &s), (0, 1), "SYN: inactive");
         h.run(&f(SYN));
         assert_eq!(h.conns(1, &s), (0, 1), "retransmitted SYN: counted once");
+        let tables = |h: &Harness| (h.dp.established_table().len(), h.dp.embryonic_table().len());
+        assert_eq!(tables(&h), (0, 1), "half-open: in the embryonic table only");
+        assert_eq!(h.raw_conns(1, &s), (0, 0, 1), "counted as embryonic");
         h.run(&f(ACK));
         assert_eq!(h.conns(1, &s), (1, 0), "handshake ACK: active");
+        assert_eq!(tables(&h), (1, 0), "the ACK promotes it");
+        assert_eq!(h.raw_conns(1, &s), (1, 0, 0));
+        assert_eq!(h.dp.stats().unwrap()[stat::EMBRYO_PROMOTED as usize], 1);
         h.run(&f(ACK | PSH));
         assert_eq!(h.conns(1, &s), (1, 0));
         h.run(&f(FIN | ACK));
         assert_eq!(h.conns(1, &s), (0, 1), "FIN: inactive");
         // Not idle yet (default 120 s): the sweep keeps it.
-        assert_eq!(h.dp.sweep().unwrap().retired, 0);
+        let r = h.dp.sweep().unwrap();
+        assert_eq!((r.entries, r.retired), (1, 0), "{r:?}");
         assert_eq!(h.conns(1, &s), (0, 1));
         // A new SYN on the closing tuple is a new connection, counted once.
         h.run(&f(SYN));
@@ -591,8 +598,8 @@ fn real_behind_another_interface_is_reached_by_redirect() {
 
 #[test]
 #[ignore = "needs root"]
-fn a_full_connection_table_drops_new_syns_and_keeps_counts_exact() {
-    if !common::require_root("a_full_connection_table_drops_new_syns_and_keeps_counts_exact") {
+fn a_full_connection_table_refuses_promotions_and_keeps_counts_exact() {
+    if !common::require_root("a_full_connection_table_refuses_promotions_and_keeps_counts_exact") {
         return;
     }
     let net = DpNet::new("full", 2);
@@ -600,23 +607,191 @@ fn a_full_connection_table_drops_new_syns_and_keeps_counts_exact() {
         let mut h = Harness::with_table(64);
         let s = service(&[(1, 1), (2, 1)]);
         h.apply(vec![s.clone()]);
-        let mut forwarded = 0u64;
+        let mut promoted = 0u64;
         for sport in 49000..49100u16 {
-            if h.run(&syn(sport).build()).action == XDP_TX {
-                forwarded += 1;
+            // Every SYN finds room (the embryonic table is apart); the ACK needs `CONNS`.
+            assert_eq!(h.run(&syn(sport).build()).action, XDP_TX, "SYN {sport}");
+            if h.run(&Frame::tcp(CLIENT, sport, VIP, 80, ACK).build())
+                .action
+                == XDP_TX
+            {
+                promoted += 1;
             }
         }
-        let tracked = h.dp.connections().len() as u64;
-        assert_eq!(forwarded, tracked, "every forwarded SYN is tracked");
+        let tracked = h.dp.established_table().len() as u64;
+        assert_eq!(promoted, tracked, "every forwarded ACK is tracked");
         assert!((60..=64).contains(&tracked), "{tracked}");
         let stats = h.dp.stats().unwrap();
         assert_eq!(stats[stat::CONNTRACK_FULL as usize], 100 - tracked);
-        let (a1, i1) = h.conns(1, &s);
-        let (a2, i2) = h.conns(2, &s);
-        assert_eq!(a1 + a2 + i1 + i2, tracked, "no count for a dropped SYN");
-        // Tracked flows carry on.
+        assert_eq!(stats[stat::EMBRYO_PROMOTED as usize], tracked);
+        // The refused flows stay half-open (their retransmission may find room later).
+        assert_eq!(h.dp.embryonic_table().len() as u64, 100 - tracked);
+        let (a1, i1, e1) = h.raw_conns(1, &s);
+        let (a2, i2, e2) = h.raw_conns(2, &s);
+        assert_eq!((a1 + a2, i1 + i2), (tracked, 0), "established: exact");
+        assert_eq!(e1 + e2, 100 - tracked, "embryonic: exact");
+        // Tracked flows carry on; a refused one is promoted once there is room.
         let out = h.run(&Frame::tcp(CLIENT, 49000, VIP, 80, ACK).build());
         assert_eq!(out.action, XDP_TX);
+        let (gone, _) = h.dp.established_table()[0];
+        assert!(h.dp.expire(gone, true).unwrap());
+        let refused =
+            h.dp.embryonic_table()
+                .first()
+                .map(|(k, _)| u16::from_be(k.sport))
+                .expect("a refused flow");
+        let out = h.run(&Frame::tcp(CLIENT, refused, VIP, 80, ACK).build());
+        assert_eq!(out.action, XDP_TX, "retransmitted ACK promoted");
+        assert_eq!(h.dp.established_table().len() as u64, tracked);
+    });
+}
+
+/// A SYN flood from 300,000 spoofed sources (198.19.0.0/16 and 198.18.128.0/17), far past the
+/// embryonic table's 4,096 entries: established connections are untouched, a legitimate
+/// client's new connection is tracked and forwarded to one real, and the counts are exact
+/// after promotion, eviction (recounted by the sweep) and expiry.
+#[test]
+#[ignore = "needs root"]
+fn a_syn_flood_evicts_only_embryos_and_new_connections_still_work() {
+    if !common::require_root("a_syn_flood_evicts_only_embryos_and_new_connections_still_work") {
+        return;
+    }
+    let net = DpNet::new("flood", 2);
+    net.run(|| {
+        let mut h = Harness::with_tables(xdpvs::dataplane::Tables {
+            conns: 4096,
+            embryos: 4096,
+        });
+        let s = service(&[(1, 1), (2, 1)]);
+        h.apply(vec![s.clone()]);
+        // 100 established connections.
+        for sport in 30000..30100u16 {
+            h.run(&syn(sport).build());
+            h.run(&Frame::tcp(CLIENT, sport, VIP, 80, ACK).build());
+        }
+        let before: std::collections::HashMap<_, _> =
+            h.dp.established_table()
+                .into_iter()
+                .map(|(k, c)| (k, c.real))
+                .collect();
+        assert_eq!(before.len(), 100);
+        const FLOOD: u32 = 300_000;
+        let mut frame = Frame::tcp("198.19.0.0", 1024, VIP, 80, SYN).build();
+        for i in 0..FLOOD {
+            // Source address and port vary; the frame is rewritten in place (no checksums
+            // are checked on the way in).
+            let src = if i & (1 << 16) != 0 {
+                [198, 18, 128 | ((i >> 8) as u8 & 0x7f), i as u8]
+            } else {
+                [198, 19, (i >> 8) as u8, i as u8]
+            };
+            frame[26..30].copy_from_slice(&src);
+            frame[34..36].copy_from_slice(&(1024 + (i >> 17) as u16).to_be_bytes());
+            assert_eq!(h.run(&frame).action, XDP_TX, "flood SYN {i}");
+        }
+        let after = h.dp.established_table();
+        assert_eq!(after.len(), 100, "no established entry evicted");
+        for (k, c) in &after {
+            assert_eq!(before.get(k), Some(&c.real), "established entry moved");
+        }
+        let embryos = h.dp.embryonic_table().len();
+        assert!(
+            embryos <= 4096,
+            "the embryonic table stays in its bound: {embryos}"
+        );
+        // A legitimate new connection: tracked and forwarded to one real, every packet.
+        let out = h.run(&syn(31000).build());
+        assert_eq!(out.action, XDP_TX);
+        let owner = Harness::real_of(&out.frame).expect("a real");
+        for flags in [ACK, ACK | PSH, ACK] {
+            let out = h.run(&Frame::tcp(CLIENT, 31000, VIP, 80, flags).build());
+            assert_eq!(out.action, XDP_TX);
+            assert_eq!(Harness::real_of(&out.frame), Some(owner));
+        }
+        assert_eq!(h.dp.established_table().len(), 101);
+        // Active counts are exact throughout; the embryonic ones leaked by eviction until the
+        // sweep recounts them.
+        let raw = |h: &Harness| {
+            let (a1, i1, e1) = h.raw_conns(1, &s);
+            let (a2, i2, e2) = h.raw_conns(2, &s);
+            (a1 + a2, i1 + i2, e1 + e2)
+        };
+        let (active, inactive, leaked) = raw(&h);
+        assert_eq!((active, inactive), (101, 0));
+        assert!(leaked > 4096, "evictions leave counts behind: {leaked}");
+        let r = h.dp.sweep().unwrap();
+        let live = h.dp.embryonic_table().len() as u64;
+        assert_eq!(raw(&h), (101, 0, live), "recounted: {r:?}");
+        assert_eq!(r.embryos_evicted, leaked - live);
+        let stats = h.dp.stats().unwrap();
+        assert_eq!(stats[stat::EMBRYO_EVICTED as usize], leaked - live);
+        assert_eq!(stats[stat::NEW_CONN as usize], 100 + FLOOD as u64 + 1);
+        assert_eq!(stats[stat::CONNTRACK_FULL as usize], 0);
+        assert_eq!(stats[stat::EMBRYO_REFUSED as usize], 0);
+        // Expiry: the SYN timeout at zero ends every embryo, and nothing else.
+        h.apply_desired(&xdpvs::state::Desired {
+            services: vec![s.clone()],
+            timeouts: xdpvs::config::Timeouts {
+                tcp_syn: std::time::Duration::ZERO,
+                ..Default::default()
+            },
+            sync: false,
+        });
+        let r = h.dp.sweep().unwrap();
+        assert_eq!(r.embryos_retired as u64, live, "{r:?}");
+        assert_eq!(raw(&h), (101, 0, 0));
+        assert_eq!(h.dp.embryonic_table().len(), 0);
+        assert_eq!(h.dp.established_table().len(), 101);
+        assert_eq!(h.dp.stats().unwrap()[stat::EMBRYO_EXPIRED as usize], live);
+    });
+}
+
+/// One-packet UDP flows from spoofed sources, far past the embryonic table, never evict a live
+/// UDP flow (one that sent a second packet).
+#[test]
+#[ignore = "needs root"]
+fn a_udp_flood_of_one_packet_flows_never_evicts_a_live_flow() {
+    if !common::require_root("a_udp_flood_of_one_packet_flows_never_evicts_a_live_flow") {
+        return;
+    }
+    let net = DpNet::new("udpfl", 2);
+    net.run(|| {
+        let mut h = Harness::with_tables(xdpvs::dataplane::Tables {
+            conns: 4096,
+            embryos: 2048,
+        });
+        let mut s = service_on(53, &[(1, 1), (2, 1)]);
+        s.key = xdpvs::state::service_key(s.address, xdpvs::config::Protocol::Udp);
+        h.apply(vec![s.clone()]);
+        let mut owners = Vec::new();
+        for sport in 40000..40020u16 {
+            let f = Frame::udp(CLIENT, sport, VIP, 53).build();
+            let out = h.run(&f);
+            owners.push(Harness::real_of(&out.frame).unwrap());
+            h.run(&f);
+        }
+        assert_eq!(h.dp.established_table().len(), 20, "second packet promotes");
+        let mut frame = Frame::udp("198.19.0.0", 1024, VIP, 53).build();
+        for i in 0..100_000u32 {
+            frame[26..30].copy_from_slice(&[198, 19, (i >> 8) as u8, i as u8]);
+            frame[34..36].copy_from_slice(&(1024 + (i >> 16) as u16).to_be_bytes());
+            assert_eq!(h.run(&frame).action, XDP_TX);
+        }
+        assert!(h.dp.embryonic_table().len() <= 2048);
+        for (i, sport) in (40000..40020u16).enumerate() {
+            let out = h.run(&Frame::udp(CLIENT, sport, VIP, 53).build());
+            assert_eq!(
+                Harness::real_of(&out.frame),
+                Some(owners[i]),
+                "flow {sport}"
+            );
+        }
+        assert_eq!(h.dp.established_table().len(), 20);
+        h.dp.sweep().unwrap();
+        let (a1, i1, e1) = h.raw_conns(1, &s);
+        let (a2, i2, e2) = h.raw_conns(2, &s);
+        assert_eq!((a1 + a2, i1 + i2), (0, 20), "UDP counts as inactive");
+        assert_eq!(e1 + e2, h.dp.embryonic_table().len() as u64);
     });
 }
 
@@ -703,8 +878,8 @@ fn judge(h: &Harness, i: usize, f: &[u8], t: &mut Tally) {
     }
 }
 
-/// Every frame is counted exactly once in STATS, under its outcome (`NEW_CONN` comes on top of
-/// `TX`; the unused slots stay 0).
+/// Every frame is counted exactly once in STATS, under its outcome (`NEW_CONN` and
+/// `EMBRYO_PROMOTED` come on top of `TX`; the unused slots stay 0).
 fn assert_counted_once(h: &Harness, t: &Tally) {
     let stats = h.dp.stats().unwrap();
     let at = |s: u32| stats[s as usize];
@@ -734,7 +909,7 @@ fn assert_counted_once(h: &Harness, t: &Tally) {
         "forwards: {stats:?}"
     );
     let all: u64 = (0..stat::COUNT)
-        .filter(|s| *s != stat::NEW_CONN)
+        .filter(|s| *s != stat::NEW_CONN && *s != stat::EMBRYO_PROMOTED)
         .map(at)
         .sum();
     assert_eq!(all, t.tx + t.pass + t.drop, "each frame once: {stats:?}");
@@ -1349,8 +1524,14 @@ fn sync_events_follow_the_tcp_lifecycle_and_udp_flows() {
             ]
         );
 
-        // UDP: the first datagram reports the flow, later ones nothing, expiry its end.
-        for _ in 0..3 {
+        // UDP: a one-datagram flow stays embryonic and unreported; the second datagram
+        // promotes it and reports it, later ones nothing, expiry its end.
+        h.run(&Frame::udp(CLIENT, 48100, VIP, 53).build());
+        assert!(
+            drain_events(&mut rb).is_empty(),
+            "an embryo is never reported"
+        );
+        for _ in 0..2 {
             h.run(&Frame::udp(CLIENT, 48100, VIP, 53).build());
         }
         let evs = drain_events(&mut rb);

@@ -61,6 +61,8 @@ pub struct Director {
     pub watch_config: bool,
     /// Connection-table capacity (entries).
     pub conn_table_size: u32,
+    /// Embryonic-table capacity (half-open TCP connections and UDP flows seen once; an LRU).
+    pub embryonic_table_size: u32,
     pub timeouts: Timeouts,
     /// bpffs directory holding the pinned program link and maps; `None` = the default,
     /// which depends on the network namespace (see `dataplane::pin::default_dir`).

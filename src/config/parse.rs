@@ -126,6 +126,7 @@ struct RawDirector {
     admin_socket: Option<Spanned<String>>,
     watch_config: Option<bool>,
     conn_table_size: Option<Spanned<i64>>,
+    embryonic_table_size: Option<Spanned<i64>>,
     timeouts: Option<RawTimeouts>,
     pin_path: Option<Spanned<String>>,
     on_exit: Option<Spanned<String>>,
@@ -645,6 +646,10 @@ impl Validator<'_> {
             None => 262_144,
             Some(v) => self.int(v, "director.conn_table_size", 1024, 16_777_216)? as u32,
         };
+        let embryonic_table_size = match &raw.embryonic_table_size {
+            None => xdpvs_common::DEFAULT_EMBRYONIC_TABLE_SIZE,
+            Some(v) => self.int(v, "director.embryonic_table_size", 1024, 16_777_216)? as u32,
+        };
 
         let mut timeouts = Timeouts::default();
         if let Some(t) = &raw.timeouts {
@@ -697,6 +702,7 @@ impl Validator<'_> {
             admin_socket,
             watch_config: raw.watch_config.unwrap_or(true),
             conn_table_size,
+            embryonic_table_size,
             timeouts,
             pin_path,
             on_exit,
@@ -1425,6 +1431,7 @@ scheduler = "rr"
                 admin_socket: "/tmp/x.sock".into(),
                 watch_config: false,
                 conn_table_size: 4096,
+                embryonic_table_size: 131_072,
                 timeouts: Timeouts {
                     tcp_established: Duration::from_secs(900),
                     udp: Duration::from_millis(1500),
@@ -1512,6 +1519,7 @@ scheduler = "rr"
                 admin_socket: DEFAULT_ADMIN_SOCKET.into(),
                 watch_config: true,
                 conn_table_size: 262_144,
+                embryonic_table_size: 131_072,
                 timeouts: Timeouts::default(),
                 pin_path: None,
                 on_exit: OnExit::Keep,

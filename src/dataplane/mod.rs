@@ -24,9 +24,9 @@ use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
-    expire_rc, maps, progs, stat, state, Conn, ConnKey, ExpireRequest, Layout, Real, RealConns,
-    RealSet, RealStats, Service, ServiceKey, Settings, SyncEvent, EXPIRE_F_FORCE, FAMILY_NONE,
-    MAX_REALS, REAL_F_VALID,
+    expire_rc, maps, progs, sched::clamp_counter, stat, state, Conn, ConnKey, ExpireRequest,
+    Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, Settings, SweepResult,
+    SyncEvent, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS, REAL_F_VALID,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;
@@ -38,10 +38,34 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// What one pass of the connection-table sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Entries in the table when the sweep started.
+    /// Entries in both tables when the sweep started.
     pub entries: usize,
     /// Entries retired (idle past their timeout, or their real was cut).
     pub retired: usize,
+    /// Of `entries`, those in the embryonic table.
+    pub embryos: usize,
+    /// Of `retired`, those in the embryonic table.
+    pub embryos_retired: usize,
+    /// Embryonic counts released because the LRU had evicted their entries.
+    pub embryos_evicted: u64,
+}
+
+/// Capacities of the two connection tables (`[director] conn_table_size`,
+/// `embryonic_table_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tables {
+    pub conns: u32,
+    pub embryos: u32,
+}
+
+impl Tables {
+    /// A connection table of `conns` entries and the default embryonic table.
+    pub fn conns(conns: u32) -> Tables {
+        Tables {
+            conns,
+            embryos: DEFAULT_EMBRYONIC_TABLE_SIZE,
+        }
+    }
 }
 
 /// The pinned maps differ from what this build expects: adopting them would misread them.
@@ -106,6 +130,7 @@ pub struct Dataplane {
     conns: HashMap<MapData, ConnKey, Conn>,
     /// The sync event ring buffer, until its reader takes it ([`Dataplane::take_sync_events`]).
     sync_events: Option<RingBuf<MapData>>,
+    embryos: HashMap<MapData, ConnKey, Conn>,
     settings: Settings,
     attached: Option<(String, &'static str)>,
     /// The pin directory, when opened pinned.
@@ -128,14 +153,19 @@ impl Dataplane {
     /// Loads the object and its programs with private maps (nothing is attached or pinned):
     /// for tests and benchmarks.
     pub fn load(conn_table_size: u32) -> Result<Self> {
-        Self::load_with(EbpfLoader::new(), conn_table_size, None)
+        Self::load_tables(Tables::conns(conn_table_size))
+    }
+
+    /// As [`Dataplane::load`], with both tables' sizes.
+    pub fn load_tables(tables: Tables) -> Result<Self> {
+        Self::load_with(EbpfLoader::new(), tables, None)
     }
 
     /// Loads the object with its maps pinned in `dir`: maps pinned there by an earlier daemon
     /// are adopted if their layout matches this build's (else [`LayoutMismatch`], and nothing
     /// is touched), and created and pinned if there are none. `fresh` first removes whatever
     /// is pinned there, open connections included.
-    pub fn open(dir: &Path, conn_table_size: u32, fresh: bool) -> Result<(Self, Origin)> {
+    pub fn open(dir: &Path, tables: Tables, fresh: bool) -> Result<(Self, Origin)> {
         if fresh && dir.exists() {
             pin::remove_all(dir)
                 .with_context(|| format!("removing the pinned dataplane in {}", dir.display()))?;
@@ -145,7 +175,7 @@ impl Dataplane {
             tracing::warn!("{w}");
         }
         let origin = if pin::has_pins(dir) {
-            match check_layout(dir, conn_table_size)? {
+            match check_layout(dir, tables)? {
                 LayoutCheck::Same => Origin::Adopted,
                 LayoutCheck::Unwritten => {
                     // A daemon died between pinning the maps and recording their layout: it
@@ -164,24 +194,30 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut dp = Self::load_with(loader, conn_table_size, Some(dir.to_path_buf()))?;
+        let mut dp = Self::load_with(loader, tables, Some(dir.to_path_buf()))?;
         if origin == Origin::Fresh {
-            dp.layout.set(0, Layout::current(conn_table_size), 0)?;
+            dp.layout.set(0, Layout::current(tables.conns), 0)?;
         }
         Ok((dp, origin))
     }
 
     fn load_with(
         mut loader: EbpfLoader<'_>,
-        conn_table_size: u32,
+        tables: Tables,
         pin_dir: Option<PathBuf>,
     ) -> Result<Self> {
         raise_memlock();
         let mut ebpf = loader
-            .map_max_entries(maps::CONNS, conn_table_size)
+            .map_max_entries(maps::CONNS, tables.conns)
+            .map_max_entries(maps::EMBRYOS, tables.embryos)
             .load(OBJECT)
             .context("loading the XDP object (needs root / CAP_BPF)")?;
-        for name in [progs::XDP_MAIN, progs::XDP_EXPIRE, progs::XDP_SYNC_INSTALL] {
+        for name in [
+            progs::XDP_MAIN,
+            progs::XDP_EXPIRE,
+            progs::XDP_SYNC_INSTALL,
+            progs::XDP_SWEEP,
+        ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the XDP object"))?
@@ -205,6 +241,7 @@ impl Dataplane {
             maps,
             conns: take(&mut ebpf, maps::CONNS)?,
             sync_events: Some(take(&mut ebpf, maps::SYNC_EVENTS)?),
+            embryos: take(&mut ebpf, maps::EMBRYOS)?,
             settings,
             attached: None,
             pin_dir,
@@ -364,9 +401,21 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The tracked connections (a snapshot; the table changes while it is read).
+    /// The tracked flows of both tables (a snapshot; the tables change while they are read).
     pub fn connections(&self) -> Vec<(ConnKey, Conn)> {
+        let mut all = self.established_table();
+        all.extend(self.embryonic_table());
+        all
+    }
+
+    /// The entries of the connection table (`CONNS`: flows past their handshake).
+    pub fn established_table(&self) -> Vec<(ConnKey, Conn)> {
         self.conns.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// The entries of the embryonic table (`EMBRYOS`: half-open TCP, UDP seen once).
+    pub fn embryonic_table(&self) -> Vec<(ConnKey, Conn)> {
+        self.embryos.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// Retires one connection entry through the expiry program; true if it was retired.
@@ -405,9 +454,45 @@ impl Dataplane {
         self.sync_events.take()
     }
 
-    /// Retires every entry idle past its state's timeout, or whose real is no longer valid.
-    /// The kernel re-checks each candidate, so a packet arriving meanwhile keeps its entry.
+    /// Retires every entry of both tables idle past its state's timeout, or whose real is no
+    /// longer valid, and recounts the embryonic counts: one BPF_PROG_TEST_RUN of the sweep
+    /// program, which walks the tables in the kernel with the packet path's compare-and-swap.
     pub fn sweep(&self) -> Result<SweepReport> {
+        let frame = [0u8; std::mem::size_of::<SweepResult>()];
+        let mut out = [0u8; std::mem::size_of::<SweepResult>()];
+        let prog = self.program(progs::XDP_SWEEP)?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(&frame[..]),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        if (r.data_size_out as usize) < out.len() {
+            return Err(anyhow!(
+                "the sweep program returned {} bytes",
+                r.data_size_out
+            ));
+        }
+        // SAFETY: SweepResult is #[repr(C)] u64s; every bit pattern is valid.
+        let res: SweepResult = unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) };
+        if res.done != 1 {
+            return Err(anyhow!(
+                "the sweep program did not run (rc {})",
+                r.return_value
+            ));
+        }
+        Ok(SweepReport {
+            entries: (res.conns_seen + res.embryos_seen) as usize,
+            retired: (res.conns_retired + res.embryos_retired) as usize,
+            embryos: res.embryos_seen as usize,
+            embryos_retired: res.embryos_retired as usize,
+            embryos_evicted: res.embryos_evicted,
+        })
+    }
+
+    /// The sweep as it was done before the kernel walk: read every entry from userspace (two
+    /// syscalls per entry) and retire candidates one test run each. Kept for the benchmark
+    /// that compares the two; the daemon uses [`Dataplane::sweep`].
+    pub fn sweep_from_userspace(&self) -> Result<SweepReport> {
         let now = monotonic_ns();
         let mut report = SweepReport::default();
         let mut valid: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
@@ -484,7 +569,8 @@ enum LayoutCheck {
 /// Compares the maps pinned in `dir` with this build's object and config: every pinned map
 /// present with the same key size, value size and capacity, and the recorded layout version
 /// and fingerprint equal to this build's. Reads only.
-fn check_layout(dir: &Path, conn_table_size: u32) -> Result<LayoutCheck> {
+fn check_layout(dir: &Path, tables: Tables) -> Result<LayoutCheck> {
+    let conn_table_size = tables.conns;
     let mismatch = |differences: Vec<String>| LayoutMismatch {
         dir: dir.to_path_buf(),
         differences: differences.join("; "),
@@ -497,10 +583,10 @@ fn check_layout(dir: &Path, conn_table_size: u32) -> Result<LayoutCheck> {
             .maps
             .get(name)
             .ok_or_else(|| anyhow!("map {name} missing from the XDP object"))?;
-        let want_entries = if name == maps::CONNS {
-            conn_table_size
-        } else {
-            spec.max_entries()
+        let want_entries = match name {
+            maps::CONNS => conn_table_size,
+            maps::EMBRYOS => tables.embryos,
+            _ => spec.max_entries(),
         };
         match MapInfo::from_pin(&path) {
             Err(_) => diffs.push(format!("map {name} is not pinned")),
@@ -516,6 +602,12 @@ fn check_layout(dir: &Path, conn_table_size: u32) -> Result<LayoutCheck> {
                     diffs.push(format!(
                         "the pinned connection table holds {n} entries but [director] \
                          conn_table_size is {conn_table_size} (set it back to {n} to adopt)"
+                    ));
+                } else if n != want_entries && name == maps::EMBRYOS {
+                    diffs.push(format!(
+                        "the pinned embryonic table holds {n} entries but [director] \
+                         embryonic_table_size is {} (set it back to {n} to adopt)",
+                        tables.embryos
                     ));
                 } else if n != want_entries {
                     diffs.push(format!(
@@ -615,7 +707,17 @@ impl Maps {
         Ok(self.reals.get(&id, 0)?)
     }
 
+    /// A real's counts as IPVS shows them: `inactive` includes the embryonic entries (IPVS
+    /// counts SYN_RECV as inactive); `embryonic` says how many of them those are.
     pub fn real_conns(&self, id: u32) -> Result<RealConns> {
+        let mut c = self.real_conns_raw(id)?;
+        c.embryonic = clamp_counter(c.embryonic);
+        c.inactive += c.embryonic;
+        Ok(c)
+    }
+
+    /// A real's counters as the map holds them (`inactive` without embryos).
+    pub fn real_conns_raw(&self, id: u32) -> Result<RealConns> {
         Ok(self.real_conns.get(&id, 0)?)
     }
 

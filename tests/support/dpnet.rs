@@ -172,7 +172,12 @@ impl Harness {
 
     /// With a connection table of `entries`.
     pub fn with_table(entries: u32) -> Harness {
-        let dp = Dataplane::load(entries).expect("load XDP object");
+        Harness::with_tables(xdpvs::dataplane::Tables::conns(entries))
+    }
+
+    /// With both tables' sizes.
+    pub fn with_tables(tables: xdpvs::dataplane::Tables) -> Harness {
+        let dp = Dataplane::load_tables(tables).expect("load XDP object");
         let ifindex = unsafe { libc::if_nametoindex(c"dpa".as_ptr()) };
         assert!(ifindex > 0, "dpa not found: not inside the test namespace?");
         Harness {
@@ -241,6 +246,23 @@ impl Harness {
         Some(((frame[4] as usize) << 8) | frame[5] as usize)
     }
 
+    /// (active, inactive, embryonic) as the map holds them (inactive without embryos).
+    pub fn raw_conns(&self, real: usize, service: &DesiredService) -> (u64, u64, u64) {
+        let id = self.real_id(real, service);
+        let c = self.dp.real_conns_raw(id).expect("real conns");
+        (c.active, c.inactive, c.embryonic)
+    }
+
+    pub fn real_id(&self, real: usize, service: &DesiredService) -> u32 {
+        self.planner
+            .real_id(
+                &service.key,
+                SocketAddr::new(real_ip(real).into(), service.address.port()),
+            )
+            .expect("real id")
+    }
+
+    /// (active, inactive) as IPVS shows them: embryonic entries count as inactive.
     pub fn conns(&self, real: usize, service: &DesiredService) -> (u64, u64) {
         let id = self
             .planner

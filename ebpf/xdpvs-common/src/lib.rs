@@ -29,6 +29,8 @@ pub const MAX_REALS_PER_SERVICE: usize = 256;
 pub const MAX_REALSETS: u32 = MAX_SERVICES * 2;
 /// Default size of the connection table (the control plane may resize it at load time).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// Default size of the embryonic table (half-open TCP, UDP seen once); resizable at load time.
+pub const DEFAULT_EMBRYONIC_TABLE_SIZE: u32 = 131_072;
 /// "No real" marker in real-id fields.
 pub const NO_REAL: u32 = u32::MAX;
 
@@ -49,6 +51,8 @@ pub mod maps {
     pub const REAL_STATS: &str = "REAL_STATS";
     pub const SERVICE_STATE: &str = "SERVICE_STATE";
     pub const CONNS: &str = "CONNS";
+    pub const EMBRYOS: &str = "EMBRYOS";
+    pub const TALLY: &str = "TALLY";
     pub const SETTINGS: &str = "SETTINGS";
     pub const STATS: &str = "STATS";
     pub const LAYOUT: &str = "LAYOUT";
@@ -58,7 +62,7 @@ pub mod maps {
 
     /// The maps pinned in bpffs, outliving the daemon: everything but per-CPU caches that a
     /// new program may start empty.
-    pub const PINNED: [&str; 10] = [
+    pub const PINNED: [&str; 11] = [
         LAYOUT,
         SERVICES,
         REALSETS,
@@ -67,6 +71,7 @@ pub mod maps {
         REAL_STATS,
         SERVICE_STATE,
         CONNS,
+        EMBRYOS,
         SETTINGS,
         STATS,
     ];
@@ -82,6 +87,9 @@ pub mod progs {
     /// Installs (or moves, or retires) one entry as the sync peer reported it; run through
     /// BPF_PROG_TEST_RUN with a [`super::SyncEvent`] as the frame.
     pub const XDP_SYNC_INSTALL: &str = "xdpvs_sync_install";
+    /// Expires both connection tables in one call (`bpf_for_each_map_elem`) and reconciles
+    /// the embryonic counts; run by the daemon's sweep through BPF_PROG_TEST_RUN.
+    pub const XDP_SWEEP: &str = "xdpvs_sweep";
 }
 
 /// An IPv4 or IPv6 address in network byte order; IPv4 uses `w[0]` and leaves the rest zero.
@@ -205,8 +213,14 @@ pub const FAMILY_NONE: u8 = 0;
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct RealConns {
+    /// Entries of `CONNS` in ESTABLISHED: exact.
     pub active: u64,
+    /// Entries of `CONNS` in any other live state: exact.
     pub inactive: u64,
+    /// Entries of `EMBRYOS` (half-open TCP, UDP seen once). Exact except that an LRU eviction
+    /// (invisible to the program) leaves its +1 behind; the sweep recounts it from the table.
+    /// Read as u64 that may transiently wrap (see `sched::clamp_counter`).
+    pub embryonic: u64,
 }
 
 /// Value of `REAL_STATS` (per-CPU), indexed by real id: monotonic traffic counters.
@@ -242,7 +256,10 @@ pub struct ConnKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of `CONNS`: one tracked connection.
+/// `Conn.flags`: the entry lives in `EMBRYOS` (its count is `RealConns::embryonic`).
+pub const CONN_F_EMBRYO: u32 = 1;
+
+/// Value of `CONNS` and `EMBRYOS`: one tracked connection.
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct Conn {
@@ -265,7 +282,7 @@ pub struct Conn {
 /// Conn flag: installed from the sync peer and not forwarded here since. Changes to such an
 /// entry (its expiry here, the install itself) are never reported back to the peer, which owns
 /// it; the first packet this director forwards on it clears the flag.
-pub const CONN_F_SYNCED: u32 = 1;
+pub const CONN_F_SYNCED: u32 = 2;
 
 /// Value of `SETTINGS` (one element): runtime configuration the XDP program reads per packet.
 #[repr(C)]
@@ -353,6 +370,22 @@ pub struct ExpireRequest {
     pub _pad: u32,
 }
 
+/// What one run of `XDP_SWEEP` did, written over the request frame (read back as data_out).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct SweepResult {
+    /// Entries of `CONNS` visited, and retired (idle past their timeout, or their real cut).
+    pub conns_seen: u64,
+    pub conns_retired: u64,
+    /// The same for `EMBRYOS`.
+    pub embryos_seen: u64,
+    pub embryos_retired: u64,
+    /// Embryonic counts found leaked (entries the LRU evicted) and released by the recount.
+    pub embryos_evicted: u64,
+    /// 1 if the whole sweep ran (0: the frame was too short, nothing done).
+    pub done: u64,
+}
+
 /// Retire the entry even if it is not idle (its real was removed with connections cut).
 pub const EXPIRE_F_FORCE: u32 = 1;
 
@@ -382,7 +415,8 @@ pub mod stat {
     pub const DROP_NO_NEIGH: u32 = 6;
     /// Route lookup to the real failed.
     pub const DROP_FIB: u32 = 7;
-    /// Connection table full: the new connection's SYN is dropped.
+    /// Connection table full: a flow's promotion from the embryonic table failed and its
+    /// packet is dropped (the client retries).
     pub const CONNTRACK_FULL: u32 = 8;
     /// New connections scheduled.
     pub const NEW_CONN: u32 = 9;
@@ -407,7 +441,17 @@ pub mod stat {
     /// A connection event the sync ring buffer had no room for (the daemon reads too slowly,
     /// or no daemon runs): the peer misses it until the next refresh or dump.
     pub const SYNC_EVENTS_LOST: u32 = 17;
-    /// Slots 18..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// Half-open TCP entries (client's first ACK) and UDP flows (second packet) moved from
+    /// the embryonic table into the connection table.
+    pub const EMBRYO_PROMOTED: u32 = 20;
+    /// Embryonic entries retired idle (their state's timeout) by the sweep.
+    pub const EMBRYO_EXPIRED: u32 = 21;
+    /// Embryonic entries the LRU evicted to make room for newer ones (a flood), as found by
+    /// the sweep's recount (the eviction itself is invisible to the program).
+    pub const EMBRYO_EVICTED: u32 = 22;
+    /// A new flow's first packet dropped because the embryonic table refused the entry.
+    pub const EMBRYO_REFUSED: u32 = 23;
+    /// Slots 18, 19 and 24..32 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -434,10 +478,10 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "sync_events_lost",
     "unused_18",
     "unused_19",
-    "unused_20",
-    "unused_21",
-    "unused_22",
-    "unused_23",
+    "embryo_promoted",
+    "embryo_expired",
+    "embryo_evicted",
+    "embryo_refused",
     "unused_24",
     "unused_25",
     "unused_26",
@@ -466,6 +510,7 @@ mod pod {
     unsafe impl aya::Pod for Layout {}
     unsafe impl aya::Pod for SyncEvent {}
     unsafe impl aya::Pod for ExpireRequest {}
+    unsafe impl aya::Pod for SweepResult {}
 }
 
 // Layout guards: a size change here is a change to the dataplane ABI.
@@ -477,4 +522,6 @@ const _: () = assert!(core::mem::size_of::<Conn>() == 56);
 const _: () = assert!(core::mem::size_of::<ExpireRequest>() == 48);
 const _: () = assert!(core::mem::size_of::<Layout>() == 16);
 const _: () = assert!(core::mem::size_of::<SyncEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<RealConns>() == 24);
+const _: () = assert!(core::mem::size_of::<SweepResult>() == 48);
 const _: () = assert!(core::mem::size_of::<RealSet>() == 8 + 8 * MAX_REALS_PER_SERVICE);

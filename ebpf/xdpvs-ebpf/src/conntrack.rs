@@ -1,20 +1,32 @@
-//! The connection table: which real each flow belongs to, and the per-real live counts.
+//! The connection tables: which real each flow belongs to, and the per-real live counts.
 //!
-//! Counting rule (IPVS's): a connection is counted once, in `REAL_CONNS[real]`, as active while
-//! ESTABLISHED and inactive in any other live state. Every change of an entry's state is a
-//! compare-and-swap on the entry, and only the CPU whose swap succeeds moves the counts, so
-//! counts stay exact when several CPUs (or the expiry sweep) see one flow at once. Entries are
-//! deleted only after their state became DEAD and their counts were released.
+//! Two tables, so that a flood cannot shut the front door. A new flow (a TCP SYN, a UDP flow's
+//! first packet) starts in `EMBRYOS`, an LRU hash: spoofed SYNs or one-packet UDP flows fill it
+//! and evict their own kind, oldest first, never an established connection, and a legitimate
+//! SYN always finds room. The flow moves into `CONNS` (a plain hash, never evicted) when the
+//! client shows that it is there: its first ACK (in DR the director sees the client's half of
+//! the handshake), or the UDP flow's second packet. [`promote`] is the one way into `CONNS`;
+//! [`retire`] is the one way an entry of either table ends.
+//!
+//! Counting rule (IPVS's): a connection of `CONNS` is counted once, in `REAL_CONNS[real]`, as
+//! active while ESTABLISHED and inactive in any other live state; an entry of `EMBRYOS` is
+//! counted in `embryonic` (which the scheduler and `list` add to inactive, as IPVS counts
+//! SYN_RECV). Every change of an entry's state is a compare-and-swap on the entry, and only the
+//! CPU whose swap succeeds moves the counts, so counts stay exact when several CPUs (or the
+//! sweep) see one flow at once. Entries are deleted only after their state became DEAD and
+//! their counts were released. The one inexactness is by design: an LRU eviction is invisible
+//! to the program, so an evicted embryo's +1 stays in `embryonic` until the sweep recounts the
+//! table ([`xdpvs_sweep`](crate::xdpvs_sweep)); `active` and `inactive` are never touched by it.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
     expire_rc, stat,
     state::{self, is_active, is_live},
-    sync_kind, Conn, ConnKey, ExpireRequest, Real, Service, CONN_F_SYNCED, EXPIRE_F_FORCE, NO_REAL,
-    PROTO_TCP, REAL_F_VALID,
+    sync_kind, Conn, ConnKey, ExpireRequest, Real, Service, CONN_F_EMBRYO, CONN_F_SYNCED,
+    EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
 };
 
 use crate::atomic;
-use crate::maps::{count, CONNS, REALS, REAL_CONNS, SETTINGS};
+use crate::maps::{count, CONNS, EMBRYOS, REALS, REAL_CONNS, SETTINGS};
 use crate::parse::Packet;
 
 /// Idle timeouts are seconds long: a millisecond of staleness in `last_seen_ns` is irrelevant.
@@ -29,15 +41,23 @@ pub enum Lookup {
     Drop(u32),
 }
 
-/// Adds `delta` (+1/-1) connections in `st` to the real's counts.
 #[inline(always)]
-pub(crate) fn account(real: u32, st: u32, up: bool) {
+pub(crate) fn is_embryo(conn: *const Conn) -> bool {
+    unsafe { (*conn).flags & CONN_F_EMBRYO != 0 }
+}
+
+/// Adds (`up`) or removes one connection in `st` to the real's counts; an embryo counts in
+/// `embryonic` whatever its state.
+#[inline(always)]
+pub(crate) fn account(real: u32, st: u32, embryo: bool, up: bool) {
     if !is_live(st) {
         return;
     }
     if let Some(c) = REAL_CONNS.get_ptr_mut(real) {
         unsafe {
-            let field = if is_active(st) {
+            let field = if embryo {
+                &raw mut (*c).embryonic
+            } else if is_active(st) {
                 &raw mut (*c).active
             } else {
                 &raw mut (*c).inactive
@@ -60,8 +80,9 @@ pub(crate) fn transition(key: &ConnKey, conn: *mut Conn, real: u32, from: u32, t
     }
     if unsafe { atomic::cas_u32(&raw mut (*conn).state, from, to) } {
         if is_active(from) != is_active(to) || !is_live(to) || !is_live(from) {
-            account(real, from, false);
-            account(real, to, true);
+            let embryo = is_embryo(conn);
+            account(real, from, embryo, false);
+            account(real, to, embryo, true);
         }
         crate::sync::on_transition(key, conn, real, from, to);
         return true;
@@ -69,7 +90,17 @@ pub(crate) fn transition(key: &ConnKey, conn: *mut Conn, real: u32, from: u32, t
     false
 }
 
-/// Retires an entry: marks it DEAD (releasing its counts once) and deletes it.
+/// Deletes an entry from the table it lives in.
+#[inline(always)]
+fn remove(key: &ConnKey, embryo: bool) {
+    let _ = if embryo {
+        EMBRYOS.remove(key)
+    } else {
+        CONNS.remove(key)
+    };
+}
+
+/// Retires an entry of either table: marks it DEAD (releasing its counts once) and deletes it.
 #[inline(always)]
 pub(crate) fn retire(key: &ConnKey, conn: *mut Conn) -> bool {
     let (st, real) = unsafe { ((*conn).state, (*conn).real) };
@@ -79,7 +110,7 @@ pub(crate) fn retire(key: &ConnKey, conn: *mut Conn) -> bool {
     if !transition(key, conn, real, st, state::DEAD) {
         return false;
     }
-    let _ = CONNS.remove(key);
+    remove(key, is_embryo(conn));
     true
 }
 
@@ -91,11 +122,30 @@ fn real_valid(real: u32) -> bool {
     }
 }
 
+/// Refreshing the idle clock at most once a millisecond keeps the entry's cache line from
+/// being written by every packet (and bounced between CPUs) on a busy flow.
+#[inline(always)]
+fn touch(conn: *mut Conn, now: u64) {
+    unsafe {
+        if now.wrapping_sub((*conn).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*conn).last_seen_ns = now;
+        }
+    }
+}
+
 pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
-    let conn = match CONNS.get_ptr_mut(key) {
-        Some(c) => c,
-        None => return Lookup::New,
-    };
+    match CONNS.get_ptr_mut(key) {
+        Some(conn) => tracked(key, conn, pkt, now),
+        None => match EMBRYOS.get_ptr_mut(key) {
+            Some(e) => embryo(key, e, pkt, now),
+            None => Lookup::New,
+        },
+    }
+}
+
+/// A packet of a flow in `CONNS`.
+#[inline(always)]
+fn tracked(key: &ConnKey, conn: *mut Conn, pkt: &Packet, now: u64) -> Lookup {
     let (st, real) = unsafe { ((*conn).state, (*conn).real) };
     if st == state::DEAD {
         // Being retired by another CPU or the sweep this very moment.
@@ -125,20 +175,95 @@ pub fn lookup(key: &ConnKey, pkt: &Packet, now: u64) -> Lookup {
         // Losing the race means another CPU moved the state; its update stands.
         transition(key, conn, real, st, next);
     }
-    // Refreshing the idle clock at most once a millisecond keeps the entry's cache line from
-    // being written by every packet (and bounced between CPUs) on a busy flow.
-    unsafe {
-        if now.wrapping_sub((*conn).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-            (*conn).last_seen_ns = now;
-        }
-    }
+    touch(conn, now);
     Lookup::Existing(real, entry)
 }
 
-/// Tracks a new connection to `real` and returns the real that owns the flow (another CPU may
-/// have tracked the same flow first), or `NO_REAL` if the table is full: an untracked
-/// connection's later packets would find no entry and be dropped, so the SYN is dropped now
-/// (and retried by the client) rather than opening a connection that cannot continue.
+/// A packet of a flow in `EMBRYOS`: a retransmitted SYN or an RST leaves it there; the client's
+/// ACK (or FIN) and a UDP flow's second packet promote the flow into `CONNS`.
+#[inline(always)]
+fn embryo(key: &ConnKey, e: *mut Conn, pkt: &Packet, now: u64) -> Lookup {
+    let (st, real) = unsafe { ((*e).state, (*e).real) };
+    if st == state::DEAD {
+        // Being promoted or retired by another CPU this very moment.
+        return Lookup::Drop(stat::DROP_NO_CONN);
+    }
+    let entry = match REALS.get(real) {
+        Some(r) if r.flags & REAL_F_VALID != 0 => *r,
+        _ => {
+            retire(key, e);
+            return Lookup::Drop(stat::DROP_REAL_GONE);
+        }
+    };
+    let mut next = st;
+    if pkt.proto == PROTO_TCP {
+        if pkt.is_syn() && state::syn_reopens(st) {
+            retire(key, e);
+            return Lookup::New;
+        }
+        next = state::tcp_next(st, pkt.tcp_flags);
+        if next == st || next == state::CLOSE {
+            // A retransmitted SYN, or an RST: the flow stays embryonic (an RST'd one in CLOSE,
+            // as IPVS keeps it, until its timeout or the LRU ends it).
+            transition(key, e, real, st, next);
+            touch(e, now);
+            return Lookup::Existing(real, entry);
+        }
+    }
+    match promote(key, e, real, st, next, now) {
+        Some(reason) => Lookup::Drop(reason),
+        None => Lookup::Existing(real, entry),
+    }
+}
+
+/// Moves a flow from `EMBRYOS` (in state `from`) to `CONNS` (in state `to`): the one way into
+/// the connection table. Returns the drop reason if the flow could not be moved; a flow that
+/// found `CONNS` full stays embryonic, so the client's retransmission tries again.
+#[inline(always)]
+fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64) -> Option<u32> {
+    let (service, created_ns) = unsafe { ((*e).service, (*e).created_ns) };
+    let conn = Conn {
+        real,
+        service,
+        state: to,
+        flags: 0,
+        created_ns,
+        last_seen_ns: now,
+        ..Conn::default()
+    };
+    // Count first, so no other CPU can move this entry's counts before they exist.
+    account(real, to, false, true);
+    match CONNS.insert(key, &conn, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            // The flow is tracked; the embryo ends. Losing this swap means another CPU (or
+            // the sweep) moved the embryo meanwhile; whoever did releases its count, and a
+            // left-over embryo is shadowed by the entry in `CONNS` until it expires.
+            if transition(key, e, real, from, state::DEAD) {
+                remove(key, true);
+            }
+            count(stat::EMBRYO_PROMOTED);
+            // The peer hears of a flow once it can continue: here, when it leaves the
+            // embryonic table (embryos are never reported).
+            crate::sync::emit(key, real, service, to, sync_kind::NEW);
+            None
+        }
+        Err(_) => {
+            account(real, to, false, false);
+            if CONNS.get_ptr(key).is_some() {
+                // Another CPU promoted it at this very moment: its entry stands.
+                None
+            } else {
+                // Full of connections that completed their handshakes.
+                Some(stat::CONNTRACK_FULL)
+            }
+        }
+    }
+}
+
+/// Tracks a new flow to `real` in `EMBRYOS` and returns the real that owns the flow (another
+/// CPU may have tracked the same flow first), or `NO_REAL` if the table refused the entry (an
+/// untracked flow's later packets would find no entry and be dropped, so the first packet is
+/// dropped now and retried by the client).
 pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -> u32 {
     let st = if pkt.proto == PROTO_TCP {
         state::SYN_RECV
@@ -149,30 +274,25 @@ pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -
         real,
         service: svc.id,
         state: st,
-        flags: 0,
+        flags: CONN_F_EMBRYO,
         created_ns: now,
         last_seen_ns: now,
         ..Conn::default()
     };
-    // Count first, so no other CPU can move this entry's counts before they exist.
-    account(real, st, true);
-    match CONNS.insert(key, &conn, BPF_NOEXIST as u64) {
+    account(real, st, true, true);
+    match EMBRYOS.insert(key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(stat::NEW_CONN);
             crate::forward::count_new_conn(real);
-            if st == state::UDP {
-                // A TCP entry is reported once it leaves the handshake (`transition`).
-                crate::sync::emit(key, real, svc.id, st, sync_kind::NEW);
-            }
             real
         }
         Err(_) => {
-            account(real, st, false);
-            match CONNS.get_ptr(key) {
+            account(real, st, true, false);
+            match EMBRYOS.get_ptr(key) {
                 // Another CPU won: follow its choice.
                 Some(c) => unsafe { (*c).real },
                 None => {
-                    count(stat::CONNTRACK_FULL);
+                    count(stat::EMBRYO_REFUSED);
                     NO_REAL
                 }
             }
@@ -196,25 +316,36 @@ fn timeout_ns(st: u32) -> u64 {
     }
 }
 
+/// Retires `conn` (of either table) if it is idle past its state's timeout, its real is gone,
+/// or `force`; returns whether this call retired it.
+#[inline(always)]
+pub fn expire_entry(key: &ConnKey, conn: *mut Conn, force: bool, now: u64) -> bool {
+    let (st, last, real) = unsafe { ((*conn).state, (*conn).last_seen_ns, (*conn).real) };
+    let force = force || !real_valid(real);
+    let idle = now.saturating_sub(last);
+    if !force && is_live(st) && idle < timeout_ns(st) {
+        return false;
+    }
+    if !is_live(st) {
+        // Not counted (DEAD left behind by an interrupted retire): just delete it.
+        remove(key, is_embryo(conn));
+        return true;
+    }
+    retire(key, conn)
+}
+
+/// `XDP_EXPIRE`: one entry, looked up in the connection table, then the embryonic one.
 pub fn expire(req: &ExpireRequest) -> u32 {
     let key = req.key;
     let conn = match CONNS.get_ptr_mut(&key) {
         Some(c) => c,
-        None => return expire_rc::KEPT,
+        None => match EMBRYOS.get_ptr_mut(&key) {
+            Some(c) => c,
+            None => return expire_rc::KEPT,
+        },
     };
-    let (st, last, real) = unsafe { ((*conn).state, (*conn).last_seen_ns, (*conn).real) };
     let now = unsafe { bpf_ktime_get_ns() };
-    let force = req.flags & EXPIRE_F_FORCE != 0 || !real_valid(real);
-    let idle = now.saturating_sub(last);
-    if !force && is_live(st) && idle < timeout_ns(st) {
-        return expire_rc::KEPT;
-    }
-    if !is_live(st) {
-        // Not counted (DEAD left behind by an interrupted retire): just delete it.
-        let _ = CONNS.remove(&key);
-        return expire_rc::RETIRED;
-    }
-    if retire(&key, conn) {
+    if expire_entry(&key, conn, req.flags & EXPIRE_F_FORCE != 0, now) {
         expire_rc::RETIRED
     } else {
         expire_rc::KEPT

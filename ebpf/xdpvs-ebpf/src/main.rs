@@ -18,6 +18,7 @@ mod forward;
 mod maps;
 mod parse;
 mod schedule;
+mod sweep;
 mod sync;
 
 use aya_ebpf::{
@@ -140,6 +141,18 @@ pub fn xdpvs_sync_install(ctx: XdpContext) -> u32 {
     }
     let req = unsafe { *(start as *const SyncEvent) };
     sync::install(&req)
+}
+
+/// Expires both connection tables in one call and recounts the embryonic entries (see
+/// [`sweep`]); the frame is a [`xdpvs_common::SweepResult`], overwritten with the result.
+#[xdp]
+pub fn xdpvs_sweep(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + core::mem::size_of::<xdpvs_common::SweepResult>() > ctx.data_end() {
+        return xdp_action::XDP_DROP;
+    }
+    sweep::sweep(start as *mut xdpvs_common::SweepResult);
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

@@ -1,11 +1,12 @@
 //! The maps, declared once; their types and names come from `xdpvs-common`.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use xdpvs_common::{
     Conn, ConnKey, Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
-    Settings, DEFAULT_CONN_TABLE_SIZE, MAX_REALS, MAX_REALSETS, MAX_SERVICES,
+    Settings, DEFAULT_CONN_TABLE_SIZE, DEFAULT_EMBRYONIC_TABLE_SIZE, MAX_REALS, MAX_REALSETS,
+    MAX_SERVICES,
 };
 
 #[map(name = "SERVICES")]
@@ -29,6 +30,16 @@ pub static SERVICE_STATE: Array<ServiceState> = Array::with_max_entries(MAX_SERV
 #[map(name = "CONNS")]
 pub static CONNS: HashMap<ConnKey, Conn> = HashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
 
+/// Half-open TCP connections and UDP flows seen once, apart from `CONNS` so that a flood of
+/// them evicts only its own kind (LRU), never an established entry. See `conntrack`.
+#[map(name = "EMBRYOS")]
+pub static EMBRYOS: LruHashMap<ConnKey, Conn> =
+    LruHashMap::with_max_entries(DEFAULT_EMBRYONIC_TABLE_SIZE, 0);
+
+/// The sweep's per-real recount of `EMBRYOS` (scratch of `xdpvs_sweep`; zeroed as it is read).
+#[map(name = "TALLY")]
+pub static TALLY: Array<u64> = Array::with_max_entries(MAX_REALS, 0);
+
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -51,6 +62,14 @@ pub static SYNC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 pub fn count(index: u32) {
     if let Some(p) = STATS.get_ptr_mut(index) {
         unsafe { *p += 1 };
+    }
+}
+
+/// Adds `n` to one of the per-CPU `stat::*` counters.
+#[inline(always)]
+pub fn count_n(index: u32, n: u64) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        unsafe { *p += n };
     }
 }
 

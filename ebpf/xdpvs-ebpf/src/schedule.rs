@@ -5,7 +5,8 @@
 //! that keeps the candidate with the lowest score per weight, compared by cross-multiplication
 //! (`xdpvs_common::sched`), so no division happens on the packet path; the round-robin ones walk
 //! a per-service cursor over the reals' shares:
-//! - `wlc` (default): score = `active*256 + inactive`, divided by the weight (IPVS's WLC);
+//! - `wlc` (default): score = `active*256 + inactive` (embryonic entries count as inactive),
+//!   divided by the weight (IPVS's WLC);
 //! - `lc`: the same score, every weight counted as 1;
 //! - `rr`: every real with weight > 0 takes one turn per cycle;
 //! - `wrr`: the cursor walks the sum of the weights, each real owning `weight` consecutive turns
@@ -103,13 +104,16 @@ fn scan(set: &RealSet, mode: u32) -> u32 {
         let Some(conns) = REAL_CONNS.get_ptr(slot.real) else {
             return;
         };
-        let (active, inactive) = unsafe {
+        let (active, inactive, embryonic) = unsafe {
             (
                 read_volatile(&raw const (*conns).active),
                 read_volatile(&raw const (*conns).inactive),
+                read_volatile(&raw const (*conns).embryonic),
             )
         };
-        let load = overhead(clamp_counter(active), clamp_counter(inactive));
+        // Half-open entries count as inactive, as IPVS counts SYN_RECV.
+        let inactive = clamp_counter(inactive).saturating_add(clamp_counter(embryonic));
+        let load = overhead(clamp_counter(active), inactive);
         let weight = if mode == MODE_WLC { slot.weight } else { 1 };
         // Volatile: the compiler must not keep the running best in registers (see `Best`).
         unsafe {

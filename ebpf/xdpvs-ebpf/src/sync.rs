@@ -3,9 +3,9 @@
 //!
 //! Reports go to the `SYNC_EVENTS` ring buffer, only while `SETTINGS_F_SYNC` is set (so a
 //! director without a peer pays one flag test per state change, nothing per packet). Reported:
-//! a TCP entry leaving the handshake (NEW: the peer only needs connections that can continue),
-//! its later state changes (STATE), a UDP flow's creation (NEW), and the retirement of any
-//! reported entry (END). Entries installed from the peer carry `CONN_F_SYNCED` and are never
+//! a flow entering the connection table from the embryonic one (NEW: a TCP connection's first
+//! ACK, a UDP flow's second packet; the peer only needs flows that can continue), its later
+//! state changes (STATE), and its retirement (END). Embryos are never reported. Entries installed from the peer carry `CONN_F_SYNCED` and are never
 //! reported back, so their expiry here cannot end the peer's live connection, and events never
 //! echo between the two directors.
 //!
@@ -16,7 +16,8 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
     install_rc, stat,
     state::{self, is_live},
-    sync_kind, Conn, ConnKey, SyncEvent, CONN_F_SYNCED, REAL_F_VALID, SETTINGS_F_SYNC,
+    sync_kind, Conn, ConnKey, SyncEvent, CONN_F_EMBRYO, CONN_F_SYNCED, REAL_F_VALID,
+    SETTINGS_F_SYNC,
 };
 
 use crate::conntrack::{account, retire, transition};
@@ -53,17 +54,13 @@ pub fn emit(key: &ConnKey, real: u32, service: u32, st: u32, kind: u8) {
 #[inline(always)]
 pub fn on_transition(key: &ConnKey, conn: *const Conn, real: u32, from: u32, to: u32) {
     let (flags, service) = unsafe { ((*conn).flags, (*conn).service) };
-    if flags & CONN_F_SYNCED != 0 {
+    if flags & (CONN_F_SYNCED | CONN_F_EMBRYO) != 0 {
+        // Installed from the peer, or an embryo (reported when promoted, see
+        // `conntrack::promote`): nothing to report.
         return;
     }
     let (kind, st) = if to == state::DEAD {
-        if from == state::SYN_RECV {
-            // Half-open: never reported, so nothing to end.
-            return;
-        }
         (sync_kind::END, from)
-    } else if from == state::SYN_RECV {
-        (sync_kind::NEW, to)
     } else {
         (sync_kind::STATE, to)
     };
@@ -82,11 +79,11 @@ fn insert(req: &SyncEvent, now: u64, ok: u32) -> u32 {
         last_seen_ns: now,
         ..Conn::default()
     };
-    account(req.real, req.state, true);
+    account(req.real, req.state, false, true);
     match CONNS.insert(&req.key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => ok,
         Err(_) => {
-            account(req.real, req.state, false);
+            account(req.real, req.state, false, false);
             if CONNS.get_ptr(&req.key).is_some() {
                 install_rc::RACED
             } else {
