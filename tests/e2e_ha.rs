@@ -66,13 +66,28 @@ fn expected_active(bodies: &[String]) -> BTreeMap<String, u64> {
     m
 }
 
+/// Whether `got` counts every held connection on its real, with at most `strays` more in all.
+fn counts_held(got: &BTreeMap<String, u64>, want: &BTreeMap<String, u64>, strays: usize) -> bool {
+    let extra: u64 = got
+        .values()
+        .sum::<u64>()
+        .saturating_sub(want.values().sum());
+    want.iter()
+        .all(|(r, n)| got.get(r).copied().unwrap_or(0) >= *n)
+        && extra <= strays as u64
+}
+
 /// Every held connection answers again (on its real) and `d` counts them on the right reals.
+/// `strays`: new connections that failed around the event. One of those can stay ESTABLISHED
+/// in the table (the director saw its handshake, then its client's RST was lost with the link)
+/// until its idle timeout, as in IPVS, so it may add to ActiveConn.
 fn held_continue(
     what: &str,
     held: &mut KeepAlive,
     bodies: &[String],
     d: &Daemon,
     who: &str,
+    strays: usize,
 ) -> usize {
     let want = expected_active(bodies);
     let t0 = Instant::now();
@@ -80,7 +95,15 @@ fn held_continue(
         std::thread::sleep(Duration::from_millis(50));
     }
     let got = active(d);
-    assert_eq!(got, want, "{what}: {who}'s ActiveConn per real");
+    if got != want {
+        println!(
+            "  {what}: {who}'s ActiveConn {got:?}, held {want:?} ({strays} failed new connections)"
+        );
+    }
+    assert!(
+        counts_held(&got, &want, strays),
+        "{what}: {who}'s ActiveConn per real {got:?}, held {want:?}"
+    );
     let answers = held.try_request_all("/");
     let mut ok = 0;
     for (i, r) in answers.iter().enumerate() {
@@ -306,7 +329,7 @@ fn failover_and_back(
     println!(
         "{what} ({advert:?} adverts): {n} new connections, {failed} failed, client outage {over:?}"
     );
-    let kept = held_continue(what, &mut held, &bodies, b, "the backup");
+    let kept = held_continue(what, &mut held, &bodies, b, "the backup", failed);
     println!("{what}: {kept}/{HELD} held connections continued through the backup");
 
     let p = Prober::start(lab);
@@ -320,6 +343,7 @@ fn failover_and_back(
         || is_master(d) && is_backup(b),
     );
     std::thread::sleep(Duration::from_millis(500));
+    let strays_before = failed;
     let (n, failed, again) = p.finish(back);
     if std::env::var_os("XDPVS_HA_DEBUG").is_some() {
         println!(
@@ -349,6 +373,7 @@ fn failover_and_back(
         &bodies,
         d,
         "the old master",
+        failed + strays_before,
     );
     println!("{what} failback: {kept}/{HELD} held connections continued through the old master");
     held.close();
