@@ -1867,7 +1867,11 @@ scheduler = "rr"
         let web = &cfg.services[0];
         assert_eq!(web.forwarding, Forwarding::Nat);
         assert_eq!(web.reals[0].address, sa("198.18.0.11:8080"));
-        assert_eq!(web.reals[1].address, sa("198.18.0.12:80"), "port defaults to the VIP's");
+        assert_eq!(
+            web.reals[1].address,
+            sa("198.18.0.12:80"),
+            "port defaults to the VIP's"
+        );
     }
 
     #[test]

@@ -25,9 +25,9 @@ use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
     expire_rc, maps, progs, sched::clamp_counter, stat, state, Conn, ConnKey, ExpireRequest,
-    CONN_F_REPLY,
     Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, Settings, SweepResult,
-    SyncEvent, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS, REAL_F_VALID,
+    SyncEvent, CONN_F_REPLY, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS,
+    REAL_F_VALID,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;

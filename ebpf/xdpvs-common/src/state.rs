@@ -128,7 +128,11 @@ mod tests {
         assert_eq!(s, CLOSE_WAIT);
         assert!(is_live(s) && !is_active(s));
         assert_eq!(tcp_next(s, TCP_ACK), CLOSE_WAIT);
-        assert_eq!(tcp_next_reply(s, TCP_FIN | TCP_ACK), CLOSE_WAIT, "retransmitted FIN");
+        assert_eq!(
+            tcp_next_reply(s, TCP_FIN | TCP_ACK),
+            CLOSE_WAIT,
+            "retransmitted FIN"
+        );
         assert_eq!(tcp_next(s, TCP_FIN | TCP_ACK), CLOSE);
         // The client closes first.
         let s = tcp_next(ESTABLISHED, TCP_FIN | TCP_ACK);

@@ -34,7 +34,7 @@ use xdpvs_common::{
 };
 
 use crate::atomic;
-use crate::maps::{count, CONNS, EMBRYOS, REALS, REAL_CONNS, SETTINGS};
+use crate::maps::{count, CONNS, EMBRYOS, NAT_SCRATCH, REALS, REAL_CONNS, SETTINGS};
 use crate::parse::Packet;
 
 /// Idle timeouts are seconds long: a millisecond of staleness in `last_seen_ns` is irrelevant.
@@ -120,10 +120,14 @@ pub(crate) fn retire(key: &ConnKey, conn: *mut Conn) -> bool {
     }
     remove(key, is_embryo(conn));
     if unsafe { (*conn).flags } & CONN_F_NAT != 0 {
-        remove_reply(key, conn);
+        remove_reply(key, conn, IN_CONNS | IN_EMBRYOS);
     }
     true
 }
+
+/// Tables for [`remove_reply`].
+const IN_CONNS: u32 = 1;
+const IN_EMBRYOS: u32 = 2;
 
 /// The key of a NAT flow's reply entry: the real's packets back to the client.
 #[inline(always)]
@@ -158,22 +162,49 @@ fn reply_entry(key: &ConnKey, conn: &Conn, embryo: bool) -> Conn {
 /// The reply entry `r` names the flow `key`.
 #[inline(always)]
 fn names(r: *const Conn, key: &ConnKey) -> bool {
-    unsafe { (*r).flags & CONN_F_REPLY != 0 && (*r).nat_addr == key.dst && (*r).nat_port == key.dport }
+    unsafe {
+        (*r).flags & CONN_F_REPLY != 0 && (*r).nat_addr == key.dst && (*r).nat_port == key.dport
+    }
 }
 
-/// Deletes the reply entry of the NAT flow `key` (from whichever table holds it), unless a
-/// colliding flow has taken its key since.
+/// Deletes the reply entry of the NAT flow `key` from the `tables` (`IN_*`), unless a
+/// colliding flow has taken its key since. Not inlined, as [`insert_reply`].
 #[inline(never)]
-fn remove_reply(key: &ConnKey, conn: *const Conn) {
+fn remove_reply(key: &ConnKey, conn: *const Conn, tables: u32) {
     let rkey = unsafe { reply_key(key, (*conn).nat_addr, (*conn).nat_port) };
-    if let Some(r) = CONNS.get_ptr(&rkey) {
-        if names(r, key) {
-            let _ = CONNS.remove(&rkey);
+    if tables & IN_CONNS != 0 {
+        if let Some(r) = CONNS.get_ptr(&rkey) {
+            if names(r, key) {
+                let _ = CONNS.remove(&rkey);
+            }
         }
     }
-    if let Some(r) = EMBRYOS.get_ptr(&rkey) {
-        if names(r, key) {
-            let _ = EMBRYOS.remove(&rkey);
+    if tables & IN_EMBRYOS != 0 {
+        if let Some(r) = EMBRYOS.get_ptr(&rkey) {
+            if names(r, key) {
+                let _ = EMBRYOS.remove(&rkey);
+            }
+        }
+    }
+}
+
+/// Inserts (or overwrites: a stale entry of an evicted flow, or a colliding flow's, which the
+/// real could not tell from this one either) the reply entry of the NAT flow `key`, in
+/// `EMBRYOS` or `CONNS`. Not inlined: its key and entry stay off the packet path's stack frame,
+/// which the verifier bounds (with every frame of the deepest call chain) at 512 bytes.
+#[inline(never)]
+fn insert_reply(key: &ConnKey, conn: *const Conn, embryo: bool) -> bool {
+    // Built in per-CPU map memory: the helpers take map values as keys and values.
+    let Some(sc) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    unsafe {
+        (*sc).key = reply_key(key, (*conn).nat_addr, (*conn).nat_port);
+        (*sc).conn = reply_entry(key, &*conn, embryo);
+        if embryo {
+            EMBRYOS.insert(&(*sc).key, &(*sc).conn, 0).is_ok()
+        } else {
+            CONNS.insert(&(*sc).key, &(*sc).conn, 0).is_ok()
         }
     }
 }
@@ -306,9 +337,8 @@ fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64)
         ..Conn::default()
     };
     let nat = flags & CONN_F_NAT != 0;
-    let rkey = reply_key(key, nat_addr, nat_port);
     // A NAT flow's reply entry first, so the flow is never in `CONNS` without it.
-    if nat && CONNS.insert(&rkey, &reply_entry(key, &conn, false), 0).is_err() {
+    if nat && !insert_reply(key, &conn, false) {
         return Some(stat::CONNTRACK_FULL);
     }
     // Count first, so no other CPU can move this entry's counts before they exist.
@@ -316,7 +346,7 @@ fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64)
     match CONNS.insert(key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => {
             if nat {
-                let _ = EMBRYOS.remove(&rkey);
+                remove_reply(key, &conn, IN_EMBRYOS);
             }
             // The flow is tracked; the embryo ends. Losing this swap means another CPU (or
             // the sweep) moved the embryo meanwhile; whoever did releases its count, and a
@@ -339,7 +369,7 @@ fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64)
             } else {
                 // Full of connections that completed their handshakes.
                 if nat {
-                    let _ = CONNS.remove(&rkey);
+                    remove_reply(key, &conn, IN_CONNS);
                 }
                 Some(stat::CONNTRACK_FULL)
             }
@@ -384,10 +414,7 @@ pub fn create(
     match EMBRYOS.insert(key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => {
             if nat.is_some() {
-                // Overwrites a stale entry of an evicted flow (or a colliding one: the real
-                // could not tell the two flows apart either).
-                let rkey = reply_key(key, nat_addr, nat_port);
-                let _ = EMBRYOS.insert(&rkey, &reply_entry(key, &conn, true), 0);
+                insert_reply(key, &conn, true);
             }
             count(stat::NEW_CONN);
             crate::forward::count_new_conn(real);
@@ -485,8 +512,8 @@ fn expire_reply(rkey: &ConnKey, r: *mut Conn) {
 pub enum Reply {
     /// Not a reply of a tracked NAT flow.
     None,
-    /// A reply of the flow `key` (client -> VIP), its entry's state moved by the reply.
-    Flow(ConnKey),
+    /// A reply of a flow to this VIP and port (network order), its state moved by the reply.
+    Flow(Addr, u16),
     Drop(u32),
 }
 
@@ -514,10 +541,16 @@ pub fn reply(rkey: &ConnKey, pkt: &Packet, now: u64) -> Reply {
         return Reply::Drop(stat::DROP_REAL_GONE);
     }
     if pkt.proto == PROTO_TCP {
-        transition(&key, conn, real, st, state::tcp_next_reply(st, pkt.tcp_flags));
+        transition(
+            &key,
+            conn,
+            real,
+            st,
+            state::tcp_next_reply(st, pkt.tcp_flags),
+        );
     }
     touch(conn, now);
-    Reply::Flow(key)
+    Reply::Flow(key.dst, key.dport)
 }
 
 /// `XDP_EXPIRE`: one entry, looked up in the connection table, then the embryonic one.

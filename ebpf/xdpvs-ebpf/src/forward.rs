@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use xdpvs_common::{stat, Real};
 
-use crate::maps::{count, NEXTHOP, REAL_STATS};
+use crate::maps::{count, FIB_SCRATCH, NEXTHOP, REAL_STATS};
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
@@ -104,7 +104,12 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, now: u
 /// Sends a real's (already translated) reply to the client, wherever the FIB routes it.
 pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // In per-CPU map memory, not on the stack (see `not_a_service`).
+    let fib = match FIB_SCRATCH.get_ptr_mut(0) {
+        Some(f) => unsafe { &mut *f },
+        None => return xdp_action::XDP_DROP,
+    };
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.ifindex = ingress;
@@ -114,7 +119,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -174,7 +179,12 @@ fn resolve(
     hop: *mut NextHop,
     now: u64,
 ) -> i64 {
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // In per-CPU map memory, not on the stack (see `handle` in main.rs).
+    let fib = match FIB_SCRATCH.get_ptr_mut(0) {
+        Some(f) => unsafe { &mut *f },
+        None => return -1,
+    };
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.ifindex = ingress;
@@ -185,7 +195,7 @@ fn resolve(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

@@ -40,7 +40,10 @@ use crate::parse::Packet;
 #[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
-        parse::Parsed::Packet(pkt) => handle(&ctx, &pkt),
+        parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
+            Some(svc) => handle(&ctx, &pkt, svc),
+            None => not_a_service(&ctx, &pkt),
+        },
         parse::Parsed::Pass(reason) => {
             count(reason);
             xdp_action::XDP_PASS
@@ -52,13 +55,11 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
     }
 }
 
-/// A parsed IP packet: route it if it belongs to a virtual service.
-#[inline(always)]
-fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
-    let svc: Service = match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
-        Some(s) => *s,
-        None => return not_a_service(ctx, pkt),
-    };
+/// A packet to a virtual service. Not inlined, and a sibling of [`not_a_service`]: the
+/// verifier bounds the stack of the deepest call chain at 512 bytes, so the two paths' frames
+/// must not add up.
+#[inline(never)]
+fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
     if svc.flags & SVC_F_STANDBY != 0 {
         count(stat::DROP_STANDBY);
         return xdp_action::XDP_DROP;
@@ -89,7 +90,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(stat::DROP_NO_CONN);
                 return xdp_action::XDP_DROP;
             }
-            let mut real = schedule::pick(&svc, pkt);
+            let mut real = schedule::pick(svc, pkt);
             if real == NO_REAL {
                 real = svc.fallback;
             }
@@ -97,14 +98,11 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(stat::DROP_NO_REAL);
                 return xdp_action::XDP_DROP;
             }
-            let r = match maps::REALS.get(real) {
-                Some(r) => *r,
-                None => {
-                    count(stat::DROP_NO_REAL);
-                    return xdp_action::XDP_DROP;
-                }
+            let dnat = match maps::REALS.get(real) {
+                Some(r) if nat => Some((r.addr, r.port)),
+                _ => None,
             };
-            let owner = conntrack::create(&key, &svc, real, nat.then_some((r.addr, r.port)), pkt, now);
+            let owner = conntrack::create(&key, svc, real, dnat, pkt, now);
             if owner == NO_REAL {
                 return xdp_action::XDP_DROP;
             }
@@ -131,8 +129,8 @@ fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, nat: bool, now:
 }
 
 /// A packet to no service: the director's own traffic (passed), or, while some service uses
-/// NAT, possibly a real's reply to translate back to its VIP.
-#[inline(always)]
+/// NAT, possibly a real's reply to translate back to its VIP. Not inlined (see [`handle`]).
+#[inline(never)]
 fn not_a_service(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let nat = match maps::SETTINGS.get(0) {
         Some(s) => s.flags & SETTINGS_F_NAT != 0,
@@ -146,12 +144,12 @@ fn not_a_service(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(reason);
                 return xdp_action::XDP_DROP;
             }
-            Reply::Flow(key) => {
+            Reply::Flow(vip, vport) => {
                 if pkt.fragment {
                     count(stat::DROP_FRAGMENT);
                     return xdp_action::XDP_DROP;
                 }
-                if !nat::rewrite(ctx, pkt, key.dst, key.dport, false) {
+                if !nat::rewrite(ctx, pkt, vip, vport, false) {
                     count(stat::PASS_SPLIT_HEADERS);
                     return xdp_action::XDP_DROP;
                 }

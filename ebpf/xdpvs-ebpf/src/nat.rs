@@ -44,8 +44,9 @@ fn update(csum: u16, diff: u64) -> u16 {
 
 /// Rewrites the destination (`dst`, the client's packet to its real) or the source (the real's
 /// reply, back to the VIP) address and port of `pkt` to `addr:port`. False if the headers are
-/// not all in the linear part of the frame (nothing is written then).
-#[inline(always)]
+/// not all in the linear part of the frame (nothing is written then). Not inlined, so its
+/// temporaries stay off the callers' frames (see `handle`).
+#[inline(never)]
 pub fn rewrite(ctx: &XdpContext, pkt: &Packet, addr: Addr, port: u16, dst: bool) -> bool {
     let end = ctx.data_end();
     // Bounded for the verifier: l3 is 14 or 18, the IP header at most 60 bytes.
