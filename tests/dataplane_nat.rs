@@ -96,6 +96,9 @@ fn net(name: &str, reals: usize) -> DpNet {
     net
 }
 
+/// (name, from the client?, TCP flags, payload bytes, (active, inactive, embryonic) after).
+type Step = (&'static str, bool, u8, usize, (u64, u64, u64));
+
 #[test]
 #[ignore = "needs root"]
 fn nat_tcp_lifecycle_translates_both_ways_and_counts_exactly() {
@@ -107,7 +110,7 @@ fn nat_tcp_lifecycle_translates_both_ways_and_counts_exactly() {
         let svc = nat_service(Protocol::Tcp, REAL_PORT, &[(1, 1)]);
         h.apply(vec![svc.clone()]);
         let cp = 40000;
-        let steps: &[(&str, bool, u8, usize, (u64, u64, u64))] = &[
+        let steps: &[Step] = &[
             ("client SYN", true, SYN, 0, (0, 0, 1)),
             ("real SYN-ACK", false, SYN | ACK, 0, (0, 0, 1)),
             ("client ACK", true, ACK, 0, (1, 0, 0)),
@@ -359,5 +362,50 @@ fn nat_replies_of_a_cut_real_are_dropped_and_counts_released() {
         assert_eq!(h.dp.connections().len(), 0);
         let stats = h.dp.stats().unwrap();
         assert_eq!(stats[stat::DROP_REAL_GONE as usize], 1);
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_nat_flow_installed_by_the_sync_peer_translates_both_ways() {
+    if !common::require_root("a_nat_flow_installed_by_the_sync_peer_translates_both_ways") {
+        return;
+    }
+    use xdpvs::ha::sync::service::conn_key;
+    use xdpvs::ha::sync::wire::ConnProto;
+    use xdpvs_common::{install_rc, state, sync_kind, SyncEvent};
+    net("natsync", 2).run(|| {
+        let mut h = Harness::new();
+        let svc = nat_service(Protocol::Tcp, REAL_PORT, &[(1, 1), (2, 1)]);
+        h.apply_synced(vec![svc.clone()]);
+        let client: std::net::SocketAddr = format!("{CLIENT}:45000").parse().unwrap();
+        let req = |st: u32, kind: u8| SyncEvent {
+            key: conn_key(ConnProto::Tcp, client, svc.address),
+            real: h.real_id(2, &svc),
+            service: h.planner.service_id(&svc.key).unwrap(),
+            state: st,
+            kind,
+            _pad: [0; 3],
+        };
+        let rc =
+            h.dp.sync_install(&req(state::ESTABLISHED, sync_kind::NEW))
+                .unwrap();
+        assert_eq!(rc, install_rc::INSERTED);
+        assert_eq!(h.raw_conns(2, &svc), (1, 0, 0));
+        assert_eq!(
+            h.dp.reply_entries().len(),
+            1,
+            "the installed NAT flow has its reply entry"
+        );
+        let up = from_client(6, 45000, ACK | PSH, 30);
+        assert_to_real(&h.run(&up), &up, 2);
+        let down = from_real(2, 6, 45000, ACK | PSH, 300);
+        assert_to_client(&h.run(&down), &down);
+        let rc =
+            h.dp.sync_install(&req(state::ESTABLISHED, sync_kind::END))
+                .unwrap();
+        assert_eq!(rc, install_rc::RETIRED);
+        assert_eq!(h.raw_conns(2, &svc), (0, 0, 0));
+        assert_eq!(h.dp.reply_entries().len(), 0, "retired with its flow");
     });
 }

@@ -193,7 +193,7 @@ fn remove_reply(key: &ConnKey, conn: *const Conn, tables: u32) {
 /// `EMBRYOS` or `CONNS`. Not inlined: its key and entry stay off the packet path's stack frame,
 /// which the verifier bounds (with every frame of the deepest call chain) at 512 bytes.
 #[inline(never)]
-fn insert_reply(key: &ConnKey, conn: *const Conn, embryo: bool) -> bool {
+pub(crate) fn insert_reply(key: &ConnKey, conn: *const Conn, embryo: bool) -> bool {
     // Built in per-CPU map memory: the helpers take map values as keys and values.
     let Some(sc) = NAT_SCRATCH.get_ptr_mut(0) else {
         return false;
