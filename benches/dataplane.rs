@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
-use dpnet::{service_on, DpNet, Harness, VIP, XDP_DROP, XDP_PASS, XDP_TX};
+use dpnet::{nat_service_on, service_on, DpNet, Harness, VIP, XDP_DROP, XDP_PASS, XDP_TX};
 use packet::{Frame, ACK, SYN};
 use xdpvs_common::stat;
 
@@ -72,6 +72,8 @@ const DIRECTOR: &str = "198.18.0.2";
 const SERVICES: [(u16, usize); 3] = [(80, 8), (81, 64), (82, 256)];
 /// The flow timed as `established` (on the port-80 service).
 const EST_SPORT: u16 = 40000;
+/// VIP port of the NAT service (reals on 8080).
+const NAT_PORT: u16 = 83;
 /// The connection table's size in `Harness::new`.
 const CONN_TABLE: usize = 65536;
 
@@ -452,6 +454,8 @@ fn measure(p: &Params) -> Result<Report> {
     eprintln!("dataplane bench: floor programs compiled and loaded");
     let reals = SERVICES.iter().map(|s| s.1).max().unwrap_or(1);
     let net = DpNet::new("benchdp", reals);
+    // NAT replies are routed to the client.
+    net.client_neighbour(CLIENT);
     eprintln!("dataplane bench: namespace {} with {reals} reals", net.ns);
     net.run(|| -> Result<Report> {
         if let Some(cpu) = p.cpu {
@@ -565,6 +569,51 @@ fn measure(p: &Params) -> Result<Report> {
                     |_| Ok(()),
                 )?,
                 target,
+            });
+        }
+        // NAT (a service on port NAT_PORT, reals on 8080): the client's packet of an
+        // established flow, and the real's reply. Each rewrites the frame, so a repeat=N run
+        // would time another path from its second iteration: repeat=1 only.
+        let mut with_nat: Vec<_> = SERVICES
+            .iter()
+            .map(|&(port, n)| service_on(port, &(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()))
+            .collect();
+        with_nat.push(nat_service_on(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
+        h.apply(with_nat);
+        // Re-borrowed: the closure above held `h` until the NAT service was applied.
+        let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
+            let (out, d) = h.run_repeat(f, r);
+            Ok((out.action, d))
+        };
+        let nat_est = Frame::tcp(CLIENT, EST_SPORT, VIP, NAT_PORT, ACK).build();
+        let nat_syn = h.run(&Frame::tcp(CLIENT, EST_SPORT, VIP, NAT_PORT, SYN).build());
+        let real = Harness::real_of(&nat_syn.frame).ok_or_else(|| anyhow!("NAT SYN not forwarded"))?;
+        if h.run(&nat_est).action != XDP_TX {
+            bail!("could not set up the NAT flow");
+        }
+        let nat_reply = Frame::tcp(&dpnet::real_ip(real).to_string(), 8080, CLIENT, EST_SPORT, ACK)
+            .macs(dpnet::real_mac(real), packet::DIRECTOR_MAC)
+            .build();
+        let nat_cases = [
+            ("NAT: non-VIP packet while a service uses NAT (reply lookup misses, XDP_PASS)", &non_vip, XDP_PASS),
+            ("NAT: established flow (conntrack hit, DNAT + checksums, cached FIB, XDP_TX)", &nat_est, XDP_TX),
+            ("NAT: real's reply (reply entry + flow lookup, SNAT + checksums, FIB lookup, XDP_TX)", &nat_reply, XDP_TX),
+        ];
+        for (name, frame, expect) in nat_cases {
+            eprintln!("dataplane bench: {name}");
+            rows.push(Row {
+                name: name.into(),
+                kind: Kind::Xdpvs,
+                rep_n: None,
+                rep_1: time_single(
+                    p,
+                    name,
+                    expect,
+                    |_| frame.clone(),
+                    |f| xdpvs(f, 1),
+                    |_| Ok(()),
+                )?,
+                target: None,
             });
         }
         clear(&h)?;

@@ -806,7 +806,7 @@ impl Validator<'_> {
                 &[("drain", OnRemove::Drain), ("cut", OnRemove::Cut)],
             )?,
         };
-        self.not_implemented(&raw, scheduler, forwarding, prefix)?;
+        self.not_implemented(&raw, scheduler, prefix)?;
 
         let check = match &raw.check {
             None => CheckConfig::default_tcp(),
@@ -916,7 +916,6 @@ impl Validator<'_> {
         &self,
         raw: &RawService,
         scheduler: Scheduler,
-        forwarding: Forwarding,
         prefix: &str,
     ) -> Result<(), ConfigError> {
         if let (Scheduler::Sh | Scheduler::Mh, Some(v)) = (scheduler, &raw.scheduler) {
@@ -924,13 +923,6 @@ impl Validator<'_> {
                 v,
                 &format!("{prefix}.scheduler"),
                 format!("scheduler \"{}\" is not implemented yet", v.get_ref()),
-            ));
-        }
-        if let (Forwarding::Nat, Some(v)) = (forwarding, &raw.forwarding) {
-            return Err(self.at(
-                v,
-                &format!("{prefix}.forwarding"),
-                "forwarding \"nat\" is not implemented yet".to_string(),
             ));
         }
         Ok(())
@@ -1866,6 +1858,23 @@ scheduler = "rr"
     }
 
     #[test]
+    fn nat_may_change_the_port() {
+        let text = svc(
+            "forwarding = \"nat\"\n[[service.real]]\naddress = \"198.18.0.11:8080\"\n\
+             [[service.real]]\naddress = \"198.18.0.12\"\n",
+        );
+        let cfg = parse(&text, Path::new("t.toml")).expect("nat config");
+        let web = &cfg.services[0];
+        assert_eq!(web.forwarding, Forwarding::Nat);
+        assert_eq!(web.reals[0].address, sa("198.18.0.11:8080"));
+        assert_eq!(
+            web.reals[1].address,
+            sa("198.18.0.12:80"),
+            "port defaults to the VIP's"
+        );
+    }
+
+    #[test]
     fn too_many_reals() {
         let mut body = String::new();
         for i in 0..=MAX_REALS {
@@ -1897,12 +1906,6 @@ scheduler = "rr"
             ("scheduler", 0),
             "service[0].scheduler",
             "not implemented yet",
-        );
-        expect_err(
-            &svc("forwarding = \"nat\"\n"),
-            ("forwarding", 0),
-            "service[0].forwarding",
-            "\"nat\" is not implemented yet",
         );
         expect_err(
             &svc("scheduler = \"lblc\"\n"),

@@ -26,7 +26,8 @@ use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
     expire_rc, maps, progs, sched::clamp_counter, stat, state, Conn, ConnKey, ExpireRequest,
     Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, Settings, SweepResult,
-    SyncEvent, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS, REAL_F_VALID,
+    SyncEvent, CONN_F_REPLY, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS,
+    REAL_F_VALID,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;
@@ -137,6 +138,15 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     /// Our descriptor of the pinned link (closing it leaves the link to its pin).
     link: Option<FdLink>,
+}
+
+/// The flows of one connection table, without NAT reply entries.
+fn flows(table: &HashMap<MapData, ConnKey, Conn>) -> Vec<(ConnKey, Conn)> {
+    table
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, c)| c.flags & CONN_F_REPLY == 0)
+        .collect()
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -408,14 +418,25 @@ impl Dataplane {
         all
     }
 
-    /// The entries of the connection table (`CONNS`: flows past their handshake).
+    /// The flows of the connection table (`CONNS`: flows past their handshake).
     pub fn established_table(&self) -> Vec<(ConnKey, Conn)> {
-        self.conns.iter().filter_map(|r| r.ok()).collect()
+        flows(&self.conns)
     }
 
-    /// The entries of the embryonic table (`EMBRYOS`: half-open TCP, UDP seen once).
+    /// The flows of the embryonic table (`EMBRYOS`: half-open TCP, UDP seen once).
     pub fn embryonic_table(&self) -> Vec<(ConnKey, Conn)> {
-        self.embryos.iter().filter_map(|r| r.ok()).collect()
+        flows(&self.embryos)
+    }
+
+    /// The NAT reply entries of both tables (`CONN_F_REPLY`: they map a real's replies back
+    /// to their flow and are no flows themselves).
+    pub fn reply_entries(&self) -> Vec<(ConnKey, Conn)> {
+        self.conns
+            .iter()
+            .chain(self.embryos.iter())
+            .filter_map(|r| r.ok())
+            .filter(|(_, c)| c.flags & CONN_F_REPLY != 0)
+            .collect()
     }
 
     /// Retires one connection entry through the expiry program; true if it was retired.

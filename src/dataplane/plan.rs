@@ -234,7 +234,11 @@ impl Planner {
 
     fn plan_inner(&mut self, desired: &Desired) -> Result<Vec<Write>, PlanError> {
         let mut writes = Vec::new();
-        let settings = settings(&desired.timeouts, desired.sync);
+        let nat = desired
+            .services
+            .iter()
+            .any(|s| s.fwd == xdpvs_common::fwd_kind::NAT);
+        let settings = settings(&desired.timeouts, desired.sync, nat);
         if self.settings != Some(settings) {
             writes.push(Write::Settings(settings));
             self.settings = Some(settings);
@@ -504,9 +508,9 @@ impl Planner {
     }
 }
 
-/// The XDP program's idle timeouts, from the configured ones, and whether it reports
-/// connection events for a sync peer.
-pub fn settings(t: &Timeouts, sync: bool) -> Settings {
+/// The XDP program's idle timeouts, from the configured ones, whether it reports connection
+/// events for a sync peer, and whether it looks for NAT replies.
+pub fn settings(t: &Timeouts, sync: bool, nat: bool) -> Settings {
     use xdpvs_common::state;
     let mut s = Settings::default();
     let ns = |d: std::time::Duration| d.as_nanos().min(u64::MAX as u128) as u64;
@@ -515,8 +519,13 @@ pub fn settings(t: &Timeouts, sync: bool) -> Settings {
     s.timeout_ns[state::FIN_WAIT as usize] = ns(t.tcp_fin);
     s.timeout_ns[state::CLOSE as usize] = ns(t.tcp_close);
     s.timeout_ns[state::UDP as usize] = ns(t.udp);
+    // The real closed first (NAT only); IPVS's close_wait is as long as its fin_wait.
+    s.timeout_ns[state::CLOSE_WAIT as usize] = ns(t.tcp_fin);
     if sync {
         s.flags |= xdpvs_common::SETTINGS_F_SYNC;
+    }
+    if nat {
+        s.flags |= xdpvs_common::SETTINGS_F_NAT;
     }
     s
 }

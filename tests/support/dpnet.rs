@@ -96,6 +96,31 @@ impl DpNet {
         net
     }
 
+    /// A permanent neighbour entry for the test client (NAT replies are routed to it).
+    pub fn client_neighbour(&self, client: &str) {
+        let m = super::packet::CLIENT_MAC;
+        let mac = m
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        ip(
+            Some(&self.ns),
+            &[
+                "neigh",
+                "replace",
+                client,
+                "lladdr",
+                &mac,
+                "dev",
+                "dpa",
+                "nud",
+                "permanent",
+            ],
+        )
+        .expect("client neighbour");
+    }
+
     /// Runs `f` on a thread inside the namespace (where test runs resolve `dpa`).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/run/netns/{}", self.ns);
@@ -162,6 +187,32 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
         cut_on_remove: false,
         standby: false,
     }
+}
+
+/// A NAT service on VIP port 80 whose reals listen on `real_port`.
+pub fn nat_service(
+    proto: xdpvs::config::Protocol,
+    real_port: u16,
+    reals: &[(usize, u32)],
+) -> DesiredService {
+    nat_service_on(80, proto, real_port, reals)
+}
+
+/// A NAT service on VIP port `port` whose reals listen on `real_port`.
+pub fn nat_service_on(
+    port: u16,
+    proto: xdpvs::config::Protocol,
+    real_port: u16,
+    reals: &[(usize, u32)],
+) -> DesiredService {
+    let mut s = service_on(port, reals);
+    s.fwd = xdpvs_common::fwd_kind::NAT;
+    s.key = xdpvs::state::service_key(s.address, proto);
+    s.name = format!("nat{:?}{port}", proto);
+    for r in &mut s.reals {
+        r.address.set_port(real_port);
+    }
+    s
 }
 
 impl Harness {
@@ -254,23 +305,20 @@ impl Harness {
     }
 
     pub fn real_id(&self, real: usize, service: &DesiredService) -> u32 {
+        // The real's port: the VIP's unless the service (NAT) gives it another.
+        let port = service
+            .reals
+            .iter()
+            .find(|r| r.address.ip() == std::net::IpAddr::from(real_ip(real)))
+            .map_or(service.address.port(), |r| r.address.port());
         self.planner
-            .real_id(
-                &service.key,
-                SocketAddr::new(real_ip(real).into(), service.address.port()),
-            )
+            .real_id(&service.key, SocketAddr::new(real_ip(real).into(), port))
             .expect("real id")
     }
 
     /// (active, inactive) as IPVS shows them: embryonic entries count as inactive.
     pub fn conns(&self, real: usize, service: &DesiredService) -> (u64, u64) {
-        let id = self
-            .planner
-            .real_id(
-                &service.key,
-                SocketAddr::new(real_ip(real).into(), service.address.port()),
-            )
-            .expect("real id");
+        let id = self.real_id(real, service);
         let c = self.dp.real_conns(id).expect("real conns");
         (c.active, c.inactive)
     }

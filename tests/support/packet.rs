@@ -28,6 +28,10 @@ pub struct Frame {
     pub payload: usize,
     /// IPv4 flags+fragment offset field (host order).
     pub frag: u16,
+    /// Fill in the TCP/UDP checksum (else it stays 0, which for UDP means "none").
+    pub l4_csum: bool,
+    /// 4-byte words of IPv4 options (NOPs ending in an EOL) after the fixed header.
+    pub ip_option_words: usize,
 }
 
 impl Frame {
@@ -44,6 +48,8 @@ impl Frame {
             flags,
             payload: 0,
             frag: 0x4000, // DF
+            l4_csum: false,
+            ip_option_words: 0,
         }
     }
 
@@ -59,6 +65,23 @@ impl Frame {
         self
     }
 
+    /// With a correct TCP/UDP checksum.
+    pub fn csum(mut self) -> Frame {
+        self.l4_csum = true;
+        self
+    }
+
+    pub fn payload(mut self, n: usize) -> Frame {
+        self.payload = n;
+        self
+    }
+
+    pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Frame {
+        self.src_mac = src;
+        self.dst_mac = dst;
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::with_capacity(128);
         f.extend_from_slice(&self.dst_mac);
@@ -69,17 +92,23 @@ impl Frame {
         }
         f.extend_from_slice(&[0x08, 0x00]);
         let l4_len = if self.proto == 6 { 20 } else { 8 } + self.payload;
-        let tot = (20 + l4_len) as u16;
+        let ihl = 20 + 4 * self.ip_option_words;
+        let tot = (ihl + l4_len) as u16;
         let ip_start = f.len();
-        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&[0x40 | (ihl / 4) as u8, 0]);
         f.extend_from_slice(&tot.to_be_bytes());
         f.extend_from_slice(&[0x12, 0x34]);
         f.extend_from_slice(&self.frag.to_be_bytes());
         f.extend_from_slice(&[64, self.proto, 0, 0]);
         f.extend_from_slice(&self.src.octets());
         f.extend_from_slice(&self.dst.octets());
-        let sum = checksum(&f[ip_start..ip_start + 20]);
+        for w in 0..self.ip_option_words {
+            let last = w + 1 == self.ip_option_words;
+            f.extend_from_slice(&[1, 1, 1, if last { 0 } else { 1 }]);
+        }
+        let sum = checksum(&f[ip_start..ip_start + ihl]);
         f[ip_start + 10..ip_start + 12].copy_from_slice(&sum.to_be_bytes());
+        let l4_start = f.len();
         f.extend_from_slice(&self.sport.to_be_bytes());
         f.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == 6 {
@@ -91,8 +120,89 @@ impl Frame {
             f.extend_from_slice(&(l4_len as u16).to_be_bytes());
             f.extend_from_slice(&[0, 0]);
         }
-        f.extend(std::iter::repeat_n(0xabu8, self.payload));
+        f.extend((0..self.payload).map(|i| 0xab ^ i as u8));
+        if self.l4_csum {
+            let at = l4_start + if self.proto == 6 { 16 } else { 6 };
+            let mut sum = l4_checksum(
+                &self.src.octets(),
+                &self.dst.octets(),
+                self.proto,
+                &f[l4_start..],
+            );
+            if sum == 0 && self.proto == 17 {
+                sum = 0xffff;
+            }
+            f[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
         f
+    }
+}
+
+/// The TCP/UDP checksum of `seg` (its checksum field included: 0 on a segment being built, the
+/// stored value on one being checked, when a correct one gives 0) with the IPv4 pseudo-header.
+pub fn l4_checksum(src: &[u8; 4], dst: &[u8; 4], proto: u8, seg: &[u8]) -> u16 {
+    let mut b = Vec::with_capacity(12 + seg.len());
+    b.extend_from_slice(src);
+    b.extend_from_slice(dst);
+    b.extend_from_slice(&[0, proto]);
+    b.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    b.extend_from_slice(seg);
+    checksum(&b)
+}
+
+/// An IPv4 TCP/UDP frame as read by the tests, independently of the program: every field the
+/// NAT path may touch, and whether each checksum is right (recomputed from scratch).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed4 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ip_csum_ok: bool,
+    /// None: a UDP datagram without a checksum (field 0).
+    pub l4_csum_ok: Option<bool>,
+    /// The stored L4 checksum field.
+    pub l4_csum: u16,
+    /// Everything after the L4 ports and checksum that NAT must not change: IP options,
+    /// TTL/ID/flags, the L4 header's other fields and the payload.
+    pub rest: Vec<u8>,
+}
+
+pub fn parse4(f: &[u8]) -> Parsed4 {
+    assert_eq!(&f[12..14], &[0x08, 0x00], "IPv4 ethertype");
+    let ip = &f[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let proto = ip[9];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    let seg = &ip[ihl..tot];
+    let csum_at = if proto == 6 { 16 } else { 6 };
+    let l4_csum = u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]);
+    let l4_csum_ok = if proto == 17 && l4_csum == 0 {
+        None
+    } else {
+        Some(l4_checksum(&src, &dst, proto, seg) == 0)
+    };
+    let mut rest = ip[0..10].to_vec();
+    rest.extend_from_slice(&ip[20..ihl]);
+    rest.extend_from_slice(&seg[4..csum_at]);
+    rest.extend_from_slice(&seg[csum_at + 2..]);
+    Parsed4 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        src: src.into(),
+        dst: dst.into(),
+        sport: u16::from_be_bytes([seg[0], seg[1]]),
+        dport: u16::from_be_bytes([seg[2], seg[3]]),
+        proto,
+        ip_csum_ok: checksum(&ip[..ihl]) == 0,
+        l4_csum_ok,
+        l4_csum,
+        rest,
     }
 }
 

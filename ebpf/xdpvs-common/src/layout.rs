@@ -20,7 +20,7 @@ use crate::{
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -65,7 +65,7 @@ const fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 /// Every number that decides a map's bytes, in a fixed order.
-const SHAPE: [usize; 68] = [
+const SHAPE: [usize; 74] = [
     // ServiceKey
     size_of::<ServiceKey>(),
     align_of::<ServiceKey>(),
@@ -143,6 +143,13 @@ const SHAPE: [usize; 68] = [
     MAX_REALS_PER_SERVICE,
     state::COUNT,
     crate::stat::COUNT as usize,
+    // Meanings kept in the entries' bytes: the entry flags and the last state number.
+    crate::CONN_F_EMBRYO as usize,
+    crate::CONN_F_SYNCED as usize,
+    crate::CONN_F_REPLY as usize,
+    crate::CONN_F_NAT as usize,
+    crate::SETTINGS_F_NAT as usize,
+    state::CLOSE_WAIT as usize,
 ];
 
 const fn fingerprint() -> u64 {
@@ -174,6 +181,7 @@ mod tests {
         (1, 0x23d4_1dbb_7521_8935),
         (2, 0x6a38_7763_08dc_a4c5),
         (3, 0x80e0_77ba_eefb_953f),
+        (4, 0x0df8_350f_430d_8b15),
     ];
 
     #[test]

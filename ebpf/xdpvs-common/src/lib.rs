@@ -273,7 +273,8 @@ pub struct Conn {
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the last packet.
     pub last_seen_ns: u64,
-    /// NAT translation (reserved for NAT forwarding): the real's address and port.
+    /// NAT translation: the real's address and port (`CONN_F_NAT`), or, on a reply entry
+    /// (`CONN_F_REPLY`), the VIP and its port.
     pub nat_addr: Addr,
     pub nat_port: u16,
     pub _pad: [u8; 6],
@@ -283,6 +284,14 @@ pub struct Conn {
 /// entry (its expiry here, the install itself) are never reported back to the peer, which owns
 /// it; the first packet this director forwards on it clears the flag.
 pub const CONN_F_SYNCED: u32 = 2;
+/// Conn flag: the entry is keyed by the reply tuple of a NAT connection (real -> client) and
+/// only maps replies back to their flow: `nat_addr`/`nat_port` hold the VIP and its port, `real`
+/// and `service` are the flow's, `state` means nothing. Never counted, never reported; it lives
+/// in the same table as its flow's entry and ends with it (see `conntrack`).
+pub const CONN_F_REPLY: u32 = 4;
+/// Conn flag: a NAT connection's entry (keyed as the client sends): `nat_addr`/`nat_port` hold
+/// the real's address and port, and a `CONN_F_REPLY` entry maps the real's replies back.
+pub const CONN_F_NAT: u32 = 8;
 
 /// Value of `SETTINGS` (one element): runtime configuration the XDP program reads per packet.
 #[repr(C)]
@@ -312,6 +321,9 @@ impl Default for Settings {
 /// Settings flag: report connection events on `SYNC_EVENTS` (a director with a sync peer).
 /// Off, the packet path does not even look at the ring buffer.
 pub const SETTINGS_F_SYNC: u64 = 1;
+/// Settings flag: some service forwards by NAT, so a packet to no service may be a real's reply
+/// to translate back. Off, such packets cost no connection-table lookup.
+pub const SETTINGS_F_NAT: u64 = 2;
 
 /// Kinds of [`SyncEvent`].
 pub mod sync_kind {
@@ -451,7 +463,13 @@ pub mod stat {
     pub const EMBRYO_EVICTED: u32 = 22;
     /// A new flow's first packet dropped because the embryonic table refused the entry.
     pub const EMBRYO_REFUSED: u32 = 23;
-    /// Slots 18, 19 and 24..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// A real's reply on a NAT connection, its source rewritten back to VIP:port and sent to
+    /// the client.
+    pub const NAT_REPLY: u32 = 24;
+    /// A packet matching a NAT reply entry whose connection is gone (or whose real was cut):
+    /// dropped, never passed (the kernel would leak it to the client from the real's address).
+    pub const DROP_REPLY_NO_CONN: u32 = 25;
+    /// Slots 18, 19 and 26..32 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -482,8 +500,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "embryo_expired",
     "embryo_evicted",
     "embryo_refused",
-    "unused_24",
-    "unused_25",
+    "nat_reply",
+    "drop_reply_no_conn",
     "unused_26",
     "unused_27",
     "unused_28",

@@ -5,6 +5,10 @@
 //! establishes, FIN closes gracefully, RST closes at once. Only ESTABLISHED counts as an active
 //! connection; every other live state counts as inactive. These are exactly IPVS's ActiveConn and
 //! InActConn.
+//!
+//! In NAT mode the director also sees the real's half: [`tcp_next_reply`] follows its flags, so
+//! a close is seen from both ends (FIN_WAIT: the client closed first, CLOSE_WAIT: the real did;
+//! CLOSE once both have), as IPVS's in/out state tables do.
 
 pub const NONE: u32 = 0;
 pub const SYN_RECV: u32 = 1;
@@ -14,6 +18,8 @@ pub const CLOSE: u32 = 4;
 pub const UDP: u32 = 5;
 /// Retired: counters already released; the entry is about to be deleted.
 pub const DEAD: u32 = 6;
+/// NAT only (the director sees both directions): the real sent its FIN first.
+pub const CLOSE_WAIT: u32 = 7;
 pub const COUNT: usize = 8;
 
 /// TCP flag bits as in the header's 13th byte.
@@ -41,7 +47,10 @@ pub fn tcp_next(state: u32, flags: u8) -> u32 {
         return CLOSE;
     }
     if flags & TCP_FIN != 0 {
-        return if state == CLOSE { CLOSE } else { FIN_WAIT };
+        return match state {
+            CLOSE | CLOSE_WAIT => CLOSE,
+            _ => FIN_WAIT,
+        };
     }
     if flags & TCP_SYN != 0 {
         // A retransmitted SYN leaves the state alone; a new SYN on a closed tuple is handled by
@@ -54,10 +63,27 @@ pub fn tcp_next(state: u32, flags: u8) -> u32 {
     state
 }
 
+/// The state a NAT connection moves to when the real sends `flags` in `state`: its RST closes,
+/// its FIN half-closes (or completes the close the client began); nothing else moves the state,
+/// so a connection is established only by the client's ACK, as in DR.
+#[inline(always)]
+pub fn tcp_next_reply(state: u32, flags: u8) -> u32 {
+    if flags & TCP_RST != 0 {
+        return CLOSE;
+    }
+    if flags & TCP_FIN != 0 {
+        return match state {
+            FIN_WAIT | CLOSE => CLOSE,
+            _ => CLOSE_WAIT,
+        };
+    }
+    state
+}
+
 /// Whether a SYN arriving for an entry in `state` starts a new connection on a reused tuple.
 #[inline(always)]
 pub fn syn_reopens(state: u32) -> bool {
-    state == FIN_WAIT || state == CLOSE
+    state == FIN_WAIT || state == CLOSE || state == CLOSE_WAIT
 }
 
 #[cfg(test)]
@@ -93,6 +119,31 @@ mod tests {
         assert!(syn_reopens(CLOSE));
         assert!(!syn_reopens(SYN_RECV));
         assert!(!syn_reopens(ESTABLISHED));
+    }
+
+    #[test]
+    fn nat_close_is_seen_from_both_ends() {
+        // The real closes first (an HTTP server ending a response).
+        let s = tcp_next_reply(ESTABLISHED, TCP_FIN | TCP_ACK);
+        assert_eq!(s, CLOSE_WAIT);
+        assert!(is_live(s) && !is_active(s));
+        assert_eq!(tcp_next(s, TCP_ACK), CLOSE_WAIT);
+        assert_eq!(
+            tcp_next_reply(s, TCP_FIN | TCP_ACK),
+            CLOSE_WAIT,
+            "retransmitted FIN"
+        );
+        assert_eq!(tcp_next(s, TCP_FIN | TCP_ACK), CLOSE);
+        // The client closes first.
+        let s = tcp_next(ESTABLISHED, TCP_FIN | TCP_ACK);
+        assert_eq!(tcp_next_reply(s, TCP_ACK), FIN_WAIT);
+        assert_eq!(tcp_next_reply(s, TCP_FIN | TCP_ACK), CLOSE);
+        // The real's SYN-ACK does not establish; its RST closes from anywhere.
+        assert_eq!(tcp_next_reply(SYN_RECV, TCP_SYN | TCP_ACK), SYN_RECV);
+        for s in [SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT] {
+            assert_eq!(tcp_next_reply(s, TCP_RST), CLOSE);
+        }
+        assert!(syn_reopens(CLOSE_WAIT));
     }
 
     #[test]

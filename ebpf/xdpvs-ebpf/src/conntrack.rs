@@ -17,16 +17,24 @@
 //! their counts were released. The one inexactness is by design: an LRU eviction is invisible
 //! to the program, so an evicted embryo's +1 stays in `embryonic` until the sweep recounts the
 //! table ([`xdpvs_sweep`](crate::xdpvs_sweep)); `active` and `inactive` are never touched by it.
+//!
+//! NAT: a NAT flow (`CONN_F_NAT`) has a second entry in the same table, keyed by the tuple of
+//! the real's replies (real -> client) and flagged `CONN_F_REPLY`, which names the flow back
+//! (its VIP and port; the client half is the reply's destination). It is made with the flow,
+//! moves with it on promotion and is deleted when the flow is retired; it is never counted or
+//! reported, and the sweep deletes one whose flow is gone (an embryo the LRU evicted). A reply
+//! entry is trusted only if the flow it names is a live NAT flow to that very real and port, so
+//! a stale one, or one overwritten by a colliding flow, never misdirects a packet.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
     expire_rc, stat,
     state::{self, is_active, is_live},
-    sync_kind, Conn, ConnKey, ExpireRequest, Real, Service, CONN_F_EMBRYO, CONN_F_SYNCED,
-    EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
+    sync_kind, Addr, Conn, ConnKey, ExpireRequest, Real, Service, CONN_F_EMBRYO, CONN_F_NAT,
+    CONN_F_REPLY, CONN_F_SYNCED, EXPIRE_F_FORCE, NO_REAL, PROTO_TCP, REAL_F_VALID,
 };
 
 use crate::atomic;
-use crate::maps::{count, CONNS, EMBRYOS, REALS, REAL_CONNS, SETTINGS};
+use crate::maps::{count, CONNS, EMBRYOS, NAT_SCRATCH, REALS, REAL_CONNS, SETTINGS};
 use crate::parse::Packet;
 
 /// Idle timeouts are seconds long: a millisecond of staleness in `last_seen_ns` is irrelevant.
@@ -111,7 +119,94 @@ pub(crate) fn retire(key: &ConnKey, conn: *mut Conn) -> bool {
         return false;
     }
     remove(key, is_embryo(conn));
+    if unsafe { (*conn).flags } & CONN_F_NAT != 0 {
+        remove_reply(key, conn, IN_CONNS | IN_EMBRYOS);
+    }
     true
+}
+
+/// Tables for [`remove_reply`].
+const IN_CONNS: u32 = 1;
+const IN_EMBRYOS: u32 = 2;
+
+/// The key of a NAT flow's reply entry: the real's packets back to the client.
+#[inline(always)]
+pub(crate) fn reply_key(key: &ConnKey, nat_addr: Addr, nat_port: u16) -> ConnKey {
+    ConnKey {
+        src: nat_addr,
+        dst: key.src,
+        sport: nat_port,
+        dport: key.sport,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// The reply entry of the NAT flow `key` to `nat_addr:nat_port`, as stored.
+#[inline(always)]
+fn reply_entry(key: &ConnKey, conn: &Conn, embryo: bool) -> Conn {
+    Conn {
+        real: conn.real,
+        service: conn.service,
+        state: conn.state,
+        flags: CONN_F_REPLY | if embryo { CONN_F_EMBRYO } else { 0 },
+        created_ns: conn.created_ns,
+        last_seen_ns: conn.last_seen_ns,
+        nat_addr: key.dst,
+        nat_port: key.dport,
+        ..Conn::default()
+    }
+}
+
+/// The reply entry `r` names the flow `key`.
+#[inline(always)]
+fn names(r: *const Conn, key: &ConnKey) -> bool {
+    unsafe {
+        (*r).flags & CONN_F_REPLY != 0 && (*r).nat_addr == key.dst && (*r).nat_port == key.dport
+    }
+}
+
+/// Deletes the reply entry of the NAT flow `key` from the `tables` (`IN_*`), unless a
+/// colliding flow has taken its key since. Not inlined, as [`insert_reply`].
+#[inline(never)]
+fn remove_reply(key: &ConnKey, conn: *const Conn, tables: u32) {
+    let rkey = unsafe { reply_key(key, (*conn).nat_addr, (*conn).nat_port) };
+    if tables & IN_CONNS != 0 {
+        if let Some(r) = CONNS.get_ptr(&rkey) {
+            if names(r, key) {
+                let _ = CONNS.remove(&rkey);
+            }
+        }
+    }
+    if tables & IN_EMBRYOS != 0 {
+        if let Some(r) = EMBRYOS.get_ptr(&rkey) {
+            if names(r, key) {
+                let _ = EMBRYOS.remove(&rkey);
+            }
+        }
+    }
+}
+
+/// Inserts (or overwrites: a stale entry of an evicted flow, or a colliding flow's, which the
+/// real could not tell from this one either) the reply entry of the NAT flow `key`, in
+/// `EMBRYOS` or `CONNS`. Not inlined: its key and entry stay off the packet path's stack frame,
+/// which the verifier bounds (with every frame of the deepest call chain) at 512 bytes.
+#[inline(never)]
+pub(crate) fn insert_reply(key: &ConnKey, conn: *const Conn, embryo: bool) -> bool {
+    // Built in per-CPU map memory: the helpers take map values as keys and values.
+    let Some(sc) = NAT_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    unsafe {
+        (*sc).key = reply_key(key, (*conn).nat_addr, (*conn).nat_port);
+        (*sc).conn = reply_entry(key, &*conn, embryo);
+        if embryo {
+            EMBRYOS.insert(&(*sc).key, &(*sc).conn, 0).is_ok()
+        } else {
+            CONNS.insert(&(*sc).key, &(*sc).conn, 0).is_ok()
+        }
+    }
 }
 
 #[inline(always)]
@@ -221,20 +316,38 @@ fn embryo(key: &ConnKey, e: *mut Conn, pkt: &Packet, now: u64) -> Lookup {
 /// found `CONNS` full stays embryonic, so the client's retransmission tries again.
 #[inline(always)]
 fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64) -> Option<u32> {
-    let (service, created_ns) = unsafe { ((*e).service, (*e).created_ns) };
+    let (service, created_ns, flags, nat_addr, nat_port) = unsafe {
+        (
+            (*e).service,
+            (*e).created_ns,
+            (*e).flags,
+            (*e).nat_addr,
+            (*e).nat_port,
+        )
+    };
     let conn = Conn {
         real,
         service,
         state: to,
-        flags: 0,
+        flags: flags & CONN_F_NAT,
         created_ns,
         last_seen_ns: now,
+        nat_addr,
+        nat_port,
         ..Conn::default()
     };
+    let nat = flags & CONN_F_NAT != 0;
+    // A NAT flow's reply entry first, so the flow is never in `CONNS` without it.
+    if nat && !insert_reply(key, &conn, false) {
+        return Some(stat::CONNTRACK_FULL);
+    }
     // Count first, so no other CPU can move this entry's counts before they exist.
     account(real, to, false, true);
     match CONNS.insert(key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => {
+            if nat {
+                remove_reply(key, &conn, IN_EMBRYOS);
+            }
             // The flow is tracked; the embryo ends. Losing this swap means another CPU (or
             // the sweep) moved the embryo meanwhile; whoever did releases its count, and a
             // left-over embryo is shadowed by the entry in `CONNS` until it expires.
@@ -250,10 +363,14 @@ fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64)
         Err(_) => {
             account(real, to, false, false);
             if CONNS.get_ptr(key).is_some() {
-                // Another CPU promoted it at this very moment: its entry stands.
+                // Another CPU promoted it at this very moment: its entry (and the reply
+                // entry, the same as ours) stands.
                 None
             } else {
                 // Full of connections that completed their handshakes.
+                if nat {
+                    remove_reply(key, &conn, IN_CONNS);
+                }
                 Some(stat::CONNTRACK_FULL)
             }
         }
@@ -264,24 +381,41 @@ fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64)
 /// CPU may have tracked the same flow first), or `NO_REAL` if the table refused the entry (an
 /// untracked flow's later packets would find no entry and be dropped, so the first packet is
 /// dropped now and retried by the client).
-pub fn create(key: &ConnKey, svc: &Service, real: u32, pkt: &Packet, now: u64) -> u32 {
+/// `nat`: `(address, port)` of the real for a NAT service (the flow also gets its reply entry).
+pub fn create(
+    key: &ConnKey,
+    svc: &Service,
+    real: u32,
+    nat: Option<(Addr, u16)>,
+    pkt: &Packet,
+    now: u64,
+) -> u32 {
     let st = if pkt.proto == PROTO_TCP {
         state::SYN_RECV
     } else {
         state::UDP
     };
+    let (flags, (nat_addr, nat_port)) = match nat {
+        Some(n) => (CONN_F_EMBRYO | CONN_F_NAT, n),
+        None => (CONN_F_EMBRYO, (Addr::default(), 0)),
+    };
     let conn = Conn {
         real,
         service: svc.id,
         state: st,
-        flags: CONN_F_EMBRYO,
+        flags,
         created_ns: now,
         last_seen_ns: now,
+        nat_addr,
+        nat_port,
         ..Conn::default()
     };
     account(real, st, true, true);
     match EMBRYOS.insert(key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => {
+            if nat.is_some() {
+                insert_reply(key, &conn, true);
+            }
             count(stat::NEW_CONN);
             crate::forward::count_new_conn(real);
             real
@@ -320,6 +454,10 @@ fn timeout_ns(st: u32) -> u64 {
 /// or `force`; returns whether this call retired it.
 #[inline(always)]
 pub fn expire_entry(key: &ConnKey, conn: *mut Conn, force: bool, now: u64) -> bool {
+    if unsafe { (*conn).flags } & CONN_F_REPLY != 0 {
+        expire_reply(key, conn);
+        return false;
+    }
     let (st, last, real) = unsafe { ((*conn).state, (*conn).last_seen_ns, (*conn).real) };
     let force = force || !real_valid(real);
     let idle = now.saturating_sub(last);
@@ -332,6 +470,87 @@ pub fn expire_entry(key: &ConnKey, conn: *mut Conn, force: bool, now: u64) -> bo
         return true;
     }
     retire(key, conn)
+}
+
+/// The NAT flow a reply entry names: its key, and its entry if it is a live NAT flow whose
+/// translation is the reply's source.
+#[inline(always)]
+pub(crate) fn flow_of(rkey: &ConnKey, r: *const Conn) -> (ConnKey, Option<*mut Conn>) {
+    let key = unsafe {
+        ConnKey {
+            src: rkey.dst,
+            dst: (*r).nat_addr,
+            sport: rkey.dport,
+            dport: (*r).nat_port,
+            proto: rkey.proto,
+            family: rkey.family,
+            _pad: [0; 2],
+        }
+    };
+    let conn = match CONNS.get_ptr_mut(&key) {
+        Some(c) => Some(c),
+        None => EMBRYOS.get_ptr_mut(&key),
+    };
+    let conn = conn.filter(|&c| unsafe {
+        (*c).flags & CONN_F_NAT != 0
+            && is_live((*c).state)
+            && (*c).nat_addr == rkey.src
+            && (*c).nat_port == rkey.sport
+    });
+    (key, conn)
+}
+
+/// Deletes a reply entry whose flow is gone (an LRU-evicted embryo's); the flow's own retire
+/// deletes the others.
+#[inline(never)]
+fn expire_reply(rkey: &ConnKey, r: *mut Conn) {
+    if flow_of(rkey, r).1.is_none() {
+        remove(rkey, is_embryo(r));
+    }
+}
+
+pub enum Reply {
+    /// Not a reply of a tracked NAT flow.
+    None,
+    /// A reply of a flow to this VIP and port (network order), its state moved by the reply.
+    Flow(Addr, u16),
+    Drop(u32),
+}
+
+/// A packet to no service: the real's reply on a NAT flow if a reply entry matches it.
+#[inline(always)]
+pub fn reply(rkey: &ConnKey, pkt: &Packet, now: u64) -> Reply {
+    let r = match CONNS.get_ptr(rkey) {
+        Some(r) => r,
+        None => match EMBRYOS.get_ptr(rkey) {
+            Some(r) => r,
+            None => return Reply::None,
+        },
+    };
+    if unsafe { (*r).flags } & CONN_F_REPLY == 0 {
+        // A flow whose client sends from this address and port: not a reply.
+        return Reply::None;
+    }
+    let (key, conn) = flow_of(rkey, r);
+    let Some(conn) = conn else {
+        return Reply::Drop(stat::DROP_REPLY_NO_CONN);
+    };
+    let (st, real) = unsafe { ((*conn).state, (*conn).real) };
+    if !real_valid(real) {
+        retire(&key, conn);
+        return Reply::Drop(stat::DROP_REAL_GONE);
+    }
+    if pkt.proto == PROTO_TCP {
+        transition(
+            &key,
+            conn,
+            real,
+            st,
+            state::tcp_next_reply(st, pkt.tcp_flags),
+        );
+    }
+    touch(conn, now);
+    Reply::Flow(key.dst, key.dport)
 }
 
 /// `XDP_EXPIRE`: one entry, looked up in the connection table, then the embryonic one.

@@ -12,6 +12,11 @@
 //! the MTU; a frame larger than the egress MTU is counted (`OVER_MTU`) and still forwarded: in
 //! generic mode it is a GRO aggregate the stack segments on the way out, in native mode the
 //! driver decides (veth drops it, counting an `xdp_tx_errors`).
+//!
+//! NAT replies ([`to_client`]) go wherever the FIB routes the client; that lookup is not cached
+//! (clients are many, and the next hop toward them is usually one router), so a reply costs one
+//! route lookup. Like a real's, a client's next hop without a resolved MAC drops the packet
+//! (`DROP_NO_NEIGH`): passed, the translated packet would be a martian to the director's stack.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect},
@@ -19,7 +24,7 @@ use aya_ebpf::{
 };
 use xdpvs_common::{stat, Real};
 
-use crate::maps::{count, NEXTHOP, REAL_STATS};
+use crate::maps::{count, FIB_SCRATCH, NEXTHOP, REAL_STATS};
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
@@ -93,6 +98,57 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, now: u
             (*s).bytes += pkt.frame_len as u64;
         }
     }
+    send(ctx, pkt, egress, ingress)
+}
+
+/// Sends a real's (already translated) reply to the client, wherever the FIB routes it.
+pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    // In per-CPU map memory, not on the stack (see `not_a_service`).
+    let fib = match FIB_SCRATCH.get_ptr_mut(0) {
+        Some(f) => unsafe { &mut *f },
+        None => return xdp_action::XDP_DROP,
+    };
+    *fib = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = pkt.proto;
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_1.tot_len = 0;
+    fib.__bindgen_anon_3.ipv4_src = pkt.src.w[0];
+    fib.__bindgen_anon_4.ipv4_dst = pkt.dst.w[0];
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != FIB_SUCCESS {
+        count(if rc == FIB_NO_NEIGH {
+            stat::DROP_NO_NEIGH
+        } else {
+            stat::DROP_FIB
+        });
+        return xdp_action::XDP_DROP;
+    }
+    let start = ctx.data();
+    if start + 12 > ctx.data_end() {
+        count(stat::MALFORMED);
+        return xdp_action::XDP_DROP;
+    }
+    unsafe {
+        let eth = start as *mut [u8; 6];
+        *eth = fib.dmac;
+        *eth.add(1) = fib.smac;
+    }
+    count(stat::NAT_REPLY);
+    send(ctx, pkt, fib.ifindex, ingress)
+}
+
+/// Sends the rewritten frame out of `egress` (back out of `ingress` by XDP_TX).
+#[inline(always)]
+fn send(ctx: &XdpContext, pkt: &Packet, egress: u32, ingress: u32) -> u32 {
     if pkt.ip_len > ETH_DATA_LEN && over_mtu(ctx, egress, pkt.ip_len) {
         count(stat::OVER_MTU);
     }
@@ -123,7 +179,12 @@ fn resolve(
     hop: *mut NextHop,
     now: u64,
 ) -> i64 {
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // In per-CPU map memory, not on the stack (see `handle` in main.rs).
+    let fib = match FIB_SCRATCH.get_ptr_mut(0) {
+        Some(f) => unsafe { &mut *f },
+        None => return -1,
+    };
+    *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.ifindex = ingress;
@@ -134,7 +195,7 @@ fn resolve(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

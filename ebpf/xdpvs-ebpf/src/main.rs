@@ -16,6 +16,7 @@ mod atomic;
 mod conntrack;
 mod forward;
 mod maps;
+mod nat;
 mod parse;
 mod schedule;
 mod sweep;
@@ -25,11 +26,11 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use xdpvs_common::{
-    stat, ConnKey, ExpireRequest, Service, SyncEvent, NO_REAL, PROTO_TCP, SVC_F_DRAINING,
-    SVC_F_STANDBY,
+    fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_TCP,
+    SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
-use crate::conntrack::Lookup;
+use crate::conntrack::{Lookup, Reply};
 use crate::maps::count;
 use crate::parse::Packet;
 
@@ -39,7 +40,10 @@ use crate::parse::Packet;
 #[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
-        parse::Parsed::Packet(pkt) => handle(&ctx, &pkt),
+        parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
+            Some(svc) => handle(&ctx, &pkt, svc),
+            None => not_a_service(&ctx, &pkt),
+        },
         parse::Parsed::Pass(reason) => {
             count(reason);
             xdp_action::XDP_PASS
@@ -51,16 +55,11 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
     }
 }
 
-/// A parsed IP packet: route it if it belongs to a virtual service.
-#[inline(always)]
-fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
-    let svc: Service = match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
-        Some(s) => *s,
-        None => {
-            count(stat::PASS_NOT_VIP);
-            return xdp_action::XDP_PASS;
-        }
-    };
+/// A packet to a virtual service. Not inlined, and a sibling of [`not_a_service`]: the
+/// verifier bounds the stack of the deepest call chain at 512 bytes, so the two paths' frames
+/// must not add up.
+#[inline(never)]
+fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
     if svc.flags & SVC_F_STANDBY != 0 {
         count(stat::DROP_STANDBY);
         return xdp_action::XDP_DROP;
@@ -73,8 +72,9 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
     }
     let key: ConnKey = pkt.conn_key();
     let now = unsafe { bpf_ktime_get_ns() };
+    let nat = svc.fwd == fwd_kind::NAT;
     let real = match conntrack::lookup(&key, pkt, now) {
-        Lookup::Existing(id, real) => return forward::to_real(ctx, pkt, id, &real, now),
+        Lookup::Existing(id, real) => return to_real(ctx, pkt, id, &real, nat, now),
         Lookup::Drop(reason) => {
             count(reason);
             return xdp_action::XDP_DROP;
@@ -90,7 +90,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(stat::DROP_NO_CONN);
                 return xdp_action::XDP_DROP;
             }
-            let mut real = schedule::pick(&svc, pkt);
+            let mut real = schedule::pick(svc, pkt);
             if real == NO_REAL {
                 real = svc.fallback;
             }
@@ -98,7 +98,11 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
                 count(stat::DROP_NO_REAL);
                 return xdp_action::XDP_DROP;
             }
-            let owner = conntrack::create(&key, &svc, real, pkt, now);
+            let dnat = match maps::REALS.get(real) {
+                Some(r) if nat => Some((r.addr, r.port)),
+                _ => None,
+            };
+            let owner = conntrack::create(&key, svc, real, dnat, pkt, now);
             if owner == NO_REAL {
                 return xdp_action::XDP_DROP;
             }
@@ -106,12 +110,55 @@ fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
         }
     };
     match maps::REALS.get(real) {
-        Some(r) => forward::to_real(ctx, pkt, real, r, now),
+        Some(r) => to_real(ctx, pkt, real, r, nat, now),
         None => {
             count(stat::DROP_NO_REAL);
             xdp_action::XDP_DROP
         }
     }
+}
+
+/// Forwards to the real, its address and port as the destination for NAT.
+#[inline(always)]
+fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, nat: bool, now: u64) -> u32 {
+    if nat && !nat::rewrite(ctx, pkt, real.addr, real.port, true) {
+        count(stat::PASS_SPLIT_HEADERS);
+        return xdp_action::XDP_DROP;
+    }
+    forward::to_real(ctx, pkt, id, real, now)
+}
+
+/// A packet to no service: the director's own traffic (passed), or, while some service uses
+/// NAT, possibly a real's reply to translate back to its VIP. Not inlined (see [`handle`]).
+#[inline(never)]
+fn not_a_service(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    let nat = match maps::SETTINGS.get(0) {
+        Some(s) => s.flags & SETTINGS_F_NAT != 0,
+        None => false,
+    };
+    if nat {
+        let now = unsafe { bpf_ktime_get_ns() };
+        match conntrack::reply(&pkt.conn_key(), pkt, now) {
+            Reply::None => {}
+            Reply::Drop(reason) => {
+                count(reason);
+                return xdp_action::XDP_DROP;
+            }
+            Reply::Flow(vip, vport) => {
+                if pkt.fragment {
+                    count(stat::DROP_FRAGMENT);
+                    return xdp_action::XDP_DROP;
+                }
+                if !nat::rewrite(ctx, pkt, vip, vport, false) {
+                    count(stat::PASS_SPLIT_HEADERS);
+                    return xdp_action::XDP_DROP;
+                }
+                return forward::to_client(ctx, pkt);
+            }
+        }
+    }
+    count(stat::PASS_NOT_VIP);
+    xdp_action::XDP_PASS
 }
 
 /// Retires one connection entry if it is idle past its state's timeout (or unconditionally with

@@ -81,3 +81,18 @@ pub static SCRATCH: PerCpuArray<crate::schedule::Best> = PerCpuArray::with_max_e
 #[map(name = "NEXTHOP")]
 pub static NEXTHOP: PerCpuArray<crate::forward::NextHop> =
     PerCpuArray::with_max_entries(MAX_REALS, 0);
+
+/// Per-CPU scratch for the route lookup of a NAT reply (kernel-private, off the stack).
+#[map(name = "FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// A NAT reply entry being built (kernel-private): see `conntrack::insert_reply`.
+#[repr(C)]
+pub struct NatScratch {
+    pub key: ConnKey,
+    pub conn: Conn,
+}
+
+#[map(name = "NAT_SCRATCH")]
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -38,6 +38,10 @@ pub struct Packet {
     pub ip_len: u16,
     /// Bytes of the whole frame (linear part and fragments), for byte counters.
     pub frame_len: u32,
+    /// Offsets of the IP and L4 headers in the frame (NAT rewrites them; IP options are
+    /// skipped by the L4 offset, so they are carried through untouched).
+    pub l3: u16,
+    pub l4: u16,
 }
 
 impl Packet {
@@ -220,6 +224,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
                         more_fragments,
                         tot_len,
                         bytes,
+                        l3,
+                        l3 + ihl,
                     )
                 }
                 None => short(ctx, l3 + ihl + 4),
@@ -245,6 +251,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         more_fragments,
         tot_len,
         bytes,
+        l3,
+        l3 + ihl,
     )
 }
 
@@ -260,6 +268,8 @@ fn packet(
     fragment: bool,
     ip_len: u16,
     frame_len: u32,
+    l3: usize,
+    l4: usize,
 ) -> Parsed {
     Parsed::Packet(Packet {
         src: Addr { w: [src, 0, 0, 0] },
@@ -272,5 +282,7 @@ fn packet(
         fragment,
         ip_len,
         frame_len,
+        l3: l3 as u16,
+        l4: l4 as u16,
     })
 }

@@ -6,7 +6,7 @@ use core::ffi::c_void;
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, generated::bpf_for_each_map_elem, generated::bpf_loop};
-use xdpvs_common::{stat, state::is_live, Conn, ConnKey, SweepResult, MAX_REALS};
+use xdpvs_common::{stat, state::is_live, Conn, ConnKey, SweepResult, CONN_F_REPLY, MAX_REALS};
 
 use crate::atomic;
 use crate::conntrack;
@@ -47,7 +47,7 @@ extern "C" fn visit_embryo(
         (*ctx).res.embryos_seen += 1;
         if conntrack::expire_entry(&k, value, false, (*ctx).now) {
             (*ctx).res.embryos_retired += 1;
-        } else if is_live((*value).state) {
+        } else if is_live((*value).state) && (*value).flags & CONN_F_REPLY == 0 {
             if let Some(t) = TALLY.get_ptr_mut((*value).real) {
                 *t += 1;
             }

@@ -14,14 +14,14 @@
 //! in `REAL_CONNS` stay exact whatever the interleaving.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use xdpvs_common::{
-    install_rc, stat,
+    fwd_kind, install_rc, stat,
     state::{self, is_live},
-    sync_kind, Conn, ConnKey, SyncEvent, CONN_F_EMBRYO, CONN_F_SYNCED, REAL_F_VALID,
-    SETTINGS_F_SYNC,
+    sync_kind, Conn, ConnKey, Real, ServiceKey, SyncEvent, CONN_F_EMBRYO, CONN_F_NAT,
+    CONN_F_SYNCED, REAL_F_VALID, SETTINGS_F_SYNC,
 };
 
-use crate::conntrack::{account, retire, transition};
-use crate::maps::{count, CONNS, REALS, SETTINGS, SYNC_EVENTS};
+use crate::conntrack::{account, insert_reply, retire, transition};
+use crate::maps::{count, CONNS, REALS, SERVICES, SETTINGS, SYNC_EVENTS};
 
 #[inline(always)]
 fn enabled() -> bool {
@@ -67,10 +67,21 @@ pub fn on_transition(key: &ConnKey, conn: *const Conn, real: u32, from: u32, to:
     emit(key, real, service, st, kind);
 }
 
-/// Inserts a new entry for `req`, counted first as `conntrack::create` does.
+/// Inserts a new entry for `req`, counted first as `conntrack::create` does. A flow of a NAT
+/// service gets its translation (from the real, as here) and its reply entry.
 #[inline(always)]
-fn insert(req: &SyncEvent, now: u64, ok: u32) -> u32 {
-    let conn = Conn {
+fn insert(req: &SyncEvent, real: &Real, now: u64, ok: u32) -> u32 {
+    let skey = ServiceKey {
+        addr: req.key.dst,
+        port: req.key.dport,
+        proto: req.key.proto,
+        family: req.key.family,
+    };
+    let nat = match unsafe { SERVICES.get(&skey) } {
+        Some(s) => s.fwd == fwd_kind::NAT,
+        None => false,
+    };
+    let mut conn = Conn {
         real: req.real,
         service: req.service,
         state: req.state,
@@ -79,6 +90,14 @@ fn insert(req: &SyncEvent, now: u64, ok: u32) -> u32 {
         last_seen_ns: now,
         ..Conn::default()
     };
+    if nat {
+        conn.flags |= CONN_F_NAT;
+        conn.nat_addr = real.addr;
+        conn.nat_port = real.port;
+        if !insert_reply(&req.key, &conn, false) {
+            return install_rc::FULL;
+        }
+    }
     account(req.real, req.state, false, true);
     match CONNS.insert(&req.key, &conn, BPF_NOEXIST as u64) {
         Ok(()) => ok,
@@ -114,13 +133,13 @@ pub fn install(req: &SyncEvent) -> u32 {
     if (req.kind != sync_kind::NEW && req.kind != sync_kind::STATE) || !is_live(req.state) {
         return install_rc::INVALID;
     }
-    match REALS.get(req.real) {
-        Some(r) if r.flags & REAL_F_VALID != 0 && r.service == req.service => {}
+    let target = match REALS.get(req.real) {
+        Some(r) if r.flags & REAL_F_VALID != 0 && r.service == req.service => *r,
         _ => return install_rc::INVALID,
-    }
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(conn) = existing else {
-        return insert(req, now, install_rc::INSERTED);
+        return insert(req, &target, now, install_rc::INSERTED);
     };
     let (cur, real) = unsafe { ((*conn).state, (*conn).real) };
     if !is_live(cur) {
@@ -138,5 +157,5 @@ pub fn install(req: &SyncEvent) -> u32 {
     if !retire(&key, conn) {
         return install_rc::RACED;
     }
-    insert(req, now, install_rc::REPLACED)
+    insert(req, &target, now, install_rc::REPLACED)
 }
