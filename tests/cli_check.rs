@@ -198,3 +198,26 @@ fn run_logs_json_lines_for_log_shippers() {
         "the reason names the interface: {err}"
     );
 }
+
+#[test]
+fn ca_file_is_read_with_the_config() {
+    rejected(
+        "ca-missing",
+        &with_check("type = \"https\"\nca_file = \"no-such-ca.pem\""),
+        "ca_file",
+        "service[0].check.ca_file",
+        &["cannot read", "no-such-ca.pem"],
+    );
+    // Relative to the config file's directory; a file without a certificate is refused.
+    let name = format!("xdpvs-cli-check-{}-ca.pem", std::process::id());
+    let pem = std::env::temp_dir().join(&name);
+    std::fs::write(&pem, "no certificate here\n").expect("write");
+    rejected(
+        "ca-empty",
+        &with_check(&format!("type = \"https\"\nca_file = \"{name}\"")),
+        "ca_file",
+        "service[0].check.ca_file",
+        &["no PEM certificate"],
+    );
+    let _ = std::fs::remove_file(&pem);
+}
