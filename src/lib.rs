@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod offline;
 pub mod preflight;
 pub mod state;
+pub mod status;

@@ -10,6 +10,7 @@
 //! after checking that they have the layout it expects. Adopting reads first
 //! ([`Dataplane::view`] -> [`plan::Planner::adopt`]), plans second and writes last.
 
+pub mod owner;
 pub mod pin;
 pub mod plan;
 
@@ -18,7 +19,9 @@ use std::net::{SocketAddr, UdpSocket};
 use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{
+    Array, HashMap, IterableMap, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
+};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
@@ -647,6 +650,21 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+fn dup<T>(m: &MapData) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    use std::os::fd::AsFd;
+    let fd = m.fd().as_fd().try_clone_to_owned()?;
+    let map = aya::maps::Map::from_map_data(MapData::from_fd(fd)?)?;
+    Ok(T::try_from(map)?)
+}
+
+/// The interface's index; `None` if there is no such interface (now).
+pub fn interface_index(interface: &str) -> Option<u32> {
+    ifindex(interface).ok()
+}
+
 fn ifindex(interface: &str) -> Result<u32> {
     let c = std::ffi::CString::new(interface)?;
     // SAFETY: a valid NUL-terminated name.
@@ -680,6 +698,20 @@ impl Maps {
             real_stats: pinned_map(dir, maps::REAL_STATS)?,
             settings: pinned_map(dir, maps::SETTINGS)?,
             stats: pinned_map(dir, maps::STATS)?,
+        })
+    }
+
+    /// A second handle of the same maps (duplicated descriptors), for readers on other
+    /// threads.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Maps {
+            services: dup(self.services.map())?,
+            realsets: dup(self.realsets.map())?,
+            reals: dup(self.reals.map())?,
+            real_conns: dup(self.real_conns.map())?,
+            real_stats: dup(self.real_stats.map())?,
+            settings: dup(self.settings.map())?,
+            stats: dup(self.stats.map())?,
         })
     }
 
