@@ -531,9 +531,9 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
             Some(t) = vrrp_rx.recv() => shared.on_vrrp(&t),
             _ = flap_tick.tick() => on_flap_tick(&shared, &mut flaps),
         }
-        if reloading.is_none() && debounce.is_none() {
-            if let (Some(waiting), Some(c)) = (asked.take(), checker.take()) {
-                answering = waiting;
+        if reloading.is_none() && debounce.is_none() && asked.is_some() {
+            if let Some(c) = checker.take() {
+                answering = asked.take().unwrap_or_default();
                 reloading = Some(tokio::spawn(reload(shared.clone(), c)));
             }
         }

@@ -167,6 +167,7 @@ pub fn build(src: Sources<'_>) -> Result<Status> {
         dataplane,
         pin_path: dp.pin_dir().map(|d| d.display().to_string()),
         offline: None,
+        map_writes: dp.map_writes(),
         vrrp: src.vrrp,
         sync: match (src.sync, cfg.sync.as_ref()) {
             (Some(st), Some(c)) => {

@@ -93,6 +93,9 @@ pub struct Status {
     /// Connection-state sync with the peer director (`None` without `[sync]`).
     #[serde(default)]
     pub sync: Option<crate::ha::sync::service::SyncStatus>,
+    /// Map writes the daemon made since it started (0 when read offline).
+    #[serde(default)]
+    pub map_writes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

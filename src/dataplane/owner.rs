@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
@@ -82,9 +83,16 @@ pub struct Reader {
     embryos: aya::maps::HashMap<MapData, ConnKey, Conn>,
     index: ArcSwap<Index>,
     pin_dir: Option<PathBuf>,
+    /// Map writes made by the owner since it started (applies and releases).
+    writes: AtomicU64,
 }
 
 impl Reader {
+    /// Map writes made by the owner since it started.
+    pub fn map_writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
     pub fn index(&self) -> Arc<Index> {
         self.index.load_full()
     }
@@ -125,6 +133,7 @@ impl Owner {
             embryos: super::dup(p.dp.embryos.map())?,
             index: ArcSwap::from_pointee(Index::of(&p)),
             pin_dir: p.dp.pin_dir().map(|d| d.to_path_buf()),
+            writes: AtomicU64::new(0),
         });
         let (tx, rx) = std_mpsc::channel();
         let r = reader.clone();
@@ -201,7 +210,8 @@ impl Owner {
 
     /// One pass of the connection-table sweep, then the release of drained reals' ids.
     pub async fn sweep(&self) -> Result<SweepReport> {
-        self.write(|p| -> Result<SweepReport> {
+        let reader = self.reader.clone();
+        self.write(move |p| -> Result<SweepReport> {
             let report = p.dp.sweep()?;
             let Programmer { dp, planner } = p;
             let writes = planner.release(|id| {
@@ -211,6 +221,9 @@ impl Owner {
             });
             if !writes.is_empty() {
                 dp.write(&writes)?;
+                reader
+                    .writes
+                    .fetch_add(writes.len() as u64, Ordering::Relaxed);
             }
             Ok(report)
         })
@@ -274,6 +287,9 @@ fn serve(mut p: Programmer, rx: std_mpsc::Receiver<Request>, reader: &Reader) {
                         tracing::debug!(coalesced = replies.len(), "applies coalesced");
                     }
                     let outcome = p.apply(&desired).map_err(|e| format!("{e:#}"));
+                    if let Ok(n) = outcome {
+                        reader.writes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     if outcome != Ok(0) {
                         reader.index.store(Arc::new(Index::of(&p)));
                     }

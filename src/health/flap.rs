@@ -183,7 +183,11 @@ mod tests {
         assert_eq!(logged as u32 + summarized + pending, 67);
         let mut f2 = Flaps::default();
         for i in 0..67u32 {
-            f2.transition(&id(), i % 2 == 0, t0 + Duration::from_millis(300 * u64::from(i)));
+            f2.transition(
+                &id(),
+                i % 2 == 0,
+                t0 + Duration::from_millis(300 * u64::from(i)),
+            );
         }
         let f = &mut f2;
         // Stable up for HOLD: released once.
