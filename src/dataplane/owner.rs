@@ -164,11 +164,6 @@ impl Owner {
         self.send_apply(desired).await
     }
 
-    /// As [`apply`](Self::apply), from a thread that may block.
-    pub fn apply_blocking(&self, desired: Desired) -> Result<usize> {
-        self.send_apply(desired).wait()
-    }
-
     fn send_run<R: Send + 'static>(
         &self,
         changes: bool,
@@ -190,14 +185,6 @@ impl Owner {
         f: impl FnOnce(&Programmer) -> R + Send + 'static,
     ) -> Result<R> {
         self.send_run(false, move |p| f(p)).await
-    }
-
-    /// As [`read`](Self::read), from a thread that may block.
-    pub fn read_blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Programmer) -> R + Send + 'static,
-    ) -> Result<R> {
-        self.send_run(false, move |p| f(p)).wait()
     }
 
     /// Runs `f` on the owner thread with the programmer, for changes other than an apply.
@@ -241,7 +228,8 @@ fn gone() -> anyhow::Error {
 }
 
 impl<R> Pending<R> {
-    /// Blocks until the reply (not on an async worker).
+    /// Blocks until the reply: for threads outside the async runtime (it panics on an async
+    /// worker, which must await instead).
     pub fn wait(self) -> Result<R> {
         let rx = self.rx.ok_or_else(gone)?;
         rx.blocking_recv()

@@ -1,0 +1,491 @@
+//! End to end, issue 10 items 3 and 5: the daemon never stalls, and faults around it (a real
+//! that flaps, a config file that disappears, an interface that goes away) are survived and
+//! explained. The real binary in a netns lab. Needs root.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{lab_config, spawn_xdpvs, vip_addr, Lab};
+use xdpvs::admin::Status;
+
+fn status(d: &common::Daemon) -> Status {
+    serde_json::from_str(&d.admin(&["list", "--json"]).expect("list --json")).expect("json")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime")) / ticks
+}
+
+/// `n` new-connection requests from the client; how many got an answer from a real.
+fn served(lab: &Lab, n: usize) -> usize {
+    common::in_netns(&lab.ns("client"), || {
+        (0..n)
+            .filter(|_| {
+                common::http_get_new_conn(vip_addr(), "/")
+                    .ok()
+                    .and_then(|b| common::real_of(&b))
+                    .is_some()
+            })
+            .count()
+    })
+}
+
+/// The lab's service plus `services` more on the VIP (ports 10000 + i), each with 10 reals
+/// 198.18.60.1..10 (check "none": the size is what matters, not the probes).
+fn big_config(lab: &Lab, services: usize, weight: u32) -> String {
+    let mut c = lab_config(lab, &[1], "").replace(
+        "metrics = \"off\"",
+        "metrics = \"127.0.0.1:19469\"\nwatch_config = false",
+    );
+    for i in 0..services {
+        let port = 10000 + i;
+        c.push_str(&format!(
+            "\n[[service]]\nname = \"s{i}\"\naddress = \"198.18.0.100:{port}\"\n\
+             [service.check]\ntype = \"none\"\n"
+        ));
+        for j in 1..=10 {
+            c.push_str(&format!(
+                "[[service.real]]\naddress = \"198.18.60.{j}:{port}\"\nweight = {weight}\n"
+            ));
+        }
+    }
+    c
+}
+
+/// One timed probe of the daemon during a reload: when it started, how long it took.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    start: Instant,
+    took: Duration,
+    ok: bool,
+}
+
+fn scrape(lab: &Lab) -> bool {
+    common::in_netns(&lab.ns("dir"), || {
+        let Ok(mut s) = TcpStream::connect("127.0.0.1:19469") else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.starts_with("HTTP/1.1 200") && body.contains("xdpvs_")
+    })
+}
+
+/// Probes `list` and `/metrics` back to back until `stop`.
+fn prober(
+    d: &common::Daemon,
+    lab: &Lab,
+    stop: &AtomicBool,
+    lists: &Mutex<Vec<Probe>>,
+    scrapes: &Mutex<Vec<Probe>>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let start = Instant::now();
+        let ok = d.admin(&["list"]).is_ok();
+        lists.lock().unwrap().push(Probe {
+            start,
+            took: start.elapsed(),
+            ok,
+        });
+        let start = Instant::now();
+        let ok = scrape(lab);
+        scrapes.lock().unwrap().push(Probe {
+            start,
+            took: start.elapsed(),
+            ok,
+        });
+    }
+}
+
+/// Probes that started inside `[from, to)`: (count, max latency, all ok).
+fn within(probes: &[Probe], from: Instant, to: Instant) -> (usize, Duration, bool) {
+    let inside: Vec<_> = probes
+        .iter()
+        .filter(|p| p.start >= from && p.start < to)
+        .collect();
+    (
+        inside.len(),
+        inside.iter().map(|p| p.took).max().unwrap_or_default(),
+        inside.iter().all(|p| p.ok),
+    )
+}
+
+#[test]
+#[ignore = "needs root"]
+fn list_and_scrapes_answer_while_a_10000_real_reload_runs() {
+    if !common::require_root("list_and_scrapes_answer_while_a_10000_real_reload_runs") {
+        return;
+    }
+    let lab = Lab::up("xft1", 1).expect("lab up");
+    let d = spawn_xdpvs(&lab, &big_config(&lab, 0, 1)).expect("xdpvs starts");
+    // Baseline: the same probes with nothing else going on.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        d.admin(&["list"]).expect("list");
+        idle.push(t.elapsed());
+    }
+    let idle_max = idle.iter().max().copied().unwrap_or_default();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let lists = Arc::new(Mutex::new(Vec::new()));
+    let scrapes = Arc::new(Mutex::new(Vec::new()));
+    let mut report = Vec::new();
+    std::thread::scope(|s| {
+        s.spawn(|| prober(&d, &lab, &stop, &lists, &scrapes));
+        // A reload adding 10,000 reals, one changing every weight, one removing them.
+        for (what, cfg) in [
+            ("+10,000 reals", big_config(&lab, 1000, 1)),
+            ("10,000 weights changed", big_config(&lab, 1000, 2)),
+            ("-10,000 reals", big_config(&lab, 0, 1)),
+        ] {
+            std::thread::sleep(Duration::from_millis(500));
+            d.write_config(&cfg).expect("write config");
+            let t0 = Instant::now();
+            d.admin(&["reload"]).expect("reload accepted");
+            let t1 = Instant::now();
+            report.push((what, t0, t1));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+    });
+    let lists = lists.lock().unwrap().clone();
+    let scrapes = scrapes.lock().unwrap().clone();
+    println!("idle: `xdpvs list` {:.1} ms at most (5 runs)", ms(idle_max));
+    let mut overlapped = 0;
+    for (what, t0, t1) in &report {
+        let took = *t1 - *t0;
+        let (nl, maxl, okl) = within(&lists, *t0, *t1);
+        let (ns, maxs, oks) = within(&scrapes, *t0, *t1);
+        println!(
+            "reload {what}: {:.0} ms; during it {nl} lists (max {:.1} ms), {ns} scrapes (max {:.1} ms)",
+            ms(took),
+            ms(maxl),
+            ms(maxs)
+        );
+        assert!(okl && oks, "a probe failed during the reload {what}");
+        // A probe started during the reload that waited for it would take about as long as
+        // the reload; each must take well under it (a generous bound on a loaded machine).
+        let bound = (took / 2).max(idle_max * 3);
+        if nl + ns > 0 {
+            overlapped += 1;
+            assert!(
+                maxl <= bound && maxs <= bound,
+                "a probe during the reload {what} took {:.0}/{:.0} ms (reload {:.0} ms, bound {:.0} ms)",
+                ms(maxl),
+                ms(maxs),
+                ms(took),
+                ms(bound)
+            );
+        }
+    }
+    assert!(
+        overlapped >= 1,
+        "no probe ran during any reload: {report:?}"
+    );
+    let st = status(&d);
+    assert_eq!(st.services.len(), 1, "back to the lab's service");
+    assert_eq!(
+        d.log().matches("configuration reloaded").count(),
+        3,
+        "{}",
+        d.log()
+    );
+    assert_eq!(served(&lab, 10), 10, "the lab's service still serves");
+}
+
+/// Real 1's exec check fails while its marker file exists.
+fn flap_config(lab: &Lab) -> String {
+    lab_config(
+        lab,
+        &[1, 1],
+        &format!(
+            "[service.check]\ntype = \"exec\"\ncommand = \"test ! -e {}/fail-$XDPVS_REAL_IP\"\n\
+             interval = \"100ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n",
+            lab.dir.display()
+        ),
+    )
+}
+
+/// Log lines about real `ip` that contain `what`.
+fn lines_about<'a>(log: &'a str, ip: &str, what: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.contains(what) && l.contains(&format!("real={ip}:80")))
+        .collect()
+}
+
+/// The number in "(N earlier transitions not logged)" and "flapping: N transitions".
+fn suppressed_counts(lines: &[&str]) -> u64 {
+    let re = regex::Regex::new(r"(\d+) (earlier )?transitions").unwrap();
+    lines
+        .iter()
+        .filter_map(|l| re.captures(l))
+        .map(|c| c[1].parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_real_flapping_every_300ms_is_damped_and_logged_sparingly() {
+    if !common::require_root("a_real_flapping_every_300ms_is_damped_and_logged_sparingly") {
+        return;
+    }
+    let lab = Lab::up("xft2", 2).expect("lab up");
+    let d = spawn_xdpvs(&lab, &flap_config(&lab)).expect("xdpvs starts");
+    common::wait_for("both reals up", Duration::from_secs(5), || {
+        status(&d).services[0].reals.iter().all(|r| r.up)
+    });
+    let marker = lab.dir.join(format!("fail-{}", common::real_ip(1)));
+    let writes0 = status(&d).map_writes;
+    let flap_for = Duration::from_secs(12);
+    let t0 = Instant::now();
+    let mut toggles = 0;
+    while t0.elapsed() < flap_for {
+        if toggles % 2 == 0 {
+            std::fs::write(&marker, b"").expect("marker");
+        } else {
+            std::fs::remove_file(&marker).expect("marker");
+        }
+        toggles += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = std::fs::remove_file(&marker);
+    let writes = status(&d).map_writes - writes0;
+    let log = d.log();
+    let ip = common::real_ip(1).to_string();
+    let logged: Vec<&str> = lines_about(&log, &ip, "real is down")
+        .into_iter()
+        .chain(lines_about(&log, &ip, "real is up"))
+        .collect();
+    let summaries = lines_about(&log, &ip, "real is flapping");
+    // Real 1 ends held down; it comes back once it has stayed up for the hold time.
+    let held = Instant::now();
+    common::wait_for(
+        "real 1 back after the hold",
+        Duration::from_secs(20),
+        || status(&d).services[0].reals[0].up,
+    );
+    let back_after = held.elapsed();
+    let log = d.log();
+    let all_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("real={ip}:80")))
+        .collect();
+    let transitions = logged.len() as u64 + suppressed_counts(&all_lines);
+    println!(
+        "flapping real: {toggles} marker toggles in {:.0} s; {transitions} transitions checked, \
+         {} transition lines + {} summary lines logged while flapping, {writes} map writes; \
+         back up {:.1} s after the flapping stopped",
+        flap_for.as_secs_f64(),
+        logged.len(),
+        summaries.len(),
+        back_after.as_secs_f64()
+    );
+    assert!(
+        transitions >= 15,
+        "the real did not flap ({transitions} transitions): {all_lines:#?}"
+    );
+    // The three transitions before it counts as flapping, then at most one line per 10 s
+    // (12 s of flapping: one more at 10 s).
+    assert!(logged.len() <= 5, "too many transition lines: {logged:#?}");
+    assert!(
+        suppressed_counts(&all_lines) > 0,
+        "no line says how many transitions were not logged: {all_lines:#?}"
+    );
+    // Downs apply at once, the returns are held: a few writes, not one per transition.
+    assert!(
+        writes <= 8,
+        "{writes} map writes for {transitions} transitions"
+    );
+    assert!(
+        log.contains("stayed up for 10s after flapping"),
+        "the return after the hold is logged"
+    );
+    // Real 2 never moved.
+    assert!(lines_about(&log, &common::real_ip(2).to_string(), "real is down").is_empty());
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_deleted_or_unreadable_config_keeps_the_old_one_serving() {
+    if !common::require_root("a_deleted_or_unreadable_config_keeps_the_old_one_serving") {
+        return;
+    }
+    let lab = Lab::up("xft3", 2).expect("lab up");
+    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 1], "")).expect("xdpvs starts");
+    assert_eq!(served(&lab, 10), 10);
+    let rejected = |d: &common::Daemon| d.log().matches("reload rejected").count();
+
+    // Deleted, then SIGHUP.
+    std::fs::remove_file(&d.config_path).expect("rm config");
+    d.reload().expect("SIGHUP");
+    common::wait_for("the rejection logged", Duration::from_secs(5), || {
+        rejected(&d) >= 1
+    });
+    let log = d.log();
+    let why = log
+        .lines()
+        .find(|l| l.contains("reload rejected"))
+        .unwrap_or_default()
+        .to_string();
+    println!("config deleted + SIGHUP: {why}");
+    assert!(
+        why.contains("No such file") && why.contains(&d.config_path.display().to_string()),
+        "the log says which file and why: {why}"
+    );
+    let st = status(&d);
+    assert_eq!(st.services[0].reals.len(), 2, "the old config is live");
+    assert_eq!(served(&lab, 20), 20, "the old config keeps serving");
+
+    // Unreadable: a directory where the file was (root reads any mode, so mode 000 would
+    // not stop it), then SIGHUP.
+    let before = rejected(&d);
+    std::fs::create_dir(&d.config_path).expect("mkdir at the config path");
+    d.reload().expect("SIGHUP");
+    common::wait_for(
+        "the second rejection logged",
+        Duration::from_secs(5),
+        || rejected(&d) > before,
+    );
+    let log = d.log();
+    let why = log
+        .lines()
+        .rfind(|l| l.contains("reload rejected"))
+        .unwrap_or_default()
+        .to_string();
+    println!("config made unreadable (a directory) + SIGHUP: {why}");
+    assert!(why.contains("Is a directory"), "{why}");
+    assert_eq!(served(&lab, 20), 20, "the old config keeps serving");
+    let reloads = |d: &common::Daemon| d.log().matches("configuration reloaded").count();
+    assert_eq!(reloads(&d), 0);
+
+    // A good file again: taken.
+    std::fs::remove_dir(&d.config_path).expect("rmdir");
+    d.write_config(&lab_config(&lab, &[1, 0], ""))
+        .expect("write config");
+    d.reload().expect("SIGHUP");
+    common::wait_for("the good config taken", Duration::from_secs(5), || {
+        status(&d).services[0].reals[1].weight == 0
+    });
+}
+
+fn ip_ok(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn nsx_ok(ns: &str, args: &[&str]) {
+    let mut a = vec!["netns", "exec", ns];
+    a.extend_from_slice(args);
+    ip_ok(&a);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_directors_interface_going_away_is_logged_and_reattached() {
+    if !common::require_root("the_directors_interface_going_away_is_logged_and_reattached") {
+        return;
+    }
+    let lab = Lab::up("xft4", 1).expect("lab up");
+    let mut d = spawn_xdpvs(&lab, &lab_config(&lab, &[1], "")).expect("xdpvs starts");
+    assert_eq!(served(&lab, 5), 5);
+    let (dir, sw) = (lab.ns("dir"), lab.ns("sw"));
+
+    ip_ok(&["-n", &dir, "link", "del", "d0"]);
+    let gone_at = Instant::now();
+    common::wait_for("the loss logged", Duration::from_secs(5), || {
+        d.log().contains("the director's interface is gone")
+    });
+    let noticed = gone_at.elapsed();
+    // No crash, no busy loop, still answering.
+    let pid = d.pid();
+    let (c0, w0) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let cores = (cpu_seconds(pid) - c0) / w0.elapsed().as_secs_f64();
+    assert!(d.try_wait().expect("wait").is_none(), "the daemon exited");
+    assert_eq!(status(&d).services.len(), 1, "list answers");
+    assert_eq!(
+        d.log().matches("the director's interface is gone").count(),
+        1,
+        "logged once"
+    );
+    assert!(cores < 0.25, "{cores:.2} cores while the interface is gone");
+
+    // Back as lab.sh makes it: a veth to the bridge, its addresses.
+    ip_ok(&[
+        "-n", &sw, "link", "add", "p-dir", "type", "veth", "peer", "name", "d0", "netns", &dir,
+    ]);
+    ip_ok(&["-n", &sw, "link", "set", "p-dir", "master", "br0"]);
+    nsx_ok(&sw, &["ethtool", "-K", "p-dir", "gro", "on", "tx", "off"]);
+    nsx_ok(&dir, &["ethtool", "-K", "d0", "gro", "on", "tx", "off"]);
+    let pass = lab.dir.join("xdp_pass.o");
+    ip_ok(&[
+        "-n",
+        &sw,
+        "link",
+        "set",
+        "dev",
+        "p-dir",
+        "xdpdrv",
+        "obj",
+        pass.to_str().unwrap(),
+        "sec",
+        "xdp.frags",
+    ]);
+    ip_ok(&["-n", &sw, "link", "set", "p-dir", "up"]);
+    ip_ok(&["-n", &dir, "link", "set", "d0", "up"]);
+    ip_ok(&["-n", &dir, "addr", "add", "198.18.0.2/24", "dev", "d0"]);
+    ip_ok(&["-n", &dir, "addr", "add", "198.18.0.100/32", "dev", "d0"]);
+    // The client's ARP entry for the VIP names the old d0.
+    ip_ok(&["-n", &lab.ns("client"), "neigh", "flush", "all"]);
+    let back_at = Instant::now();
+    common::wait_for("the program attached again", Duration::from_secs(5), || {
+        d.log().contains("XDP program attached again")
+    });
+    let reattached = back_at.elapsed();
+    let link = std::process::Command::new("ip")
+        .args(["-n", &dir, "link", "show", "d0"])
+        .output()
+        .expect("ip link show");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("xdp"), "no XDP program on the new d0: {link}");
+    // Health checks brought the real back; new connections go through the director again.
+    common::wait_for("the real up again", Duration::from_secs(10), || {
+        status(&d).services[0].reals[0].up
+    });
+    let ok = served(&lab, 20);
+    println!(
+        "interface deleted: logged after {:.1} s, {cores:.3} cores while gone; recreated: \
+         program attached again after {:.1} s, {ok}/20 new connections served",
+        noticed.as_secs_f64(),
+        reattached.as_secs_f64()
+    );
+    assert_eq!(ok, 20, "new connections through the re-attached program");
+}
