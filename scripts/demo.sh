@@ -4,12 +4,16 @@
 #   sudo scripts/demo.sh
 #
 # Installs what is missing (scripts/setup.sh), builds xdpvs, builds a network-namespace lab
-# (scripts/lab.sh: a client, the director, three nginx reals, one L2 segment, LVS-DR), runs
-# `xdpvs run` in the director's namespace with weights 1:2:3 and HTTP health checks every 200 ms,
-# and then, from the client:
+# (scripts/lab.sh: a client, two directors, three nginx reals, one L2 segment, LVS-DR), runs
+# `xdpvs run` in each director's namespace (a VRRP pair, priorities 150 and 100, with
+# connection-state sync) with weights 1:2:3 and HTTP health checks every 200 ms, and then,
+# from the client:
 #   1. sends 300 requests, each on a new connection, and shows how they were spread;
 #   2. stops nginx on real 2 while traffic flows: it leaves rotation, no request reaches it;
-#   3. starts nginx again: it comes back and takes traffic again.
+#   3. starts nginx again: it comes back and takes traffic again;
+#   4. kills the master's daemon (kill -9) and starts it again: the pinned dataplane carries on;
+#   5. cuts the master director's link while 20 keep-alive connections are held and new ones
+#      flow: the backup takes over, the held connections continue, the master comes back.
 # Everything is torn down at the end, also on an error or Ctrl-C. Exits non-zero if the director
 # did not balance or the health checks did not take real 2 out and back: it doubles as a smoke test.
 #
@@ -27,11 +31,18 @@ WORK=/tmp/xdpvs-$P            # config, daemon log, traffic log (kept after the 
 CFG=$WORK/xdpvs.toml
 LOG=$WORK/xdpvs.log
 SOCK=$WORK/admin.sock
+CFG2=$WORK/xdpvs-dir2.toml     # the backup director
+LOG2=$WORK/xdpvs-dir2.log
+SOCK2=$WORK/admin-dir2.sock
+KEY=$WORK/sync.key
+HELD=$WORK/held.log
 TRAFFIC=$WORK/traffic.log
 BIN=$ROOT/target/debug/xdpvs
 
 DAEMON_PID=""
+DAEMON2_PID=""
 LOAD_PID=""
+HELD_PID=""
 problems=()
 
 if [[ -t 1 ]]; then
@@ -58,23 +69,36 @@ stop_load() {
         wait "$LOAD_PID" 2>/dev/null || true
         LOAD_PID=""
     fi
+    if [[ -n $HELD_PID ]]; then
+        kill "$HELD_PID" 2>/dev/null || true
+        wait "$HELD_PID" 2>/dev/null || true
+        HELD_PID=""
+    fi
+}
+
+# stop_pid PID: SIGTERM, up to 5 s, then SIGKILL.
+stop_pid() {
+    local pid=$1
+    [[ -n $pid ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            problem "xdpvs (pid $pid) did not exit within 5 s of SIGTERM; killed"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
 }
 
 stop_daemon() {
-    [[ -n $DAEMON_PID ]] || return 0
-    if kill -0 "$DAEMON_PID" 2>/dev/null; then
-        kill -TERM "$DAEMON_PID" 2>/dev/null || true
-        for _ in $(seq 50); do
-            kill -0 "$DAEMON_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$DAEMON_PID" 2>/dev/null; then
-            problem "xdpvs did not exit within 5 s of SIGTERM; killed"
-            kill -KILL "$DAEMON_PID" 2>/dev/null || true
-        fi
-    fi
-    wait "$DAEMON_PID" 2>/dev/null || true
+    stop_pid "$DAEMON_PID"
     DAEMON_PID=""
+    stop_pid "$DAEMON2_PID"
+    DAEMON2_PID=""
 }
 
 teardown() {
@@ -85,14 +109,14 @@ teardown() {
     stop_load
     stop_daemon
     scripts/lab.sh down "$P"
-    left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${P}(sw|client|dir|r[0-9]+)$")
+    left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${P}(sw|client|dir|dir2|r[0-9]+)$")
     [[ -z $left ]] || { problem "namespaces left behind: $(echo $left)"; rc=1; }
-    left=$(ip -o link show 2>/dev/null | grep -E ': (p-client|p-dir|p-r[0-9]+|d0)[@:]')
+    left=$(ip -o link show 2>/dev/null | grep -E ': (p-client|p-dir|p-dir2|p-r[0-9]+|d0)[@:]')
     [[ -z $left ]] || { problem "veth left in the root namespace: $left"; rc=1; }
     left=$(pgrep -f "/tmp/${P}lab/|$CFG" 2>/dev/null)
     [[ -z $left ]] || { problem "processes left behind: $(echo $left)"; rc=1; }
     [[ -n $left ]] || say "no namespace, veth or process left (lab $P is gone)"
-    say "daemon log: $LOG"
+    say "daemon logs: $LOG (director A), $LOG2 (director B)"
     if ((rc == 0 && ${#problems[@]} == 0)); then
         h1 "Demo OK"
     else
@@ -108,19 +132,39 @@ trap 'echo; problem "interrupted"; exit 130' INT TERM
 # ------------------------------------------------------------------------------------ helpers
 
 xdpvs_list() { ip netns exec "${P}dir" "$BIN" list --socket "$SOCK" "$@"; }
+xdpvs_list2() { ip netns exec "${P}dir2" "$BIN" list --socket "$SOCK2" "$@"; }
 
-# Starts the daemon in the director's namespace and waits until it answers. nsenter (not
-# `ip netns exec`, which makes a private mount namespace): the daemon then pins its dataplane
-# in the host's bpffs, where the next daemon finds it.
-start_daemon() {
-    RUST_LOG=info nsenter --net="/run/netns/${P}dir" "$BIN" run --config "$CFG" </dev/null >>"$LOG" 2>&1 &
-    DAEMON_PID=$!
+# launch NS CFG LOG SOCK: starts a daemon in director namespace NS and waits until it answers
+# (its pid in LAUNCHED). nsenter (not `ip netns exec`, which makes a private mount namespace):
+# the daemon then pins its dataplane in the host's bpffs, where the next daemon finds it.
+launch() {
+    local ns=$1 cfg=$2 log=$3 sock=$4 pid
+    RUST_LOG=info nsenter --net="/run/netns/$ns" "$BIN" run --config "$cfg" </dev/null >>"$log" 2>&1 &
+    pid=$!
+    LAUNCHED=$pid
     for _ in $(seq 100); do
-        kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$LOG" >&2; DAEMON_PID=""; die "xdpvs exited at start-up"; }
-        [[ -S $SOCK ]] && xdpvs_list >/dev/null 2>&1 && break
+        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; LAUNCHED=""; die "xdpvs in $ns exited at start-up"; }
+        [[ -S $sock ]] && ip netns exec "$ns" "$BIN" list --socket "$sock" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    xdpvs_list >/dev/null || { cat "$LOG" >&2; die "xdpvs does not answer on $SOCK after 10 s"; }
+    cat "$log" >&2
+    die "xdpvs in $ns does not answer on $sock after 10 s"
+}
+
+start_daemon() { launch "${P}dir" "$CFG" "$LOG" "$SOCK"; DAEMON_PID=$LAUNCHED; }
+start_daemon2() { launch "${P}dir2" "$CFG2" "$LOG2" "$SOCK2"; DAEMON2_PID=$LAUNCHED; }
+
+# vrrp_state LISTFN: MASTER, BACKUP, FAULT... from the VRRP line of `xdpvs list`.
+vrrp_state() { "$1" 2>/dev/null | awk '/^VRRP front/ {print $6}'; }
+
+# wait_vrrp LISTFN STATE SECONDS: until that director's instance is in STATE.
+wait_vrrp() {
+    local end=$(($(now_ms) + $3 * 1000))
+    while (($(now_ms) < end)); do
+        [[ $(vrrp_state "$1") == "$2" ]] && return 0
+        sleep 0.02
+    done
+    return 1
 }
 
 # Column of real $1 in `xdpvs list`: weight (4), health (7).
@@ -146,13 +190,14 @@ wait_health() {
 }
 
 # Background traffic from the client: a new connection per request, about 40 per second, one
-# line per request: "<unix ms> <body>" (body r1/r2/r3, or FAIL).
+# line per request: "<unix ms when it started> <body>" (body r1/r2/r3, or FAIL).
 start_load() {
     : >"$TRAFFIC"
     ip netns exec "${P}client" bash -c '
         while :; do
+            t=$(date +%s%3N)
             b=$(curl -s --max-time 1 "http://'"$VIP"'/") || b=""
-            echo "$(date +%s%3N) ${b:-FAIL}"
+            echo "$t ${b:-FAIL}"
             sleep 0.02
         done' >"$TRAFFIC" 2>/dev/null &
     LOAD_PID=$!
@@ -165,6 +210,21 @@ split() {
              t, n["r1"], n["r2"], n["r3"], n["FAIL"]}' "$TRAFFIC"
 }
 count() { awk -v a="$1" -v b="$2" -v w="$3" '$1 >= a && $1 < b && $2 == w {n++} END {print n + 0}' "$TRAFFIC"; }
+
+# gap FROM_MS TO_MS: the longest time without a successful request in [FROM, TO) of the
+# background traffic (the client's outage, to a request's spacing).
+gap() {
+    awk -v a="$1" -v b="$2" '$1 >= a && $1 < b && $2 != "FAIL" {if (last) {d = $1 - last; if (d > m) m = d}; last = $1}
+        END {print m + 0}' "$TRAFFIC"
+}
+
+# Background keep-alive client: N connections held open from the client (bash /dev/tcp), each
+# asked for "/" every 200 ms; one line per answer: "<unix ms> <connection> <body>" (or FAIL).
+start_held() {
+    : >"$HELD"
+    ip netns exec "${P}client" bash "$ROOT/scripts/held.sh" "$VIP" "$1" >"$HELD" 2>/dev/null &
+    HELD_PID=$!
+}
 
 # ------------------------------------------------------------------------------------- set-up
 
@@ -179,18 +239,23 @@ cargo build --bin xdpvs
 say "built $BIN in $((SECONDS - t0)) s"
 
 h1 "Lab: client, director and 3 nginx reals in network namespaces (prefix $P)"
-scripts/lab.sh up "$P" 3 | sed 's/^/   /'
+scripts/lab.sh up "$P" 3 1500 driver 2 | sed 's/^/   /'
 cat <<EOF
    ${P}client  198.18.0.1   ---+
-   ${P}dir     198.18.0.2   ---+-- bridge (${P}sw)   VIP $VIP:80 on the director (answers ARP)
-   ${P}r1..r3  198.18.0.11-13 -+                     VIP on lo of each real (arp_ignore=1,
+   ${P}dir     198.18.0.2   ---+-- bridge (${P}sw)   director A, VRRP priority 150 (master)
+   ${P}dir2    198.18.0.3   ---+                     director B, VRRP priority 100 (backup);
+   ${P}r1..r3  198.18.0.11-13 -+                     the master holds VIP $VIP (answers ARP).
+                                                      VIP on lo of each real (arp_ignore=1,
                                                       arp_announce=2): LVS-DR, replies go
                                                       straight back to the client
 EOF
 
 mkdir -p "$WORK"
 : >"$LOG"   # the daemon appends (a restarted daemon adds to the same log)
-rm -f "$SOCK"
+: >"$LOG2"
+rm -f "$SOCK" "$SOCK2"
+# The pair's shared sync key: 32 random bytes as hex, readable by root only.
+(umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$KEY")
 cat >"$CFG" <<EOF
 # Written by scripts/demo.sh: config/lab.toml with a fast HTTP health check.
 [director]
@@ -225,17 +290,41 @@ weight = 2
 [[service.real]]
 address = "198.18.0.13:80"
 weight = 3
+
+[[vrrp]]
+name = "front"
+interface = "d0"
+virtual_router_id = 51
+priority = 150
+advert_interval = "100ms"
+preempt = true
+addresses = ["$VIP/32"]
+track_services = ["web"]
+
+[sync]
+listen = "198.18.0.2:8899"
+peer = "198.18.0.3:8899"
+key_file = "$KEY"
 EOF
+# Director B: the same services, priority 100, its own socket, sync the other way.
+sed -e "s|^admin_socket = .*|admin_socket = \"$SOCK2\"|" -e 's|^metrics = .*|metrics = "off"|' \
+    -e 's|^priority = 150|priority = 100|' -e 's|^listen = "198.18.0.2:8899"|listen = "198.18.0.3:8899"|' \
+    -e 's|^peer = "198.18.0.3:8899"|peer = "198.18.0.2:8899"|' "$CFG" >"$CFG2"
 
 h1 "Config ($CFG)"
 sed -n '/^\[service.check\]/,/^rise/p' "$CFG" | sed 's/^/   /'
 say "reals 198.18.0.11-13:80 with weights 1:2:3"
 "$BIN" check --config "$CFG" | sed 's/^/   /'
 
-h1 "Start: nsenter --net=/run/netns/${P}dir xdpvs run --config $CFG"
+h1 "Start: nsenter --net=/run/netns/${P}dir xdpvs run --config $CFG (and the same in ${P}dir2)"
 start_daemon
-say "xdpvs running (pid $DAEMON_PID), XDP program on d0:"
+start_daemon2
+say "xdpvs running in ${P}dir (pid $DAEMON_PID) and ${P}dir2 (pid $DAEMON2_PID), XDP program on d0:"
 ip -n "${P}dir" -o link show d0 | grep -o 'prog/xdp[^ ]* id [0-9]*' | sed 's/^/   /' || true
+wait_vrrp xdpvs_list MASTER 5 || die "director A did not become VRRP master"
+wait_vrrp xdpvs_list2 BACKUP 5 || die "director B is not VRRP backup"
+say "VRRP: $(xdpvs_list | grep '^VRRP')"
+say "      $(xdpvs_list2 | grep '^VRRP')"
 # Health checks start with every real up; give them a moment to report.
 sleep 0.5
 
@@ -358,3 +447,55 @@ say "traffic from the kill to 2 s after the restart: $(split "$t_kill" "$t_end")
 n=$(count "$t_kill" "$t_end" FAIL)
 ((n == 0)) || problem "$n requests failed across the daemon's crash and restart"
 grep -q 'adopted the pinned dataplane' "$LOG" || problem "the restarted daemon did not adopt the dataplane"
+wait_vrrp xdpvs_list MASTER 5 || problem "director A did not take the VIP back after its restart"
+
+# ------------------------------------------------------ 5. the master director's link is cut
+
+h1 "5. Cut director A's link while 20 keep-alive connections are held and new ones flow"
+start_held 20
+start_load
+sleep 2
+say "20 held connections, on reals: $(awk '!($2 in seen) {seen[$2] = 1; n[$3]++} END {for (r in n) printf "%s %d  ", r, n[r]}' "$HELD")"
+t_cut=$(now_ms)
+ip -n "${P}sw" link set p-dir down
+say "A's switch port is down"
+if wait_vrrp xdpvs_list2 MASTER 5; then
+    t_b=$(now_ms)
+    say "director B is VRRP master $((t_b - t_cut)) ms later (Master_Down_Interval: 3 x 100 ms + skew 61 ms)"
+else
+    t_b=$(now_ms)
+    problem "director B did not take over within 5 s"
+fi
+sleep 2
+h1 "xdpvs list on director B (the held connections are there, synced, with their ActiveConn)"
+xdpvs_list2 | sed 's/^/   /'
+t_up=$(now_ms)
+ip -n "${P}sw" link set p-dir up
+say "A's switch port is up again"
+if wait_vrrp xdpvs_list MASTER 5 && wait_vrrp xdpvs_list2 BACKUP 2; then
+    t_a=$(now_ms)
+    say "director A is master again $((t_a - t_up)) ms later (it rejoins as backup, then preempts with priority 150)"
+else
+    t_a=$(now_ms)
+    problem "director A did not take over again within 5 s"
+fi
+sleep 2
+t_end=$(now_ms)
+stop_load
+say "new connections, from the cut to B's takeover:   $(split "$t_cut" "$t_b")"
+say "new connections, while B was master:             $(split "$t_b" "$t_up")"
+say "new connections, after A came back:              $(split "$t_a" "$t_end")"
+out=$(gap "$t_cut" "$t_end")
+say "the client's longest time without a new connection: $out ms"
+((out < 1000)) || problem "new connections failed for $out ms around the failover"
+n=$(count "$t_b" "$t_end" FAIL)
+((n == 0)) || problem "$n new connections failed after B took over"
+held_total=$(awk -v a="$t_cut" '$1 >= a' "$HELD" | wc -l)
+held_failed=$(awk -v a="$t_cut" '$1 >= a && $3 == "FAIL"' "$HELD" | wc -l)
+moved=$(awk '{if ($2 in r && r[$2] != $3 && $3 != "FAIL") m++; if ($3 != "FAIL") r[$2] = $3} END {print m + 0}' "$HELD")
+say "held connections from the cut on: $held_total answers, $held_failed failed, $moved moved to another real"
+say "(B's wlc sends new connections to the real with the lowest (256 x ActiveConn + InActConn) / weight,"
+say " counting the held connections and the closing ones it holds as copies)"
+((held_failed == 0)) || problem "$held_failed answers on held connections failed across the failover"
+((moved == 0)) || problem "$moved held connections changed real"
+((held_total > 0)) || problem "the held connections gave no answer"

@@ -547,10 +547,21 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     }
     let vrrp = lock(&shared.vrrp).take();
     if let Some(v) = vrrp {
-        // Leave the elections first (priority 0: the peer takes over now), then stop
-        // forwarding for their addresses, so a dataplane left pinned never competes with the
-        // new master.
+        // Leave the elections first (priority 0: the peer takes over after its Skew_Time), then
+        // stop forwarding for their addresses, so a dataplane left pinned never competes with
+        // the new master.
         v.stop().await;
+        // The backup takes over after its Skew_Time, which is shorter than one advert interval;
+        // until its gratuitous ARP the clients still send here, so keep forwarding that long.
+        let grace = shared
+            .config
+            .load()
+            .vrrp
+            .iter()
+            .map(|c| c.advert_interval)
+            .max()
+            .unwrap_or_default();
+        tokio::time::sleep(grace + Duration::from_millis(20)).await;
         lock(&shared.runtime).standby_vips = Vrrp::listed(&shared.config.load().vrrp);
         if let Err(e) = shared.apply().await {
             error!(error = %format!("{e:#}"), "marking the VRRP addresses standby failed");

@@ -523,6 +523,51 @@ pub fn render(
     TextEncoder::new().encode_to_string(&all)
 }
 
+/// The name of every metric family the daemon can export (a snapshot with one of everything,
+/// plus the health-check families), for checks of dashboards and docs against the daemon.
+pub fn metric_names() -> prometheus::Result<Vec<String>> {
+    let snap = Snapshot {
+        reals: vec![RealSnapshot {
+            service: "s".into(),
+            real: "r".into(),
+            ..Default::default()
+        }],
+        dataplane: xdpvs_common::STAT_NAMES
+            .iter()
+            .map(|n| (n.to_string(), 1))
+            .collect(),
+        vrrp: vec![crate::ha::director::VrrpStatus {
+            name: "v".into(),
+            rejected: [("ttl".to_string(), 1)].into_iter().collect(),
+            ..Default::default()
+        }],
+        sync: Some(crate::ha::sync::service::SyncStatus {
+            rejected: [("auth".to_string(), 1)].into_iter().collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let health = HealthMetrics::new()?;
+    health.record(&HealthEvent {
+        service: "s".into(),
+        real: SocketAddr::from(([127, 0, 0, 1], 1)),
+        up: false,
+        transition: None,
+        reason: Some("x".into()),
+        cause: Some(FailureKind::Other),
+        duration: Duration::from_millis(1),
+        kind: CheckKind::Tcp,
+    });
+    let mut names: Vec<String> = families(&snap, &mut Monotonic::new())?
+        .into_iter()
+        .chain(health.registry.gather())
+        .map(|f| f.get_name().to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 /// One scrape: snapshot and render, serialised so the monotonic state sees snapshots in order.
 fn scrape(shared: &dyn ReadModel, mono: &Mutex<Monotonic>) -> Result<String> {
     let mut mono = mono.lock().unwrap_or_else(|p| p.into_inner());

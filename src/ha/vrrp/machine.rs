@@ -332,7 +332,12 @@ impl Machine {
         now: Instant,
     ) -> Vec<Action> {
         if priority == 0 {
-            return self.advertise(now).to_vec();
+            // RFC 5798 6.4.3: advertise at once. Priority 0 reaching a master comes from a
+            // router that was master too and is leaving (a healed split, see below): the
+            // clients may have its MAC for the addresses, so announce ours.
+            let mut out = self.advertise(now).to_vec();
+            out.push(Action::SendGratuitous);
+            return out;
         }
         let local = self.params.priority;
         let wins = priority > local || (priority == local && ip_greater(from, self.params.primary));
@@ -349,9 +354,14 @@ impl Machine {
         self.state = State::Backup;
         self.learn(from, interval);
         let at = now + self.timing().master_down();
+        // Yielding to a better master after both were master (a partition healed): a last
+        // advert with priority 0 says "I stop being master", so the winner sends gratuitous
+        // ARP even if it never heard one of our adverts (it spoke first), and the clients
+        // that followed ours come back to it. A backup receiving it just re-arms its timer.
         vec![
             Action::Cancel(Timer::Adver),
             self.arm_master_down(at),
+            Action::SendAdvert { priority: 0 },
             Action::RemoveAddresses,
         ]
     }
@@ -668,7 +678,7 @@ mod tests {
                 ],
             },
             Row {
-                name: "master: priority 0 advert -> advert at once",
+                name: "master: priority 0 advert -> advert at once, gratuitous ARP",
                 params: p100,
                 from: State::Master,
                 after: t,
@@ -677,6 +687,7 @@ mod tests {
                 actions: vec![
                     act(SendAdvert { priority: 100 }),
                     arm(Timer::Adver, t + ms(1000)),
+                    act(SendGratuitous),
                 ],
             },
             Row {
@@ -689,6 +700,7 @@ mod tests {
                 actions: vec![
                     act(Cancel(Timer::Adver)),
                     arm(Timer::MasterDown, t + mdi),
+                    act(SendAdvert { priority: 0 }),
                     act(RemoveAddresses),
                 ],
             },
@@ -702,6 +714,7 @@ mod tests {
                 actions: vec![
                     act(Cancel(Timer::Adver)),
                     arm(Timer::MasterDown, t + mdi),
+                    act(SendAdvert { priority: 0 }),
                     act(RemoveAddresses),
                 ],
             },
