@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -255,6 +256,18 @@ impl<R> std::future::Future for Pending<R> {
     }
 }
 
+/// After a panic the planner may not match the maps: rebuild it from them.
+fn resync(p: &mut Programmer) {
+    match p
+        .dp
+        .view()
+        .and_then(|v| Ok(super::plan::Planner::adopt(&v)?))
+    {
+        Ok(planner) => p.planner = planner,
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "re-reading the maps failed"),
+    }
+}
+
 fn serve(mut p: Programmer, rx: std_mpsc::Receiver<Request>, reader: &Reader) {
     while let Ok(first) = rx.recv() {
         // Everything queued meanwhile, in order, so runs of applies can be coalesced.
@@ -274,7 +287,13 @@ fn serve(mut p: Programmer, rx: std_mpsc::Receiver<Request>, reader: &Reader) {
                     if replies.len() > 1 {
                         tracing::debug!(coalesced = replies.len(), "applies coalesced");
                     }
-                    let outcome = p.apply(&desired).map_err(|e| format!("{e:#}"));
+                    let outcome = match catch_unwind(AssertUnwindSafe(|| p.apply(&desired))) {
+                        Ok(r) => r.map_err(|e| format!("{e:#}")),
+                        Err(_) => {
+                            resync(&mut p);
+                            Err("applying panicked (the planner was resynced from the maps)".into())
+                        }
+                    };
                     if let Ok(n) = outcome {
                         reader.writes.fetch_add(n as u64, Ordering::Relaxed);
                     }
@@ -286,8 +305,14 @@ fn serve(mut p: Programmer, rx: std_mpsc::Receiver<Request>, reader: &Reader) {
                     }
                 }
                 Request::Run { job, changes } => {
-                    job(&mut p);
-                    if changes {
+                    // A panicking job drops its reply (the caller gets an error); the owner
+                    // carries on.
+                    let panicked = catch_unwind(AssertUnwindSafe(|| job(&mut p))).is_err();
+                    if panicked {
+                        tracing::error!("a dataplane request panicked");
+                        resync(&mut p);
+                    }
+                    if changes || panicked {
                         reader.index.store(Arc::new(Index::of(&p)));
                     }
                 }
