@@ -106,6 +106,14 @@ fn prober(stop: &AtomicBool, out: &Mutex<Vec<Probe>>, probe: impl Fn() -> bool) 
     }
 }
 
+/// `xdpvs weight` of a real the config does not have: refused by the daemon at once.
+fn small_admin(d: &common::Daemon) -> bool {
+    match d.admin(&["weight", "web", "198.18.0.250", "1"]) {
+        Ok(_) => false,
+        Err(e) => format!("{e:#}").contains("has no real"),
+    }
+}
+
 /// Probes that ran (at least partly) inside `[from, to)`: (count, max latency, all ok).
 fn within(probes: &[Probe], from: Instant, to: Instant) -> (usize, Duration, bool) {
     let inside: Vec<_> = probes
@@ -155,10 +163,13 @@ fn list_and_scrapes_answer_while_a_10000_real_reload_runs() {
     let stop = Arc::new(AtomicBool::new(false));
     let lists = Arc::new(Mutex::new(Vec::new()));
     let scrapes = Arc::new(Mutex::new(Vec::new()));
+    let small = Arc::new(Mutex::new(Vec::new()));
     let mut report = Vec::new();
     std::thread::scope(|s| {
         s.spawn(|| prober(&stop, &lists, || d.admin(&["list"]).is_ok()));
         s.spawn(|| prober(&stop, &scrapes, || scrape(&lab)));
+        // An admin command whose cost does not grow with the table (refused: no such real).
+        s.spawn(|| prober(&stop, &small, || small_admin(&d)));
         std::thread::sleep(Duration::from_millis(500));
         let (t0, t1) = reload(&big_config(&lab, 1000, 2));
         report.push(("every weight of 10,000 reals changed", t0, t1));
@@ -188,6 +199,7 @@ fn list_and_scrapes_answer_while_a_10000_real_reload_runs() {
     });
     let lists = lists.lock().unwrap().clone();
     let scrapes = scrapes.lock().unwrap().clone();
+    let small = small.lock().unwrap().clone();
     let mut answered_total = 0;
     for (what, t0, t1) in &report {
         let took = *t1 - *t0;
@@ -216,6 +228,21 @@ fn list_and_scrapes_answer_while_a_10000_real_reload_runs() {
             );
         }
         answered_total += answered;
+        let (nc, maxc, okc) = within(&small, *t0, *t1);
+        println!(
+            "  and {nc} small admin commands (`weight` of an unknown real), max {:.0} ms",
+            ms(maxc)
+        );
+        assert!(
+            okc && nc >= 1,
+            "small admin commands during the reload {what}"
+        );
+        assert!(
+            maxc <= took / 2,
+            "a small admin command during the reload {what} took {:.0} ms (reload {:.0} ms)",
+            ms(maxc),
+            ms(took)
+        );
         // A list that waited for the reload would take about as long as the reload.
         let list_bound = (took / 2).max(idle_list * 2 + Duration::from_millis(200));
         assert!(
