@@ -21,7 +21,7 @@
 //! At stop the dataplane stays pinned and forwarding (unless `on_exit = "detach"`).
 //!
 //! What happens on reload (SIGHUP, `xdpvs reload`, or a change of the config file; see
-//! [`reload`]): the file is read and validated completely off the async workers; if it is bad
+//! `reload()`): the file is read and validated completely off the async workers; if it is bad
 //! or unreadable (deleted, no permission), the error is logged and nothing changes. If it is
 //! good, it becomes the live snapshot (arc-swap), runtime overrides are dropped, the health
 //! checker keeps the state of unchanged reals and starts added ones down, and the owner diffs

@@ -2,8 +2,10 @@
 //!
 //! [`Dataplane`] owns the loaded object and its maps; it executes the [`plan::Write`]s that the
 //! planner derives from the desired state, reads counters for `list` and metrics, and runs the
-//! connection-table sweep. It is the only code that writes the maps. Map types and names come
-//! from `xdpvs-common`, shared with the XDP program.
+//! connection-table sweep. It is the only code that writes the maps, and in the daemon one
+//! thread holds it: the [`owner`], which takes every change as a request and gives readers a
+//! read-only handle of the same maps. Map types and names come from `xdpvs-common`, shared with
+//! the XDP program.
 //!
 //! A daemon opens the dataplane pinned ([`Dataplane::open`], [`pin`]): the maps and the XDP link
 //! live in bpffs, so packets keep flowing while no daemon runs, and the next daemon adopts them
