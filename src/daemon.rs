@@ -108,11 +108,12 @@ impl Shared {
     /// The desired state of the live config and runtime, sent to the owner now: requests are
     /// served in the order sent, so the newest state is written last.
     pub fn send_apply(&self) -> Pending<usize> {
+        // Computed and sent under the runtime lock: two callers (the event loop, an admin
+        // request, the reload task) can then never send their states in the other order than
+        // they read their inputs, so the owner always writes the newest state last.
+        let rt = lock(&self.runtime);
         let cfg = self.config.load();
-        let desired = {
-            let rt = lock(&self.runtime);
-            state::desired(&cfg, &rt)
-        };
+        let desired = state::desired(&cfg, &rt);
         self.owner.send_apply(desired)
     }
 
