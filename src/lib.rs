@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod ha;
 pub mod health;
+pub mod import;
 pub mod maglev;
 pub mod metrics;
 pub mod offline;

@@ -32,6 +32,13 @@ struct SocketArg {
     config: Option<PathBuf>,
 }
 
+/// `xdpvs import FROM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ImportFrom {
+    /// ldirectord.cf (ldirectord(8))
+    Ldirectord,
+}
+
 /// `xdpvs run --log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -62,6 +69,14 @@ enum Cmd {
     Check {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Translate an existing LVS configuration to xdpvs TOML (printed on stdout). Whatever
+    /// cannot be translated is listed on stderr with its file and line; the output passes
+    /// `xdpvs check`.
+    Import {
+        #[arg(value_enum)]
+        from: ImportFrom,
+        file: PathBuf,
     },
     /// Show the live table, like `ipvsadm -Ln`. With no daemon running, it is read from the
     /// pinned dataplane (marked as such).
@@ -192,6 +207,23 @@ fn check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn import(from: ImportFrom, file: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let name = file.display().to_string();
+    let out = match from {
+        ImportFrom::Ldirectord => xdpvs::import::ldirectord::translate(&text, &name),
+    };
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
+    out.validate().map_err(|e| {
+        anyhow::anyhow!("the translation does not pass `xdpvs check` (a bug of the importer): {e}")
+    })?;
+    print!("{}", out.toml);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -224,6 +256,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Check { config } => check(&config),
+        Cmd::Import { from, file } => import(from, &file),
         Cmd::List {
             socket,
             json,

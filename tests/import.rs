@@ -1,0 +1,298 @@
+//! `xdpvs import ldirectord`: configs written as ldirectord(8) describes them, and the sample
+//! Debian's `ldirectord` package ships (downloaded and unpacked by the test, not copied into the
+//! repository), translate to TOML that `xdpvs check` accepts, carrying every translatable setting
+//! and warning, by line, about the others.
+
+use std::process::Command;
+
+use xdpvs::config::{CheckKind, Forwarding, OnFailure, Protocol, Scheduler};
+use xdpvs::import::ldirectord::translate;
+
+const MAN_PAGE_STYLE: &str = "\
+# Global directives
+checktimeout=3
+checkinterval=2
+failurecount=2
+quiescent=yes
+autoreload=yes
+logfile=\"/var/log/ldirectord.log\"
+
+# A web site, direct routing
+virtual=198.18.0.100:80
+\tservicename=www
+\treal=198.18.0.11:80 gate 1
+\treal=198.18.0.12:80 gate 2
+\treal=198.18.0.13:80 gate 3
+\tfallback=198.18.0.9:80 gate
+\tservice=http
+\tscheduler=wlc
+\tpersistent=600
+\tprotocol=tcp
+\tchecktype=negotiate
+\trequest=\"health\"
+\treceive=\"^OK\"
+\tvirtualhost=www.example.com
+
+# NAT to another port, a range of reals
+virtual=198.18.0.100:443
+\treal=198.18.0.21->198.18.0.23:8443 masq 5
+\tservice=https
+\tchecktype=negotiate
+\tchecktimeout=1.5
+\tquiescent=no
+
+# DNS over UDP
+virtual=198.18.0.100:53
+\treal=198.18.0.11:53 gate
+\treal=198.18.0.12:53 gate
+\tservice=dns
+\tprotocol=udp
+\tchecktype=negotiate
+\trequest=\"example.com\"
+\tscheduler=sh
+";
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle} not in the text"))
+        + 1
+}
+
+#[test]
+fn a_man_page_style_config_translates_setting_by_setting() {
+    let out = translate(MAN_PAGE_STYLE, "ldirectord.cf");
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    assert!(cfg.director.watch_config, "autoreload=yes");
+    assert_eq!(cfg.services.len(), 3);
+
+    let www = cfg.service("www").expect("servicename kept");
+    assert_eq!(www.address.to_string(), "198.18.0.100:80");
+    assert_eq!(www.scheduler, Scheduler::Wlc);
+    assert_eq!(www.forwarding, Forwarding::Dr);
+    assert_eq!(www.on_failure, OnFailure::Quiesce, "quiescent=yes");
+    assert_eq!(
+        www.fallback.map(|f| f.to_string()).as_deref(),
+        Some("198.18.0.9:80")
+    );
+    let weights: Vec<(String, u32)> = www
+        .reals
+        .iter()
+        .map(|r| (r.address.to_string(), r.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("198.18.0.11:80", 1),
+            ("198.18.0.12:80", 2),
+            ("198.18.0.13:80", 3)
+        ]
+        .map(|(a, w)| (a.to_string(), w))
+    );
+    let c = &www.reals[0].check;
+    assert_eq!(c.kind, CheckKind::Http);
+    assert_eq!(c.path, "/health", "request gains its leading slash");
+    assert_eq!(c.expect_body.as_ref().map(|r| r.as_str()), Some("^OK"));
+    assert_eq!(c.host.as_deref(), Some("www.example.com"));
+    assert_eq!((c.timeout.as_secs(), c.interval.as_secs()), (3, 2));
+    assert_eq!(
+        (c.fall, c.rise),
+        (2, 1),
+        "failurecount; ldirectord re-adds after one success"
+    );
+
+    let tls = &cfg.services[1];
+    assert_eq!(tls.forwarding, Forwarding::Nat);
+    assert_eq!(
+        tls.on_failure,
+        OnFailure::Remove,
+        "per-virtual quiescent=no"
+    );
+    let reals: Vec<String> = tls.reals.iter().map(|r| r.address.to_string()).collect();
+    assert_eq!(
+        reals,
+        ["198.18.0.21:8443", "198.18.0.22:8443", "198.18.0.23:8443"]
+    );
+    assert!(tls.reals.iter().all(|r| r.weight == 5));
+    assert_eq!(tls.reals[0].check.kind, CheckKind::Https);
+    assert_eq!(tls.reals[0].check.timeout.as_millis(), 1500);
+
+    let dns = &cfg.services[2];
+    assert_eq!(dns.protocol, Protocol::Udp);
+    assert_eq!(dns.reals[0].check.kind, CheckKind::Dns);
+    assert_eq!(dns.reals[0].check.dns_query, "example.com");
+    assert_eq!(
+        dns.scheduler,
+        Scheduler::Wlc,
+        "sh is not supported yet: wlc, warned"
+    );
+
+    // What did not carry over is warned about at its line.
+    let warned = |needle: &str, about: &str| {
+        let line = line_of(MAN_PAGE_STYLE, needle);
+        assert!(
+            out.warnings
+                .iter()
+                .any(|w| w.line == line && w.message.contains(about)),
+            "no warning at line {line} ({needle}) about {about}: {:?}",
+            out.warnings
+        );
+    };
+    warned("persistent=600", "persistence");
+    warned("logfile=", "not translated");
+    warned("scheduler=sh", "not supported");
+    assert!(
+        out.warnings.iter().any(|w| w.message.contains("interface")),
+        "the interface to set is pointed out"
+    );
+}
+
+/// Unpacks Debian's `ldirectord` package (apt-get download + dpkg-deb, no install) and returns
+/// its sample config.
+fn debian_sample() -> String {
+    let dir = std::env::temp_dir().join(format!("xdpvs-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let got = Command::new("apt-get")
+        .args(["download", "ldirectord"])
+        .current_dir(&dir)
+        .output()
+        .expect("apt-get");
+    assert!(
+        got.status.success(),
+        "apt-get download ldirectord (Debian's package registry is needed): {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let deb = std::fs::read_dir(&dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("the .deb");
+    let x = dir.join("x");
+    let st = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&x)
+        .status()
+        .expect("dpkg-deb");
+    assert!(st.success());
+    let text = std::fs::read_to_string(x.join("usr/share/doc/ldirectord/examples/ldirectord.cf"))
+        .expect("the packaged sample");
+    let _ = std::fs::remove_dir_all(&dir);
+    text
+}
+
+#[test]
+fn the_debian_sample_and_every_block_it_comments_out_translate() {
+    let sample = debian_sample();
+    let out = translate(&sample, "ldirectord.cf");
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    let web = cfg.service("Web_Site").expect("servicename=Web Site");
+    assert_eq!(web.scheduler, Scheduler::Rr);
+    assert_eq!(web.reals.len(), 3);
+    assert_eq!(web.reals[0].check.kind, CheckKind::Http);
+    assert_eq!(
+        web.reals[0].check.expect_body.as_ref().map(|r| r.as_str()),
+        Some("Test Page")
+    );
+    assert_eq!(web.on_failure, OnFailure::Remove, "quiescent=no");
+    // The loopback fallback cannot be an XDP real: warned at its line.
+    let fb = line_of(&sample, "fallback=127.0.0.1:80 gate");
+    assert!(out
+        .warnings
+        .iter()
+        .any(|w| w.line == fb && w.message.contains("loopback")));
+
+    // The sample's commented-out blocks, as an operator would enable them.
+    let mut all = String::new();
+    let mut on = false;
+    for l in sample.lines() {
+        if l.starts_with("#virtual") {
+            on = true;
+        } else if l.trim().is_empty() {
+            on = false;
+        }
+        let l = if on { l.trim_start_matches('#') } else { l };
+        all.push_str(l);
+        all.push('\n');
+    }
+    let out = translate(&all, "ldirectord-all.cf");
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    println!(
+        "{} services, {} warnings:\n{}",
+        cfg.services.len(),
+        out.warnings.len(),
+        out.warnings
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(cfg.services.len() >= 15, "{} services", cfg.services.len());
+    assert!(cfg.services.iter().any(|s| s.forwarding == Forwarding::Nat));
+    assert!(cfg.services.iter().any(|s| s.protocol == Protocol::Udp));
+    // Every warning names a line of the file, except the one about the interface.
+    for w in &out.warnings {
+        assert!(
+            w.line > 0 || w.message.contains("interface"),
+            "a warning without its line: {w}"
+        );
+    }
+    for needle in [
+        "virtual=1",
+        "virtual6=",
+        "real=sql01->sql03:3306",
+        "checktype=ping",
+    ] {
+        // The first line that is this setting (not merely contains it: "virtual=192...").
+        let line = all
+            .lines()
+            .position(|l| {
+                l.trim().strip_prefix(needle).is_some_and(|rest| {
+                    rest.chars()
+                        .next()
+                        .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '.')
+                })
+            })
+            .expect("the setting is in the file")
+            + 1;
+        assert!(
+            out.warnings.iter().any(|w| w.line == line),
+            "nothing said about line {line} ({needle})"
+        );
+    }
+}
+
+#[test]
+fn the_cli_prints_toml_and_warnings() {
+    let path = std::env::temp_dir().join(format!("xdpvs-import-cli-{}.cf", std::process::id()));
+    std::fs::write(&path, MAN_PAGE_STYLE).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_xdpvs"))
+        .args(["import", "ldirectord"])
+        .arg(&path)
+        .output()
+        .expect("run xdpvs import");
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        toml.contains("[[service]]") && toml.contains("name = \"www\""),
+        "{toml}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = line_of(MAN_PAGE_STYLE, "persistent=600");
+    assert!(
+        err.contains(&format!("{}:{line}:", path.display())),
+        "warnings name file and line: {err}"
+    );
+}
