@@ -37,6 +37,8 @@ struct SocketArg {
 enum ImportFrom {
     /// ldirectord.cf (ldirectord(8))
     Ldirectord,
+    /// keepalived.conf (keepalived.conf(5)): virtual_server and vrrp_instance blocks
+    Keepalived,
 }
 
 /// `xdpvs run --log-format`.
@@ -213,6 +215,7 @@ fn import(from: ImportFrom, file: &std::path::Path) -> anyhow::Result<()> {
     let name = file.display().to_string();
     let out = match from {
         ImportFrom::Ldirectord => xdpvs::import::ldirectord::translate(&text, &name),
+        ImportFrom::Keepalived => xdpvs::import::keepalived::translate(&text, &name),
     };
     for w in &out.warnings {
         eprintln!("warning: {w}");

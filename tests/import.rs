@@ -149,6 +149,38 @@ fn a_man_page_style_config_translates_setting_by_setting() {
     );
 }
 
+/// Unpacks Debian's package `pkg` (apt-get download + dpkg-deb, nothing installed) into a
+/// fresh directory, which it returns.
+fn unpack(pkg: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("xdpvs-import-{pkg}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let got = Command::new("apt-get")
+        .args(["download", pkg])
+        .current_dir(&dir)
+        .output()
+        .expect("apt-get");
+    assert!(
+        got.status.success(),
+        "apt-get download {pkg} (Debian's package registry is needed): {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let deb = std::fs::read_dir(&dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("the .deb");
+    let st = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.join("x"))
+        .status()
+        .expect("dpkg-deb");
+    assert!(st.success());
+    dir
+}
+
 /// Unpacks Debian's `ldirectord` package (apt-get download + dpkg-deb, no install) and returns
 /// its sample config.
 fn debian_sample() -> String {
@@ -295,4 +327,164 @@ fn the_cli_prints_toml_and_warnings() {
         err.contains(&format!("{}:{line}:", path.display())),
         "warnings name file and line: {err}"
     );
+}
+
+#[test]
+fn every_sample_of_debians_keepalived_package_translates() {
+    let dir = unpack("keepalived");
+    let samples = dir.join("x/usr/share/doc/keepalived/samples");
+    let mut files: Vec<_> = std::fs::read_dir(&samples)
+        .expect("the package's samples")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("keepalived.conf"))
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "{} samples", files.len());
+    let (mut services, mut vrrps) = (0, 0);
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("sample");
+        let name = f.display().to_string();
+        let out = xdpvs::import::keepalived::translate(&text, &name);
+        let cfg = out
+            .validate()
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", out.toml));
+        for w in &out.warnings {
+            assert!(
+                w.line > 0 || w.message.contains("interface"),
+                "{name}: a warning without its line: {w}"
+            );
+        }
+        services += cfg.services.len();
+        vrrps += cfg.vrrp.len();
+        if name.ends_with("keepalived.conf.sample") {
+            let s = &cfg.services[0];
+            assert_eq!(s.address.to_string(), "10.10.10.2:1358");
+            assert_eq!(
+                (s.scheduler, s.forwarding),
+                (Scheduler::Rr, Forwarding::Nat)
+            );
+            assert_eq!(
+                s.fallback.map(|f| f.to_string()).as_deref(),
+                Some("192.168.200.200:1358")
+            );
+            let c = &s.reals[0].check;
+            assert_eq!(
+                (c.kind, c.path.as_str()),
+                (CheckKind::Http, "/testurl3/test.jsp")
+            );
+            assert_eq!(
+                (c.interval.as_secs(), c.timeout.as_secs(), c.fall),
+                (6, 3, 4)
+            );
+            let v = &cfg.vrrp[0];
+            assert_eq!(
+                (v.name.as_str(), v.virtual_router_id, v.priority),
+                ("VI_1", 50, 100)
+            );
+            assert!(!v.preempt, "nopreempt");
+            assert_eq!(v.addresses.len(), 3);
+            let persistence = line_of(&text, "persistence_timeout");
+            assert!(out.warnings.iter().any(|w| w.line == persistence));
+        }
+        if name.ends_with("keepalived.conf.inhibit") {
+            assert_eq!(
+                cfg.services[0].on_failure,
+                OnFailure::Quiesce,
+                "inhibit_on_failure"
+            );
+        }
+    }
+    println!(
+        "{} samples: {services} services, {vrrps} VRRP instances",
+        files.len()
+    );
+    assert!(
+        services >= 12 && vrrps >= 20,
+        "{services} services, {vrrps} instances"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_keepalived_conf_as_its_man_page_describes_translates_with_its_includes() {
+    let dir = std::env::temp_dir().join(format!("xdpvs-import-ka-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("vrrp.conf"),
+        "vrrp_instance front {\n  state MASTER\n  interface eth1\n  virtual_router_id 51\n  \
+         priority 150\n  advert_int 0.1\n  preempt_delay 5\n  authentication {\n    auth_type PASS\n  }\n  \
+         virtual_ipaddress {\n    198.18.0.100/32 dev eth1\n  }\n}\n",
+    )
+    .expect("write");
+    let main = "! keepalived.conf\n\
+        include vrrp.conf\n\
+        virtual_server 198.18.0.100 80 {\n\
+        \x20   delay_loop 2\n    lb_algo wlc\n    lb_kind DR\n    protocol TCP\n\
+        \x20   real_server 198.18.0.11 80 {\n        weight 3\n        inhibit_on_failure\n\
+        \x20       TCP_CHECK {\n            connect_timeout 1\n            connect_port 8080\n        }\n    }\n\
+        \x20   real_server 198.18.0.12 80 {\n        weight 1\n        inhibit_on_failure\n\
+        \x20       MISC_CHECK {\n            misc_path \"/usr/local/bin/check.sh 198.18.0.12\"\n            misc_timeout 4\n        }\n    }\n}\n\
+        virtual_server 198.18.0.100 53 {\n    protocol UDP\n    lb_algo rr\n\
+        \x20   real_server 198.18.0.11 53 {\n        DNS_CHECK {\n            name example.com\n        }\n    }\n}\n";
+    let path = dir.join("keepalived.conf");
+    std::fs::write(&path, main).expect("write");
+    let out = xdpvs::import::keepalived::translate(main, &path.display().to_string());
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    let web = &cfg.services[0];
+    assert_eq!(
+        (web.scheduler, web.forwarding, web.on_failure),
+        (Scheduler::Wlc, Forwarding::Dr, OnFailure::Quiesce)
+    );
+    assert_eq!(web.reals[0].weight, 3);
+    let c0 = &web.reals[0].check;
+    assert_eq!(
+        (
+            c0.kind,
+            c0.port,
+            c0.timeout.as_secs(),
+            c0.interval.as_secs()
+        ),
+        (CheckKind::Tcp, Some(8080), 1, 2)
+    );
+    let c1 = &web.reals[1].check;
+    assert_eq!(
+        c1.kind,
+        CheckKind::Exec,
+        "a per-real check where the reals differ"
+    );
+    assert_eq!(
+        c1.command.as_deref(),
+        Some("/usr/local/bin/check.sh 198.18.0.12")
+    );
+    let dns = &cfg.services[1];
+    assert_eq!(dns.protocol, Protocol::Udp);
+    assert_eq!(
+        (
+            dns.reals[0].check.kind,
+            dns.reals[0].check.dns_query.as_str()
+        ),
+        (CheckKind::Dns, "example.com")
+    );
+    let v = &cfg.vrrp[0];
+    assert_eq!(
+        (v.interface.as_str(), v.virtual_router_id, v.priority),
+        ("eth1", 51, 150)
+    );
+    assert_eq!(v.advert_interval.as_millis(), 100, "advert_int 0.1");
+    assert_eq!(v.preempt_delay.as_secs(), 5);
+    let included = dir.join("vrrp.conf").display().to_string();
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.file == included && w.message.contains("authentication")),
+        "warnings inside an included file name it: {:?}",
+        out.warnings
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,6 +2,7 @@
 //! starts from the operator's own config. What cannot be translated is a [`Warning`] naming its
 //! file and line; the TOML produced always passes `xdpvs check` ([`Import::validate`]).
 
+pub mod keepalived;
 pub mod ldirectord;
 
 use std::path::Path;
