@@ -6,7 +6,7 @@ set -euo pipefail
 
 PKGS=(ca-certificates rustc-web cargo-web rust-web-src llvm-22-dev clang-19 bpftool iproute2 ethtool keepalived
       nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng iperf3
-      dnsmasq-base bind9-dnsutils)
+      dnsmasq-base bind9-dnsutils chromium)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -588,19 +588,58 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+/// The status page served at `/` (like HAProxy's stats page, read-only).
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
 async fn handle(
     req: Request<Incoming>,
     shared: Arc<dyn ReadModel>,
     mono: Arc<Mutex<Monotonic>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.uri().path() != "/metrics" {
-        return Ok(reply(StatusCode::NOT_FOUND, "not found; try /metrics\n"));
+    let path = req.uri().path().to_string();
+    if !["/metrics", "/", "/status.json"].contains(&path.as_str()) {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, / (status page) or /status.json\n",
+        ));
     }
     if req.method() != Method::GET {
         let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET"));
         return Ok(r);
+    }
+    if path == "/" {
+        // The status page: static, read-only, no external assets; it polls /status.json.
+        let mut r = reply(StatusCode::OK, STATUS_PAGE);
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'",
+            ),
+        );
+        return Ok(r);
+    }
+    if path == "/status.json" {
+        let st = tokio::task::spawn_blocking(move || shared.status()).await;
+        return Ok(match st {
+            Ok(Ok(st)) => match serde_json::to_vec(&st) {
+                Ok(body) => {
+                    let mut r = reply(StatusCode::OK, body);
+                    r.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    r
+                }
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            },
+            Ok(Err(e)) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        });
     }
     let result = tokio::task::spawn_blocking(move || scrape(&*shared, &mono)).await;
     Ok(match result {
