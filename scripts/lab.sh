@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Network-namespace lab for end-to-end tests of xdpvs in DR mode (LVS-style).
 #
-#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1]
+#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1] [MODE=dr]
 #                                         build the lab (runs `down PREFIX` first); DIRXDP is the
 #                                         XDP mode the director will use (driver or skb); DIRS=2
-#                                         adds a second director (an HA pair, VIP held by VRRP)
+#                                         adds a second director (an HA pair, VIP held by VRRP);
+#                                         MODE=nat makes LVS-NAT reals (see below)
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
-#   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until port 80 is closed
+#   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until its port is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
 #
 # Topology: one L2 segment, a bridge br0 in ${PREFIX}sw; every host has a veth whose peer is a
@@ -22,6 +23,10 @@
 #   ${PREFIX}rI      eth0  198.18.0.(10+I)/24, VIP 198.18.0.100/32 on lo, arp_ignore=1,
 #                          arp_announce=2 (never answers ARP for the VIP), nginx on :80 -> "rI\n"
 #
+# MODE=nat (LVS-NAT, see nat_real): the reals have no VIP, nginx listens on :8080, and they
+# route the client (198.18.0.1/32) via the director 198.18.0.2, as a NAT real's default route
+# would if the client were not on the segment: their replies reach the director's XDP program.
+#
 # Everything lives in namespaces created here, addresses only from 198.18.0.0/15; the root
 # namespace's interfaces and routes are never touched. Per-lab files: /tmp/${PREFIX}lab/.
 set -euo pipefail
@@ -35,7 +40,7 @@ DIR2_IP=$NET.3
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -87,7 +92,7 @@ http {
     keepalive_timeout 120s;
     keepalive_requests 100000;
     server {
-        listen 80;
+        listen $(real_port "$p");
         location / { return 200 "r$i\n"; }
         location /health { return 200 "OK\n"; }
     }
@@ -111,11 +116,12 @@ alive() {
 
 need_ns() { ip netns list | awk '{print $1}' | grep -qx "$1" || die "no namespace $1 (lab not up?)"; }
 
-port80_open() { nsx "$1r$2" ss -Hltn 'sport = :80' 2>/dev/null | grep -q .; }
+port_open() { nsx "$1r$2" ss -Hltn "sport = :$(real_port "$1")" 2>/dev/null | grep -q .; }
 
 answers() {  # answers PREFIX I: the real answers "rI" to the client directly
     local body
-    body=$(nsx "$1client" curl -s --max-time 2 "http://$NET.$((10 + $2))/" 2>/dev/null) || return 1
+    body=$(nsx "$1client" curl -s --max-time 2 "http://$NET.$((10 + $2)):$(real_port "$1")/" 2>/dev/null) \
+        || return 1
     [[ $body == "r$2" ]]
 }
 
@@ -123,7 +129,7 @@ nginx_start() {
     local p=$1 i=$2 d t
     d=$(labdir "$p")/r$i
     need_ns "$p"r"$i"
-    if port80_open "$p" "$i" && answers "$p" "$i"; then
+    if port_open "$p" "$i" && answers "$p" "$i"; then
         return 0  # already running
     fi
     [[ -f $d/nginx.conf ]] || write_nginx_conf "$p" "$i"
@@ -144,15 +150,45 @@ nginx_stop() {
         kill -TERM "$pid" 2>/dev/null || true
     fi
     for t in $(seq 100); do
-        if ! port80_open "$p" "$i" && { [[ -z $pid ]] || ! alive "$pid"; }; then
+        if ! port_open "$p" "$i" && { [[ -z $pid ]] || ! alive "$pid"; }; then
             return 0
         fi
         sleep 0.05
     done
     [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true
     sleep 0.1
-    port80_open "$p" "$i" && die "port 80 on r$i still open"
+    port_open "$p" "$i" && die "port $(real_port "$p") on r$i still open"
     return 0
+}
+
+# ------------------------------------------------------------------------------------------ nat
+
+# The lab's mode (dr or nat), kept in its directory so that later subcommands see it.
+lab_mode() {
+    local f
+    f=$(labdir "$1")/mode
+    [[ -s $f ]] && cat "$f" || echo dr
+}
+
+real_port() { [[ $(lab_mode "$1") == nat ]] && echo 8080 || echo 80; }
+
+# nat_real PREFIX NS I: a LVS-NAT real. No VIP: the director rewrites the destination to the
+# real's own address and port. Its replies to the client must cross the director, so the client
+# is routed via 198.18.0.2 (on a shared segment the real would otherwise answer the client
+# directly, from its own address, and the client would reset). Redirects off on both sides: the
+# director's kernel forwards the odd reply the XDP program passes (the lab's own direct checks)
+# and would tell the real to bypass it, which breaks every later NAT reply.
+nat_real() {
+    local p=$1 ns=$2 i=$3
+    link_host "$p" "$ns" eth0 "p-r$i"
+    ip -n "$ns" addr add "$NET.$((10 + i))/24" dev eth0
+    nsx "$ns" sysctl -qw net.ipv4.conf.all.accept_redirects=0 net.ipv4.conf.eth0.accept_redirects=0
+    ip -n "$ns" route add "$CLIENT_IP/32" via "$DIR_IP" dev eth0
+}
+
+nat_director() {
+    local ns=$1
+    nsx "$ns" sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.d0.send_redirects=0
 }
 
 # ----------------------------------------------------------------------------------------- down
@@ -277,6 +313,7 @@ lab_up() {
     local p=$1 n=$2 i ns
     lab_down "$p"
     mkdir -p "$(labdir "$p")"
+    echo "$MODE" >"$(labdir "$p")/mode"
 
     # switch
     ip netns add "${p}sw"
@@ -300,7 +337,12 @@ lab_up() {
     make_director "$p" "${p}dir" "$DIR_IP" p-dir
     if ((DIRS == 2)); then
         make_director "$p" "${p}dir2" "$DIR2_IP" p-dir2
-    else
+    fi
+    if [[ $MODE == nat ]]; then
+        nat_director "${p}dir"
+        if ((DIRS == 2)); then nat_director "${p}dir2"; fi
+    fi
+    if ((DIRS == 1)); then
         ip -n "${p}dir" addr add "$VIP/32" dev d0
     fi
 
@@ -309,8 +351,12 @@ lab_up() {
         ns="${p}r$i"
         ip netns add "$ns"
         sysctls_host "$ns"
-        nsx "$ns" sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
         ip -n "$ns" link set lo up
+        if [[ $MODE == nat ]]; then
+            nat_real "$p" "$ns" "$i"
+            continue
+        fi
+        nsx "$ns" sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
         ip -n "$ns" addr add "$VIP/32" dev lo
         link_host "$p" "$ns" eth0 "p-r$i"
         nsx "$ns" sysctl -qw net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2
@@ -333,7 +379,7 @@ lab_up() {
     if ((DIRS == 2)); then
         echo "lab $p up: client $CLIENT_IP, directors $DIR_IP and $DIR2_IP (VIP $VIP by VRRP), reals $NET.11..$NET.$((10 + n))"
     else
-        echo "lab $p up: client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n))"
+        echo "lab $p up ($MODE): client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n)) port $(real_port "$p")"
     fi
 }
 
@@ -355,6 +401,8 @@ case $cmd in
         [[ $DIRXDP == driver || $DIRXDP == skb ]] || die "bad DIRXDP '$DIRXDP' (driver or skb)"
         DIRS=${6:-1}
         [[ $DIRS == 1 || $DIRS == 2 ]] || die "bad DIRS '$DIRS' (1 or 2)"
+        MODE=${7:-dr}
+        [[ $MODE == dr || $MODE == nat ]] || die "bad MODE '$MODE' (dr or nat)"
         # On any failure (errexit or die), leave nothing behind.
         trap 'rc=$?; if ((rc)); then echo "lab.sh: up $prefix failed; tearing down" >&2; lab_down "$prefix"; fi; exit $rc' EXIT
         lab_up "$prefix" "$nreals"
