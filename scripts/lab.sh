@@ -9,6 +9,11 @@
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
 #   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until its port is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
+#   scripts/lab.sh dns-start PREFIX N     start a DNS server (dnsmasq) on real N's :53/udp, wait
+#                                         until it answers; it answers `example.com A` with the
+#                                         real's own address (198.18.0.(10+N)), so a reply names
+#                                         the real that served it
+#   scripts/lab.sh dns-stop PREFIX N      stop it, wait until port 53 is closed
 #
 # Topology: one L2 segment, a bridge br0 in ${PREFIX}sw; every host has a veth whose peer is a
 # port of br0 (p-client, p-dir, p-r1..p-rN). MTU (68..65000) is set on every link, both ends.
@@ -40,7 +45,7 @@ DIR2_IP=$NET.3
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -189,6 +194,67 @@ nat_real() {
 nat_director() {
     local ns=$1
     nsx "$ns" sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.d0.send_redirects=0
+}
+
+# ------------------------------------------------------------------------------------------ dns
+
+# An optional UDP service on the reals (the lab's UDP tests start it; `up` does not). dnsmasq
+# listens on the wildcard address, so it answers queries to the VIP (on lo, as DR delivers them)
+# from the VIP; it is authoritative for example.com only and forwards nothing.
+dns_pid() {
+    local f
+    f=$(labdir "$1")/r$2/dnsmasq.pid
+    [[ -s $f ]] && cat "$f" || true
+}
+
+port53_open() { nsx "$1r$2" ss -Hlun 'sport = :53' 2>/dev/null | grep -q .; }
+
+dns_answers() {  # dns_answers PREFIX I: the real's dnsmasq answers the client directly
+    local out
+    out=$(nsx "$1client" dig +short +time=1 +tries=1 @"$NET.$((10 + $2))" example.com A 2>/dev/null) \
+        || return 1
+    [[ $out == "$NET.$((10 + $2))" ]]
+}
+
+dns_start() {
+    local p=$1 i=$2 d t
+    d=$(labdir "$p")/r$i
+    need_ns "$p"r"$i"
+    command -v dnsmasq >/dev/null || die "dnsmasq is needed for dns-start (scripts/setup.sh installs it)"
+    if port53_open "$p" "$i" && dns_answers "$p" "$i"; then
+        return 0  # already running
+    fi
+    mkdir -p "$d"
+    # --conf-file=/dev/null: no system config; no upstream servers, no /etc/hosts, no DHCP.
+    nsx "$p"r"$i" dnsmasq --conf-file=/dev/null --no-resolv --no-hosts --no-poll \
+        --port=53 --user=root --group=root --pid-file="$d/dnsmasq.pid" \
+        --log-facility="$d/dnsmasq.log" --address=/example.com/"$NET.$((10 + i))" \
+        --cache-size=0 \
+        || die "dnsmasq on r$i did not start: $(tail -n 5 "$d/dnsmasq.log" 2>/dev/null)"
+    for t in $(seq 100); do
+        dns_answers "$p" "$i" && return 0
+        sleep 0.05
+    done
+    die "dnsmasq on r$i does not answer"
+}
+
+dns_stop() {
+    local p=$1 i=$2 pid t
+    need_ns "$p"r"$i"
+    pid=$(dns_pid "$p" "$i")
+    if [[ -n $pid ]] && alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+    fi
+    for t in $(seq 100); do
+        if ! port53_open "$p" "$i" && { [[ -z $pid ]] || ! alive "$pid"; }; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.1
+    port53_open "$p" "$i" && die "port 53 on r$i still open"
+    return 0
 }
 
 # ----------------------------------------------------------------------------------------- down
@@ -418,6 +484,14 @@ case $cmd in
     nginx-start)
         check_real "${3:-}"
         nginx_start "$prefix" "$3"
+        ;;
+    dns-start)
+        check_real "${3:-}"
+        dns_start "$prefix" "$3"
+        ;;
+    dns-stop)
+        check_real "${3:-}"
+        dns_stop "$prefix" "$3"
         ;;
     *) usage ;;
 esac

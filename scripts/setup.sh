@@ -4,8 +4,9 @@
 # the lab's tools, and bpf-linker. Safe to run repeatedly: it only installs what is missing.
 set -euo pipefail
 
-PKGS=(rustc-web cargo-web rust-web-src llvm-22-dev clang-19 bpftool iproute2 ethtool keepalived
-      nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng iperf3)
+PKGS=(ca-certificates rustc-web cargo-web rust-web-src llvm-22-dev clang-19 bpftool iproute2 ethtool keepalived
+      nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng iperf3
+      dnsmasq-base bind9-dnsutils)
 
 missing=()
 for p in "${PKGS[@]}"; do

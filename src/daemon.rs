@@ -1,10 +1,17 @@
 //! `xdpvs run`: the director daemon.
 //!
-//! Wires the parts together and owns the one path that changes the dataplane:
-//! `apply()` = live config snapshot + runtime (health, admin overrides) -> [`state::desired`]
-//! -> planner diff -> map writes. Everything that changes what the dataplane should do
-//! (start-up, reload, a health transition, an admin command) ends in `apply()`; nothing else
-//! writes the maps.
+//! Wires the parts together. The data flows one way: config -> [`state::desired`] (with the
+//! runtime inputs: health, admin overrides, VRRP) -> planner diff -> map writes. The planner
+//! and the maps belong to one thread, the dataplane [`Owner`]; everything that changes what the
+//! dataplane should do (start-up, reload, a health transition, a VRRP transition, an admin
+//! command, the sweep, the sync receiver) sends it a request and awaits the reply. `list` and
+//! metrics read through the owner's read-only [`Reader`](crate::dataplane::owner::Reader)
+//! ([`crate::status`]), so they never wait for a write.
+//!
+//! The event loop below only dispatches: signals, reload triggers, health and VRRP events. It
+//! never blocks: a reload runs as its own task (file read and parsing on the blocking pool),
+//! applies are sent to the owner, neighbour priming runs on the blocking pool. Health
+//! transitions that arrive together become one apply.
 //!
 //! What happens at start: the config is validated, the host checked (interface up, IP
 //! forwarding on), then the dataplane is opened pinned. If an earlier daemon left one pinned
@@ -13,54 +20,49 @@
 //! link, and the config is applied as an ordinary diff, so no connection is dropped or moved.
 //! At stop the dataplane stays pinned and forwarding (unless `on_exit = "detach"`).
 //!
-//! What happens on reload (SIGHUP, `xdpvs reload`, or a change of the config file): the file is
-//! parsed and validated completely; if it is bad, the error is logged and nothing changes. If it
-//! is good, it becomes the live snapshot (arc-swap), runtime overrides are dropped, the health
-//! checker keeps the state of unchanged reals and starts added ones down, and `apply()` diffs it
-//! into the maps: connections to reals that stay are untouched.
+//! What happens on reload (SIGHUP, `xdpvs reload`, or a change of the config file; see
+//! `reload()`): the file is read and validated completely off the async workers; if it is bad
+//! or unreadable (deleted, no permission), the error is logged and nothing changes. If it is
+//! good, it becomes the live snapshot (arc-swap), runtime overrides are dropped, the health
+//! checker keeps the state of unchanged reals and starts added ones down, and the owner diffs
+//! it into the maps: connections to reals that stay are untouched. Triggers that arrive during
+//! a reload are answered by one more reload after it. Signals, `list` and scrapes are served
+//! throughout.
+//!
+//! The director's interface going away (`ip link del`) takes the XDP program with it: the sweep
+//! notices within a second, logs it once, and re-attaches the program when an interface of
+//! that name is back (the maps, and so the connection table, are kept meanwhile).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
-use xdpvs_common::STAT_NAMES;
 
-use crate::admin::{RealStatus, Request, Response, ServiceStatus, Status};
-use crate::config::{Config, Forwarding, OnExit, Protocol};
-use crate::dataplane::{pin, plan::Planner, Dataplane, Origin};
+use crate::admin::{server, Request, Response, Status};
+use crate::config::{Config, OnExit, XdpMode};
+use crate::dataplane::owner::{Owner, Pending};
+use crate::dataplane::{pin, plan::Planner, Dataplane, Origin, Programmer};
 use crate::ha::director::Vrrp;
 use crate::ha::vrrp::io::Transition;
+use crate::health::flap::{Due, Flaps};
 use crate::health::{HealthChecker, HealthEvent, Target};
 use crate::state::{self, Health, Override, Runtime};
+use crate::status::{DaemonStats, ReadModel, Sources};
 
 /// Why a reload was asked for: file-watcher events are debounced; an operator's request is not,
 /// and gets the outcome back (`Err` = rejected, with why).
 #[derive(Debug)]
 pub enum ReloadTrigger {
     FileChanged,
-    Admin(std::sync::mpsc::SyncSender<Result<(), String>>),
-}
-
-pub use crate::dataplane::Programmer;
-
-/// Counters about the daemon itself (exported as metrics).
-#[derive(Default)]
-pub struct DaemonStats {
-    pub reloads_ok: AtomicU64,
-    pub reloads_error: AtomicU64,
-    /// Unix time of the last successful (re)load.
-    pub last_reload_ok: AtomicU64,
+    Admin(oneshot::Sender<Result<(), String>>),
 }
 
 /// State shared by the daemon's tasks.
@@ -69,28 +71,20 @@ pub struct Shared {
     /// The live configuration: one immutable snapshot, swapped whole on reload.
     pub config: ArcSwap<Config>,
     pub runtime: Mutex<Runtime>,
-    /// Readers (`list`, metrics scrapes, the expiry sweep) share it; only map writes exclude
-    /// them, so a scrape or a sweep of a large table never waits for another.
-    pub programmer: RwLock<Programmer>,
+    /// The one writer of the maps.
+    pub owner: Owner,
     pub stats: DaemonStats,
     /// The VRRP instances (none without `[[vrrp]]`); taken at stop to leave the elections.
     pub vrrp: Mutex<Option<Vrrp>>,
     /// Counters of the connection-state sync (none without `[sync]`).
     pub sync: Mutex<Option<Arc<crate::ha::sync::service::SyncStats>>>,
+    reload: mpsc::UnboundedSender<ReloadTrigger>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of the daemon's locks leaves consistent data (every critical section
-    // either completes its map writes or returns an error), so poisoning is not fatal.
+    // either completes or returns an error), so poisoning is not fatal.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_unix() -> u64 {
@@ -100,20 +94,31 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-impl Shared {
-    /// Recomputes the desired state and writes the difference to the maps.
-    pub fn apply(&self) -> Result<()> {
-        self.apply_counted().map(|_| ())
-    }
+/// Awaits `p` in its own task and logs its failure: for applies sent from the event loop, which
+/// must not wait for the owner.
+fn log_failure(p: Pending<usize>, what: &'static str) {
+    tokio::spawn(async move {
+        if let Err(e) = p.await {
+            error!(error = %format!("{e:#}"), "{what} failed");
+        }
+    });
+}
 
-    /// [`apply`](Self::apply), returning how many map writes it took.
-    pub fn apply_counted(&self) -> Result<usize> {
+impl Shared {
+    /// The desired state of the live config and runtime, sent to the owner now: requests are
+    /// served in the order sent, so the newest state is written last.
+    pub fn send_apply(&self) -> Pending<usize> {
         let cfg = self.config.load();
         let desired = {
             let rt = lock(&self.runtime);
             state::desired(&cfg, &rt)
         };
-        write(&self.programmer).apply(&desired)
+        self.owner.send_apply(desired)
+    }
+
+    /// Recomputes the desired state and writes the difference; returns how many writes it took.
+    pub async fn apply(&self) -> Result<usize> {
+        self.send_apply().await
     }
 
     /// A VRRP instance changed state: the VIPs this director owns change with it.
@@ -133,7 +138,9 @@ impl Shared {
             // The reals' neighbour entries may be gone or stuck (a link that lost its carrier)
             // and the XDP program cannot resolve them itself.
             let cfg = self.config.load();
-            Dataplane::reresolve_neighbours(&cfg.director.interface, real_addresses(&cfg));
+            let interface = cfg.director.interface.clone();
+            let addrs = real_addresses(&cfg);
+            tokio::task::spawn_blocking(move || Dataplane::reresolve_neighbours(&interface, addrs));
         }
         let role = if master {
             "forwarding for its addresses"
@@ -142,9 +149,10 @@ impl Shared {
         };
         info!(vrrp = %t.name, from = %t.from, to = %t.to, master = ?t.master, priority = t.priority, "vrrp: {role}");
         if changed {
-            if let Err(e) = self.apply() {
-                error!(error = %format!("{e:#}"), "applying a VRRP transition to the dataplane failed");
-            }
+            log_failure(
+                self.send_apply(),
+                "applying a VRRP transition to the dataplane",
+            );
         }
     }
 
@@ -176,39 +184,69 @@ impl Shared {
             .ok_or_else(|| anyhow!("service {service} has no real {real}"))
     }
 
-    /// Handles one admin request.
-    pub fn admin(&self, req: Request, reload: &mpsc::UnboundedSender<ReloadTrigger>) -> Response {
-        let change = |service: &str, real: &str, ov: Option<Override>| -> Result<String> {
-            let addr = self.real_addr(service, real)?;
-            {
-                let mut rt = lock(&self.runtime);
-                match ov {
-                    Some(o) => rt.overrides.insert((service.to_string(), addr), o),
-                    None => rt.overrides.remove(&(service.to_string(), addr)),
-                };
+    /// `weight`, `drain`, `enable`: a runtime override, applied.
+    async fn change(&self, service: &str, real: &str, ov: Option<Override>) -> Result<String> {
+        let addr = self.real_addr(service, real)?;
+        {
+            let mut rt = lock(&self.runtime);
+            match ov {
+                Some(o) => rt.overrides.insert((service.to_string(), addr), o),
+                None => rt.overrides.remove(&(service.to_string(), addr)),
+            };
+        }
+        self.apply().await?;
+        Ok(format!(
+            "{service} {addr}: {}",
+            match ov {
+                Some(Override::Weight(w)) =>
+                    format!("weight {w} (until the next reload or restart)"),
+                Some(Override::Drain) =>
+                    "draining: no new connections (until `enable`, the next reload or restart)"
+                        .into(),
+                None => "back to its configured weight".into(),
             }
-            self.apply()?;
-            Ok(format!(
-                "{service} {addr}: {}",
-                match ov {
-                    Some(Override::Weight(w)) =>
-                        format!("weight {w} (until the next reload or restart)"),
-                    Some(Override::Drain) =>
-                        "draining: no new connections (until `enable`, the next reload or restart)"
-                            .into(),
-                    None => "back to its configured weight".into(),
-                }
-            ))
-        };
+        ))
+    }
+}
+
+impl ReadModel for Shared {
+    fn status(&self) -> Result<Status> {
+        let cfg = self.config.load();
+        let rt = lock(&self.runtime).clone();
+        let vrrp = lock(&self.vrrp)
+            .as_ref()
+            .map(|v| v.status())
+            .unwrap_or_default();
+        let sync = lock(&self.sync).clone();
+        crate::status::build(Sources {
+            config_path: &self.config_path,
+            config: &cfg,
+            runtime: &rt,
+            dataplane: self.owner.reader(),
+            vrrp,
+            sync: sync.as_deref(),
+        })
+    }
+
+    fn daemon_stats(&self) -> &DaemonStats {
+        &self.stats
+    }
+}
+
+impl server::Handler for Shared {
+    async fn handle(self: Arc<Self>, req: Request) -> Response {
         let result = match req {
             Request::List => {
-                return match self.status() {
-                    Ok(s) => Response {
+                // Reads only (no owner request): answered at once, even during a long write.
+                let s = self.clone();
+                return match tokio::task::spawn_blocking(move || s.status()).await {
+                    Ok(Ok(s)) => Response {
                         status: Some(s),
                         ..Response::ok("")
                     },
-                    Err(e) => Response::error(format!("{e:#}")),
-                }
+                    Ok(Err(e)) => Response::error(format!("{e:#}")),
+                    Err(e) => Response::error(format!("reading the status failed: {e}")),
+                };
             }
             Request::Weight {
                 service,
@@ -218,22 +256,25 @@ impl Shared {
                 if weight > 65535 {
                     Err(anyhow!("weight {weight} is out of range (0..=65535)"))
                 } else {
-                    change(&service, &real, Some(Override::Weight(weight)))
+                    self.change(&service, &real, Some(Override::Weight(weight)))
+                        .await
                 }
             }
-            Request::Drain { service, real } => change(&service, &real, Some(Override::Drain)),
-            Request::Enable { service, real } => change(&service, &real, None),
+            Request::Drain { service, real } => {
+                self.change(&service, &real, Some(Override::Drain)).await
+            }
+            Request::Enable { service, real } => self.change(&service, &real, None).await,
             Request::Reload => {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                if reload.send(ReloadTrigger::Admin(tx)).is_err() {
+                let (tx, rx) = oneshot::channel();
+                if self.reload.send(ReloadTrigger::Admin(tx)).is_err() {
                     Err(anyhow!("the daemon is shutting down"))
                 } else {
-                    // Runs on the blocking pool: waiting here stalls nothing else.
-                    match rx.recv_timeout(Duration::from_secs(30)) {
-                        Ok(Ok(())) => Ok("reloaded".to_string()),
-                        Ok(Err(why)) => Err(anyhow!(
+                    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                        Ok(Ok(Ok(()))) => Ok("reloaded".to_string()),
+                        Ok(Ok(Err(why))) => Err(anyhow!(
                             "reload rejected; the running configuration keeps serving: {why}"
                         )),
+                        Ok(Err(_)) => Err(anyhow!("the daemon is shutting down")),
                         Err(_) => Err(anyhow!("reload still in progress")),
                     }
                 }
@@ -243,140 +284,6 @@ impl Shared {
             Ok(m) => Response::ok(m),
             Err(e) => Response::error(format!("{e:#}")),
         }
-    }
-
-    /// The live table: config names + effective state + dataplane counters.
-    pub fn status(&self) -> Result<Status> {
-        let cfg = self.config.load();
-        let rt = lock(&self.runtime).clone();
-        let desired = state::desired(&cfg, &rt);
-        let p = read(&self.programmer);
-        let mut services = Vec::new();
-        for (sc, ds) in cfg.services.iter().zip(desired.services.iter()) {
-            let mut reals = Vec::new();
-            let counters = |addr: SocketAddr| -> Result<(u64, u64, u64, u64, u64)> {
-                match p.planner.real_id(&ds.key, addr) {
-                    Some(id) => {
-                        let c = p.dp.real_conns(id)?;
-                        let s = p.dp.real_stats(id)?;
-                        Ok((c.active, c.inactive, s.conns, s.packets, s.bytes))
-                    }
-                    None => Ok((0, 0, 0, 0, 0)),
-                }
-            };
-            for (rc, dr) in sc.reals.iter().zip(ds.reals.iter()) {
-                let id = (sc.name.clone(), rc.address);
-                let health = rt.health.get(&id);
-                let up = health.map(|h| h.up).unwrap_or(true);
-                let (active, inactive, connections, packets, bytes) = counters(rc.address)?;
-                reals.push(RealStatus {
-                    address: rc.address.to_string(),
-                    weight: if dr.cut { 0 } else { dr.weight },
-                    configured_weight: rc.weight,
-                    admin: rt.overrides.get(&id).copied(),
-                    up,
-                    health: if up { "up" } else { "down" }.to_string(),
-                    last_failure: health.and_then(|h| h.last_failure.clone()),
-                    in_table: !dr.cut,
-                    fallback: false,
-                    active,
-                    inactive,
-                    connections,
-                    packets,
-                    bytes,
-                });
-            }
-            if let Some(f) = sc.fallback {
-                let (active, inactive, connections, packets, bytes) = counters(f)?;
-                reals.push(RealStatus {
-                    address: f.to_string(),
-                    up: true,
-                    health: "fallback".into(),
-                    in_table: true,
-                    fallback: true,
-                    active,
-                    inactive,
-                    connections,
-                    packets,
-                    bytes,
-                    ..Default::default()
-                });
-            }
-            // Reals removed by a reload whose connections are still draining.
-            for d in p.planner.draining() {
-                if d.service == ds.key
-                    && !sc.reals.iter().any(|r| r.address == d.address)
-                    && sc.fallback != Some(d.address)
-                {
-                    let c = p.dp.real_conns(d.id)?;
-                    let s = p.dp.real_stats(d.id)?;
-                    reals.push(RealStatus {
-                        address: d.address.to_string(),
-                        health: if d.cut { "cut" } else { "draining" }.into(),
-                        active: c.active,
-                        inactive: c.inactive,
-                        connections: s.conns,
-                        packets: s.packets,
-                        bytes: s.bytes,
-                        ..Default::default()
-                    });
-                }
-            }
-            services.push(ServiceStatus {
-                name: sc.name.clone(),
-                address: sc.address.to_string(),
-                protocol: match sc.protocol {
-                    Protocol::Tcp => "tcp",
-                    Protocol::Udp => "udp",
-                }
-                .into(),
-                scheduler: state::sched_name(ds.sched).into(),
-                forwarding: match sc.forwarding {
-                    Forwarding::Dr => "dr",
-                    Forwarding::Nat => "nat",
-                }
-                .into(),
-                fallback: sc.fallback.map(|f| f.to_string()),
-                reals,
-            });
-        }
-        let stats = p.dp.stats()?;
-        let dataplane = STAT_NAMES
-            .iter()
-            .zip(stats.iter())
-            .filter(|(n, _)| !n.starts_with("unused"))
-            .map(|(n, v)| (n.to_string(), *v))
-            .collect();
-        Ok(Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            config: self.config_path.display().to_string(),
-            services,
-            // Every live entry counts once against its real, so the sum over the reals holding
-            // an id is the table's live size, without walking the table.
-            conntrack_entries: p
-                .planner
-                .ids()
-                .into_iter()
-                .map(|id| {
-                    p.dp.real_conns(id)
-                        .map(|c| c.active + c.inactive)
-                        .unwrap_or(0)
-                })
-                .sum(),
-            dataplane,
-            pin_path: p.dp.pin_dir().map(|d| d.display().to_string()),
-            offline: None,
-            vrrp: lock(&self.vrrp)
-                .as_ref()
-                .map(|v| v.status())
-                .unwrap_or_default(),
-            sync: match (lock(&self.sync).as_ref(), cfg.sync.as_ref()) {
-                (Some(st), Some(c)) => {
-                    Some(st.status(c, stats[xdpvs_common::stat::SYNC_EVENTS_LOST as usize]))
-                }
-                _ => None,
-            },
-        })
     }
 }
 
@@ -420,7 +327,10 @@ pub struct RunOptions {
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
-    let config = Config::load(config_path).map_err(|e| anyhow!("{e}"))?;
+    let path = config_path.to_path_buf();
+    let config = tokio::task::spawn_blocking(move || Config::load(&path))
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
     let director = config.director.clone();
     info!(
         config = %config_path.display(),
@@ -473,11 +383,11 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     }
 
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<HealthEvent>();
-    let mut checker = match origin {
-        Origin::Fresh => HealthChecker::start(targets(&config), events_tx),
+    let checker = match origin {
+        Origin::Fresh => HealthChecker::start(targets(&config), events_tx.clone()),
         Origin::Adopted => {
             let known = inherited_health(&config, &planner);
-            HealthChecker::start_adopted(targets(&config), events_tx, &known)
+            HealthChecker::start_adopted(targets(&config), events_tx.clone(), &known)
         }
     };
     let runtime = Runtime {
@@ -487,18 +397,19 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         standby_vips: Vrrp::listed(&config.vrrp),
     };
     let vrrp_configs = config.vrrp.clone();
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<ReloadTrigger>();
+    let owner = Owner::start(Programmer { dp, planner })?;
     let shared = Arc::new(Shared {
         config_path: config_path.to_path_buf(),
         config: ArcSwap::from_pointee(config),
         runtime: Mutex::new(runtime),
-        programmer: RwLock::new(Programmer { dp, planner }),
+        owner,
         stats: DaemonStats::default(),
         vrrp: Mutex::new(None),
         sync: Mutex::new(None),
+        reload: reload_tx.clone(),
     });
-    let first = shared
-        .apply_counted()
-        .context("programming the dataplane")?;
+    let first = shared.apply().await.context("programming the dataplane")?;
     if origin == Origin::Adopted {
         info!(
             map_writes = first,
@@ -520,12 +431,7 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         shared.track();
     }
 
-    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<ReloadTrigger>();
-    let admin_task = tokio::spawn(serve_admin(
-        director.admin_socket.clone(),
-        shared.clone(),
-        reload_tx.clone(),
-    ));
+    let admin_task = tokio::spawn(server::serve(director.admin_socket.clone(), shared.clone()));
     let _watcher = if director.watch_config {
         watch_config(config_path, reload_tx.clone())
             .map_err(|e| warn!(error = %e, "not watching the config file; reload with SIGHUP"))
@@ -533,59 +439,110 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     } else {
         None
     };
-    let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+    let sweeper = tokio::spawn(sweep_loop(shared.clone(), director.xdp_mode));
     // Connection-state sync with the peer director (`[sync]`); the first apply above already
     // set SETTINGS_F_SYNC, so the dataplane reports events from now on.
     let sync = match shared.config.load().sync.clone() {
         None => None,
         Some(cfg) => {
-            let ring = write(&shared.programmer)
-                .dp
-                .take_sync_events()
+            let ring = shared
+                .owner
+                .write(|p| p.dp.take_sync_events())
+                .await?
                 .ok_or_else(|| anyhow!("the sync event ring buffer is already taken"))?;
-            let tables: Arc<dyn crate::ha::sync::service::Tables> = shared.clone();
-            let handle = crate::ha::sync::service::start(&cfg, tables, ring)?;
+            let handle = crate::ha::sync::service::start(&cfg, shared.owner.clone(), ring)?;
             *lock(&shared.sync) = Some(handle.stats.clone());
             Some(handle)
         }
     };
     let mut metrics_task = None;
     if let Some(addr) = director.metrics {
-        metrics_task = Some(tokio::spawn(crate::metrics::serve(addr, shared.clone())));
+        let model: Arc<dyn ReadModel> = shared.clone();
+        metrics_task = Some(tokio::spawn(crate::metrics::serve(addr, model)));
     }
 
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    // The checker is lent to the reload task while one runs.
+    let mut checker = Some(checker);
+    let mut reloading: Option<tokio::task::JoinHandle<(HealthChecker, Result<(), String>)>> = None;
+    // Operators waiting for the reload in progress, and for the next one.
+    let mut answering: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut asked: Option<Vec<oneshot::Sender<Result<(), String>>>> = None;
+    // File-watcher events are coalesced for this long (editors write files in several steps).
+    let mut debounce: Option<tokio::time::Instant> = None;
+    let mut flaps = Flaps::default();
+    let mut flap_tick = tokio::time::interval(Duration::from_secs(1));
+    flap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("ready");
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
-            _ = sighup.recv() => {
-                let _ = reload(&shared, &mut checker);
-            }
+            _ = sighup.recv() => { asked.get_or_insert_with(Vec::new); }
             Some(trigger) = reload_rx.recv() => {
-                if matches!(trigger, ReloadTrigger::FileChanged) {
-                    // Coalesce a burst of events (editors write files in several steps).
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                // One reload answers every request queued meanwhile.
-                let mut waiting = Vec::new();
-                let mut next = Some(trigger);
-                while let Some(t) = next {
-                    if let ReloadTrigger::Admin(reply) = t {
-                        waiting.push(reply);
+                let waiting = asked.get_or_insert_with(Vec::new);
+                match trigger {
+                    ReloadTrigger::Admin(reply) => waiting.push(reply),
+                    ReloadTrigger::FileChanged => {
+                        debounce = Some(tokio::time::Instant::now() + Duration::from_millis(100));
                     }
-                    next = reload_rx.try_recv().ok();
-                }
-                let outcome = reload(&shared, &mut checker);
-                for reply in waiting {
-                    let _ = reply.try_send(outcome.clone());
                 }
             }
-            Some(ev) = events_rx.recv() => on_health(&shared, ev),
+            _ = async { if let Some(d) = debounce { tokio::time::sleep_until(d).await } },
+                if debounce.is_some() => { debounce = None; }
+            done = async {
+                match reloading.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            },
+                if reloading.is_some() => {
+                reloading = None;
+                let outcome = match done {
+                    Ok((c, outcome)) => {
+                        checker = Some(c);
+                        outcome
+                    }
+                    Err(e) => {
+                        // The checker went with the task: start the checks of the live config anew.
+                        error!(error = %e, "the reload task failed; restarting the health checks");
+                        let c = HealthChecker::start(targets(&shared.config.load()), events_tx.clone());
+                        lock(&shared.runtime).health = health_from(&c);
+                        log_failure(shared.send_apply(), "applying restarted health checks");
+                        checker = Some(c);
+                        Err(format!("the reload task failed: {e}"))
+                    }
+                };
+                for reply in answering.drain(..) {
+                    let _ = reply.send(outcome.clone());
+                }
+            }
+            // Health events wait while a reload runs: the checks change only once the dataplane
+            // has taken the new state.
+            Some(ev) = events_rx.recv(), if reloading.is_none() => {
+                let mut batch = vec![ev];
+                while let Ok(ev) = events_rx.try_recv() {
+                    batch.push(ev);
+                }
+                on_health(&shared, batch, &mut flaps);
+            }
             Some(t) = vrrp_rx.recv() => shared.on_vrrp(&t),
+            _ = flap_tick.tick() => on_flap_tick(&shared, &mut flaps),
+        }
+        if reloading.is_none() && debounce.is_none() && asked.is_some() {
+            if let Some(c) = checker.take() {
+                answering = asked.take().unwrap_or_default();
+                reloading = Some(tokio::spawn(reload(shared.clone(), c)));
+            }
+        }
+    }
+    if let Some(h) = reloading.take() {
+        // Let the reload finish (its apply is with the owner anyway), to stop its checks.
+        match tokio::time::timeout(Duration::from_secs(30), h).await {
+            Ok(Ok((c, _))) => checker = Some(c),
+            _ => warn!("the reload in progress did not finish; stopping without it"),
         }
     }
     let vrrp = lock(&shared.vrrp).take();
@@ -606,12 +563,14 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
             .unwrap_or_default();
         tokio::time::sleep(grace + Duration::from_millis(20)).await;
         lock(&shared.runtime).standby_vips = Vrrp::listed(&shared.config.load().vrrp);
-        if let Err(e) = shared.apply() {
+        if let Err(e) = shared.apply().await {
             error!(error = %format!("{e:#}"), "marking the VRRP addresses standby failed");
         }
         info!("left the VRRP elections; the dataplane no longer forwards for their addresses");
     }
-    checker.shutdown();
+    if let Some(mut c) = checker {
+        c.shutdown();
+    }
     drop(sync);
     admin_task.abort();
     sweeper.abort();
@@ -627,7 +586,7 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
              next `xdpvs run` adopts it (`xdpvs detach` removes it)"
         ),
         OnExit::Detach => {
-            write(&shared.programmer).dp.unpin()?;
+            shared.owner.write(|p| p.dp.unpin()).await??;
             info!(pin_path = %pin_dir.display(), "stopped; XDP program detached and pins removed (on_exit = \"detach\")");
         }
     }
@@ -659,41 +618,129 @@ fn inherited_health(cfg: &Config, planner: &Planner) -> HashMap<(String, SocketA
     known
 }
 
-fn on_health(shared: &Shared, ev: HealthEvent) {
-    crate::metrics::record_health(&ev);
-    let id = (ev.service.clone(), ev.real);
-    let changed = {
-        let mut rt = lock(&shared.runtime);
-        let h = rt.health.entry(id).or_insert(Health {
-            up: ev.up,
-            last_failure: None,
-        });
-        if let Some(r) = &ev.reason {
-            h.last_failure = Some(r.clone());
+/// A batch of health results that arrived together: one apply for all their transitions.
+/// Transitions of flapping reals are damped ([`Flaps`]): a return to up is held, and log lines
+/// are limited to one per real per period.
+fn on_health(shared: &Shared, batch: Vec<HealthEvent>, flaps: &mut Flaps) {
+    let now = Instant::now();
+    let mut changed = false;
+    for ev in batch {
+        crate::metrics::record_health(&ev);
+        let id = (ev.service.clone(), ev.real);
+        let verdict = ev
+            .transition
+            .as_ref()
+            .map(|_| flaps.transition(&id, ev.up, now));
+        // While its return to up is held, a flapping real stays down in the runtime.
+        let up = ev.up && !flaps.held(&id);
+        {
+            let mut rt = lock(&shared.runtime);
+            let h = rt.health.entry(id).or_insert(Health {
+                up,
+                last_failure: None,
+            });
+            if let Some(r) = &ev.reason {
+                h.last_failure = Some(r.clone());
+            }
+            if ev.up && !up {
+                h.last_failure = Some(format!(
+                    "flapping: held down until it stays up for {}s",
+                    crate::health::flap::HOLD.as_secs()
+                ));
+            }
+            changed |= h.up != up;
+            h.up = up;
         }
-        let changed = h.up != ev.up;
-        h.up = ev.up;
-        changed
-    };
-    if let Some(t) = &ev.transition {
-        if ev.up {
-            info!(service = %ev.service, real = %ev.real, "real is up: {t}");
-        } else {
-            warn!(service = %ev.service, real = %ev.real, "real is down: {t}");
+        if let (Some(t), Some(v)) = (&ev.transition, verdict) {
+            let Some(suppressed) = v.log else { continue };
+            let held = if ev.up && !v.apply {
+                format!(
+                    "; flapping, held down until it stays up for {}s",
+                    crate::health::flap::HOLD.as_secs()
+                )
+            } else {
+                String::new()
+            };
+            let earlier = if suppressed > 0 {
+                format!(" ({suppressed} earlier transitions not logged)")
+            } else {
+                String::new()
+            };
+            if ev.up {
+                info!(service = %ev.service, real = %ev.real, "real is up: {t}{held}{earlier}");
+            } else {
+                warn!(service = %ev.service, real = %ev.real, "real is down: {t}{earlier}");
+            }
         }
     }
     if changed {
-        if let Err(e) = shared.apply() {
-            error!(error = %format!("{e:#}"), "applying a health change to the dataplane failed");
-        }
+        log_failure(
+            shared.send_apply(),
+            "applying a health change to the dataplane",
+        );
         shared.track();
     }
 }
 
-/// Reloads the config file; `Err` says why it was rejected (nothing changed then).
-fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
+/// Once a second: held reals that stayed up go up; summaries of transitions not logged.
+fn on_flap_tick(shared: &Shared, flaps: &mut Flaps) {
+    let health = lock(&shared.runtime).health.clone();
+    let mut changed = false;
+    for due in flaps.tick(Instant::now(), |id| health.get(id).is_some_and(|h| h.up)) {
+        match due {
+            Due::Release(id) => {
+                let mut rt = lock(&shared.runtime);
+                if let Some(h) = rt.health.get_mut(&id) {
+                    // Only a real whose check still says up (an event since would have
+                    // ended the hold).
+                    if !h.up {
+                        h.up = true;
+                        h.last_failure = None;
+                        changed = true;
+                        info!(service = %id.0, real = %id.1, "real is up: stayed up for {}s after flapping", crate::health::flap::HOLD.as_secs());
+                    }
+                }
+            }
+            Due::Summary(id, n, up) => warn!(
+                service = %id.0,
+                real = %id.1,
+                "real is flapping: {n} transitions in the last {}s not logged; it is {} now",
+                crate::health::flap::LOG_EVERY.as_secs(),
+                if up { "up" } else { "down" }
+            ),
+        }
+    }
+    if changed {
+        log_failure(shared.send_apply(), "applying a held real's return");
+        shared.track();
+    }
+}
+
+/// The reload transaction, as its own task (the event loop lends it the checker): reads and
+/// validates the file on the blocking pool, swaps the snapshot in, has the owner write the
+/// difference, then moves the checks over. `Err` says why it was rejected (nothing changed
+/// then).
+async fn reload(
+    shared: Arc<Shared>,
+    mut checker: HealthChecker,
+) -> (HealthChecker, Result<(), String>) {
+    let started = Instant::now();
+    let outcome = reload_with(&shared, &mut checker).await;
+    if outcome.is_ok() {
+        info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "configuration reloaded"
+        );
+    }
+    (checker, outcome)
+}
+
+async fn reload_with(shared: &Arc<Shared>, checker: &mut HealthChecker) -> Result<(), String> {
     let path = shared.config_path.clone();
-    match Config::load(&path) {
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+        .await
+        .map_err(|e| format!("reading the config failed: {e}"))?;
+    match loaded {
         Err(e) => {
             shared.stats.reloads_error.fetch_add(1, Ordering::SeqCst);
             error!("reload rejected, the running configuration keeps serving: {e}");
@@ -748,30 +795,39 @@ fn reload(shared: &Shared, checker: &mut HealthChecker) -> Result<(), String> {
                 before
             };
             let services = new.services.len();
+            let reals = new_targets.len();
             shared.config.store(Arc::new(new));
-            match shared.apply() {
-                Ok(()) => {
+            match shared.apply().await {
+                Ok(writes) => {
                     checker.update(new_targets);
                     lock(&shared.runtime).health = health_from(checker);
                     // A check that changed state since the preview (its event is still queued).
-                    if let Err(e) = shared.apply() {
-                        error!(error = %format!("{e:#}"), "applying health after a reload failed");
-                    }
+                    log_failure(shared.send_apply(), "applying health after a reload");
                     shared.stats.reloads_ok.fetch_add(1, Ordering::SeqCst);
                     shared
                         .stats
                         .last_reload_ok
                         .store(now_unix(), Ordering::SeqCst);
-                    info!(services, "configuration reloaded");
+                    info!(
+                        services,
+                        reals,
+                        map_writes = writes,
+                        "new configuration applied"
+                    );
                     shared.track();
                     prime_neighbours(shared);
                     Ok(())
                 }
                 Err(e) => {
                     // The planner leaves the maps as they were: restore the old snapshot and
-                    // runtime (the checks were not touched).
+                    // runtime (the checks were not touched); VRRP's part of the runtime may
+                    // have moved on meanwhile and stays.
                     shared.config.store(old);
-                    *lock(&shared.runtime) = before;
+                    {
+                        let mut rt = lock(&shared.runtime);
+                        rt.overrides = before.overrides;
+                        rt.health = before.health;
+                    }
                     shared.stats.reloads_error.fetch_add(1, Ordering::SeqCst);
                     error!("reload rejected by the dataplane: {e:#}");
                     Err(format!("{e:#}"))
@@ -788,53 +844,99 @@ fn real_addresses(cfg: &Config) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Primes the reals' neighbour entries, on the blocking pool (one datagram per real).
 fn prime_neighbours(shared: &Shared) {
-    Dataplane::prime_neighbours(real_addresses(&shared.config.load()));
+    let addrs = real_addresses(&shared.config.load());
+    tokio::task::spawn_blocking(move || Dataplane::prime_neighbours(addrs));
 }
 
-/// Once a second: retire idle connection entries, free the ids of drained reals; every few
-/// seconds re-prime the reals' neighbour entries.
-async fn sweep_loop(shared: Arc<Shared>) {
+/// Once a second: retire idle connection entries, free the ids of drained reals, watch the
+/// interface; every few seconds re-prime the reals' neighbour entries.
+async fn sweep_loop(shared: Arc<Shared>, mode: XdpMode) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     let mut fib = FibWatch::default();
+    let interface = shared.config.load().director.interface.clone();
+    let mut link = LinkWatch::new(&interface);
     loop {
         tick.tick().await;
         n += 1;
-        if let Ok(stats) = read(&shared.programmer).dp.stats() {
-            fib.observe(
-                stats[xdpvs_common::stat::DROP_FIB as usize],
-                &shared.config.load().director.interface,
-            );
+        if let Ok(stats) = shared.owner.reader().stats() {
+            fib.observe(stats[xdpvs_common::stat::DROP_FIB as usize], &interface);
         }
-        let s = shared.clone();
-        let r = tokio::task::spawn_blocking(move || -> Result<()> {
-            let report = read(&s.programmer).dp.sweep()?;
-            if report.retired > 0 {
+        match shared.owner.sweep().await {
+            Ok(report) if report.retired > 0 => {
                 tracing::debug!(retired = report.retired, entries = report.entries, "sweep");
             }
-            let mut p = write(&s.programmer);
-            let Programmer { dp, planner } = &mut *p;
-            let writes = planner.release(|id| {
-                dp.real_conns(id)
-                    .map(|c| c.active + c.inactive)
-                    .unwrap_or(1)
-            });
-            if !writes.is_empty() {
-                dp.write(&writes)?;
+            Ok(_) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "connection-table sweep failed"),
+        }
+        if link.observe() {
+            let iface = interface.clone();
+            match shared
+                .owner
+                .write(move |p| p.dp.attach(&iface, mode))
+                .await
+                .and_then(|r| r)
+            {
+                Ok(used) => {
+                    link.attached();
+                    info!(interface = %interface, mode = used, "the interface is back: XDP program attached again");
+                    prime_neighbours(&shared);
+                }
+                Err(e) => {
+                    warn!(interface = %interface, error = %format!("{e:#}"), "the interface is back but attaching the XDP program failed; retrying")
+                }
             }
-            Ok(())
-        })
-        .await;
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "connection-table sweep failed"),
-            Err(e) => warn!(error = %e, "connection-table sweep task failed"),
         }
         if n.is_multiple_of(5) {
             prime_neighbours(&shared);
         }
+    }
+}
+
+/// Notices the director's interface going away and coming back.
+struct LinkWatch {
+    interface: String,
+    /// The index the program is attached to; `None` while it is not.
+    attached: Option<u32>,
+    /// The interface's index now.
+    seen: Option<u32>,
+}
+
+impl LinkWatch {
+    fn new(interface: &str) -> Self {
+        let idx = crate::dataplane::interface_index(interface);
+        LinkWatch {
+            interface: interface.to_string(),
+            attached: idx,
+            seen: idx,
+        }
+    }
+
+    /// Logs a change; true when the program should be attached (again).
+    fn observe(&mut self) -> bool {
+        let now = crate::dataplane::interface_index(&self.interface);
+        if now != self.seen {
+            match now {
+                None => error!(
+                    interface = %self.interface,
+                    "the director's interface is gone: its XDP program went with it and nothing \
+                     is forwarded. The maps and connection table are kept; the program is attached \
+                     again when an interface of that name is back"
+                ),
+                Some(i) => {
+                    info!(interface = %self.interface, ifindex = i, "the director's interface exists again")
+                }
+            }
+            self.seen = now;
+        }
+        now.is_some() && now != self.attached
+    }
+
+    fn attached(&mut self) {
+        self.attached = self.seen;
     }
 }
 
@@ -869,86 +971,6 @@ impl FibWatch {
         );
     }
 }
-
-async fn serve_admin(
-    path: PathBuf,
-    shared: Arc<Shared>,
-    reload: mpsc::UnboundedSender<ReloadTrigger>,
-) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-    }
-    // A stale socket from a crashed run would make bind fail.
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(anyhow!(
-                "another xdpvs is serving the admin socket {}",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(&path)?;
-    }
-    // Create the socket with no permissions for group/other from the start (no window in
-    // which another user could connect), then set 0600 explicitly.
-    // SAFETY: umask only changes this process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(&path);
-    unsafe { libc::umask(old) };
-    let listener =
-        listener.with_context(|| format!("binding the admin socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    info!(socket = %path.display(), "admin socket ready (mode 0600)");
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let reload = reload.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle_admin(stream, shared, reload).await {
-                warn!(error = %format!("{e:#}"), "admin request failed");
-            }
-        });
-    }
-}
-
-async fn handle_admin(
-    stream: UnixStream,
-    shared: Arc<Shared>,
-    reload: mpsc::UnboundedSender<ReloadTrigger>,
-) -> Result<()> {
-    // Only root may talk to the daemon, whatever the socket's mode says.
-    let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.into_split();
-    let resp = if cred.uid() != 0 {
-        Response::error("permission denied: the admin socket is for root")
-    } else {
-        let mut line = String::new();
-        let mut reader = BufReader::new(read).take(64 * 1024);
-        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-            .await
-            .map_err(|_| anyhow!("admin client sent no request"))??;
-        match serde_json::from_str::<Request>(&line) {
-            Ok(req) => tokio::task::spawn_blocking(move || shared.admin(req, &reload)).await?,
-            Err(e) => Response::error(format!("bad request: {e}")),
-        }
-    };
-    let mut out = serde_json::to_vec(&resp)?;
-    out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await?;
-    Ok(())
-}
-
-use tokio::io::AsyncReadExt as _;
 
 /// Watches the config file's directory and triggers a reload when the file changes.
 fn watch_config(

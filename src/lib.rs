@@ -5,7 +5,9 @@
 //! weight ([`state`], the one place that decides it); the [`dataplane`] planner diffs that
 //! snapshot into the XDP program's maps. The XDP program (in `ebpf/`) picks a real for every new
 //! connection from those maps (`ebpf/xdpvs-ebpf/src/schedule.rs`). [`daemon`] wires it together:
-//! start-up, reload, health transitions and admin commands all end in `Shared::apply`.
+//! start-up, reload, health and VRRP transitions and admin commands all end in a request to the
+//! one writer of the maps, the dataplane owner ([`dataplane::owner`]). `list` and metrics read
+//! the [`status`] read model, which reads the maps without waiting for a write.
 
 pub mod admin;
 pub mod config;
@@ -17,3 +19,4 @@ pub mod metrics;
 pub mod offline;
 pub mod preflight;
 pub mod state;
+pub mod status;

@@ -2,7 +2,7 @@
 //!
 //! Two sources feed a scrape:
 //!
-//! * a [`Snapshot`] taken at scrape time from the daemon ([`Shared::status`]: the live config,
+//! * a [`Snapshot`] taken at scrape time from the read model ([`ReadModel::status`]: the live config,
 //!   health, and the dataplane's per-CPU counters summed), turned into metric families by the
 //!   pure function [`render`];
 //! * health-check results, recorded as they happen ([`record_health`], called by the daemon for
@@ -16,9 +16,9 @@
 //! value seen and an offset: a drop, or the series vanishing from a snapshot, folds the last
 //! value into the offset, so the exported value never goes backwards.
 //!
-//! A scrape runs on the blocking pool and holds the daemon's programmer lock (shared, for
-//! reading) only while reading counters (inside `status()`), so it does not stall the event loop,
-//! the checkers or the dataplane (which never waits for user space).
+//! A scrape runs on the blocking pool and reads the maps through the dataplane owner's read-only
+//! handle (inside `status()`), so it neither waits for a map write nor delays one, and does not
+//! stall the event loop, the checkers or the dataplane (which never waits for user space).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -44,8 +44,8 @@ use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
 use crate::config::CheckKind;
-use crate::daemon::Shared;
 use crate::health::{FailureKind, HealthEvent};
+use crate::status::ReadModel;
 
 /// Health-check duration buckets (seconds): checks mostly take well under a second; exec
 /// checks and timeouts may take a few.
@@ -87,8 +87,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Reads the daemon's state (takes the programmer lock while reading counters).
-    pub fn take(shared: &Shared) -> Result<Snapshot> {
+    /// Reads the daemon's state.
+    pub fn take(shared: &dyn ReadModel) -> Result<Snapshot> {
         let st = shared.status().context("reading the dataplane")?;
         let reals = st
             .services
@@ -111,9 +111,9 @@ impl Snapshot {
             reals,
             dataplane: st.dataplane.into_iter().collect(),
             conntrack_entries: st.conntrack_entries,
-            reloads_ok: shared.stats.reloads_ok.load(Ordering::SeqCst),
-            reloads_error: shared.stats.reloads_error.load(Ordering::SeqCst),
-            last_reload_ok: shared.stats.last_reload_ok.load(Ordering::SeqCst),
+            reloads_ok: shared.daemon_stats().reloads_ok.load(Ordering::SeqCst),
+            reloads_error: shared.daemon_stats().reloads_error.load(Ordering::SeqCst),
+            last_reload_ok: shared.daemon_stats().last_reload_ok.load(Ordering::SeqCst),
             version: st.version,
             vrrp: st.vrrp,
             sync: st.sync,
@@ -569,7 +569,7 @@ pub fn metric_names() -> prometheus::Result<Vec<String>> {
 }
 
 /// One scrape: snapshot and render, serialised so the monotonic state sees snapshots in order.
-fn scrape(shared: &Shared, mono: &Mutex<Monotonic>) -> Result<String> {
+fn scrape(shared: &dyn ReadModel, mono: &Mutex<Monotonic>) -> Result<String> {
     let mut mono = mono.lock().unwrap_or_else(|p| p.into_inner());
     let snap = Snapshot::take(shared)?;
     let health = health_metrics()
@@ -590,7 +590,7 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 async fn handle(
     req: Request<Incoming>,
-    shared: Arc<Shared>,
+    shared: Arc<dyn ReadModel>,
     mono: Arc<Mutex<Monotonic>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() != "/metrics" {
@@ -602,7 +602,7 @@ async fn handle(
             .insert(ALLOW, HeaderValue::from_static("GET"));
         return Ok(r);
     }
-    let result = tokio::task::spawn_blocking(move || scrape(&shared, &mono)).await;
+    let result = tokio::task::spawn_blocking(move || scrape(&*shared, &mono)).await;
     Ok(match result {
         Ok(Ok(text)) => {
             let mut r = reply(StatusCode::OK, text);
@@ -628,7 +628,7 @@ async fn handle(
 
 /// Serves `GET /metrics` at `addr` until the task is aborted. If the address cannot be bound,
 /// logs an error and returns it (the daemon keeps running without metrics).
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
+pub async fn serve(addr: SocketAddr, shared: Arc<dyn ReadModel>) -> Result<()> {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {

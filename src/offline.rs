@@ -177,6 +177,7 @@ pub fn status(dir: &Path, cfg: Option<&Config>) -> Result<Status> {
         )),
         vrrp: Vec::new(),
         sync: None,
+        map_writes: 0,
     })
 }
 

@@ -153,3 +153,71 @@ fn unknown_key_in_check() {
     let text = with_check("type = \"http\"\nintervall = \"1s\"");
     rejected("unknown-key", &text, "intervall", "intervall", &[]);
 }
+
+/// `xdpvs run --log-format json`: every log line is one JSON object with the timestamp, level,
+/// target, message and the event's fields at top level. (The interface does not exist, so the
+/// daemon logs its start and stops at the host check: no root needed.)
+#[test]
+fn run_logs_json_lines_for_log_shippers() {
+    let cfg = TempConfig::new(
+        "json-log",
+        "[director]\ninterface = \"xdpvsnone0\"\nmetrics = \"off\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_xdpvs"))
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&cfg.0)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run xdpvs run");
+    assert!(
+        !out.status.success(),
+        "a missing interface stops the daemon"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !lines.is_empty(),
+        "no log line; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(v.get(key).is_some(), "no {key} in {l}");
+        }
+    }
+    let start: serde_json::Value = serde_json::from_str(lines[0]).expect("json");
+    assert_eq!(start["level"], "INFO");
+    assert!(start["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("starting xdpvs")));
+    assert_eq!(start["services"], 0, "event fields at top level: {start}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("xdpvsnone0"),
+        "the reason names the interface: {err}"
+    );
+}
+
+#[test]
+fn ca_file_is_read_with_the_config() {
+    rejected(
+        "ca-missing",
+        &with_check("type = \"https\"\nca_file = \"no-such-ca.pem\""),
+        "ca_file",
+        "service[0].check.ca_file",
+        &["cannot read", "no-such-ca.pem"],
+    );
+    // Relative to the config file's directory; a file without a certificate is refused.
+    let name = format!("xdpvs-cli-check-{}-ca.pem", std::process::id());
+    let pem = std::env::temp_dir().join(&name);
+    std::fs::write(&pem, "no certificate here\n").expect("write");
+    rejected(
+        "ca-empty",
+        &with_check(&format!("type = \"https\"\nca_file = \"{name}\"")),
+        "ca_file",
+        "service[0].check.ca_file",
+        &["no PEM certificate"],
+    );
+    let _ = std::fs::remove_file(&pem);
+}

@@ -1524,6 +1524,76 @@ fn a_write_failing_part_way_leaves_the_planner_resynced_from_the_maps() {
     });
 }
 
+#[test]
+#[ignore = "needs root"]
+fn the_owner_coalesces_queued_applies_and_reads_never_wait_for_it() {
+    if !common::require_root("the_owner_coalesces_queued_applies_and_reads_never_wait_for_it") {
+        return;
+    }
+    use xdpvs::dataplane::{owner::Owner, Programmer};
+    use xdpvs::state::Desired;
+    let net = DpNet::new("owner", 2);
+    net.run(|| {
+        let h = Harness::new();
+        let owner = Owner::start(Programmer {
+            dp: h.dp,
+            planner: h.planner,
+        })
+        .expect("owner");
+        let desired = |w: u32| Desired {
+            services: vec![service(&[(1, w), (2, 1)])],
+            timeouts: Default::default(),
+            sync: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            owner.apply(desired(1)).await.expect("first apply");
+            let writes0 = owner.reader().map_writes();
+            let svc = service(&[(1, 1)]);
+            let r1 = svc.reals[0].address;
+            let id = owner.reader().index().real_id(&svc.key, r1).expect("real 1 has an id");
+            // Keep the owner busy (a long write), queue 200 applies behind it.
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            let o = owner.clone();
+            let busy = tokio::spawn(async move {
+                o.write(move |_| {
+                    let _ = wait.recv();
+                })
+                .await
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let pending: Vec<_> = (2..=201).map(|w| owner.send_apply(desired(w))).collect();
+            // Reads answer while the owner is busy.
+            let t = std::time::Instant::now();
+            let conns = owner.reader().real_conns(id).expect("read while busy");
+            let stats = owner.reader().stats().expect("stats while busy");
+            let read_took = t.elapsed();
+            assert_eq!(conns.active, 0);
+            assert!(stats.iter().all(|v| *v == 0));
+            release.send(()).unwrap();
+            busy.await.unwrap().expect("busy job");
+            for p in pending {
+                p.await.expect("every queued apply answered Ok");
+            }
+            let writes = owner.reader().map_writes() - writes0;
+            let weight = owner
+                .read(move |p| p.planner.live_weight(&svc.key, r1))
+                .await
+                .unwrap();
+            println!(
+                "200 applies queued behind a busy owner: {writes} map writes; a read while busy took {read_took:?}"
+            );
+            // The newest state won, written once (not 200 times).
+            assert_eq!(weight, Some(201));
+            assert!(writes <= 3, "{writes} writes for 200 coalesced applies");
+            assert!(read_took < std::time::Duration::from_secs(1));
+        });
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Connection-state sync: what the packet path reports, and the install program.
 

@@ -9,6 +9,7 @@ mod parse;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use parse::ConfigError;
@@ -220,6 +221,9 @@ pub struct CheckConfig {
     pub expect_status: Vec<u16>,
     pub expect_body: Option<regex::Regex>,
     pub tls_verify: bool,
+    /// CA certificates that verify the reals' certificates instead of the system's roots
+    /// (`ca_file`: reals behind an internal CA); read and checked with the config.
+    pub ca_file: Option<CaFile>,
     pub sni: Option<String>,
     /// Shell command for `exec` (run with `/bin/sh -c`).
     pub command: Option<String>,
@@ -245,12 +249,51 @@ impl CheckConfig {
             expect_status: vec![200],
             expect_body: None,
             tls_verify: true,
+            ca_file: None,
             sni: None,
             command: None,
             dns_query: ".".to_string(),
             initially: Initially::Up,
             max_body: 64 * 1024,
         }
+    }
+}
+
+/// A `ca_file`: its path and the certificates it held when the config was read. Clones share
+/// the TLS client configuration built from it on first use.
+#[derive(Debug, Clone)]
+pub struct CaFile {
+    pub path: PathBuf,
+    pub certs: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    /// Built by the HTTPS checker on first use.
+    pub client: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
+}
+
+impl PartialEq for CaFile {
+    fn eq(&self, o: &Self) -> bool {
+        self.path == o.path && self.certs == o.certs
+    }
+}
+
+impl CaFile {
+    /// Reads the PEM certificates of `path`: at least one, or why not.
+    pub fn read(path: &Path) -> Result<CaFile, String> {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ));
+        }
+        Ok(CaFile {
+            path: path.to_path_buf(),
+            certs: Arc::new(certs),
+            client: Arc::new(std::sync::OnceLock::new()),
+        })
     }
 }
 
@@ -268,6 +311,7 @@ impl PartialEq for CheckConfig {
             && self.expect_body.as_ref().map(|r| r.as_str())
                 == o.expect_body.as_ref().map(|r| r.as_str())
             && self.tls_verify == o.tls_verify
+            && self.ca_file == o.ca_file
             && self.sni == o.sni
             && self.command == o.command
             && self.dns_query == o.dns_query

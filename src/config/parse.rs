@@ -183,6 +183,7 @@ struct RawCheck {
     expect_status: Option<Spanned<Vec<Spanned<i64>>>>,
     expect_body: Option<Spanned<String>>,
     tls_verify: Option<bool>,
+    ca_file: Option<Spanned<String>>,
     sni: Option<Spanned<String>>,
     command: Option<Spanned<String>>,
     dns_query: Option<Spanned<String>>,
@@ -1115,6 +1116,18 @@ impl Validator<'_> {
         }
         if let Some(v) = &raw.sni {
             check.sni = Some(self.word(v, &key("sni"))?);
+        }
+        if let Some(v) = &raw.ca_file {
+            // Relative to the config file, as an operator reading it would expect.
+            let given = PathBuf::from(v.get_ref());
+            let path = if given.is_absolute() {
+                given
+            } else {
+                self.file.parent().unwrap_or(Path::new(".")).join(given)
+            };
+            check.ca_file = Some(
+                crate::config::CaFile::read(&path).map_err(|e| self.at(v, &key("ca_file"), e))?,
+            );
         }
         if let Some(v) = &raw.command {
             if v.get_ref().trim().is_empty() {

@@ -2,14 +2,17 @@
 //!
 //! [`Dataplane`] owns the loaded object and its maps; it executes the [`plan::Write`]s that the
 //! planner derives from the desired state, reads counters for `list` and metrics, and runs the
-//! connection-table sweep. It is the only code that writes the maps. Map types and names come
-//! from `xdpvs-common`, shared with the XDP program.
+//! connection-table sweep. It is the only code that writes the maps, and in the daemon one
+//! thread holds it: the [`owner`], which takes every change as a request and gives readers a
+//! read-only handle of the same maps. Map types and names come from `xdpvs-common`, shared with
+//! the XDP program.
 //!
 //! A daemon opens the dataplane pinned ([`Dataplane::open`], [`pin`]): the maps and the XDP link
 //! live in bpffs, so packets keep flowing while no daemon runs, and the next daemon adopts them
 //! after checking that they have the layout it expects. Adopting reads first
 //! ([`Dataplane::view`] -> [`plan::Planner::adopt`]), plans second and writes last.
 
+pub mod owner;
 pub mod pin;
 pub mod plan;
 
@@ -18,7 +21,9 @@ use std::net::{SocketAddr, UdpSocket};
 use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{
+    Array, HashMap, IterableMap, MapData, MapInfo, PerCpuArray, PerCpuValues, RingBuf,
+};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::util::nr_cpus;
@@ -668,6 +673,21 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+fn dup<T>(m: &MapData) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    use std::os::fd::AsFd;
+    let fd = m.fd().as_fd().try_clone_to_owned()?;
+    let map = aya::maps::Map::from_map_data(MapData::from_fd(fd)?)?;
+    Ok(T::try_from(map)?)
+}
+
+/// The interface's index; `None` if there is no such interface (now).
+pub fn interface_index(interface: &str) -> Option<u32> {
+    ifindex(interface).ok()
+}
+
 fn ifindex(interface: &str) -> Result<u32> {
     let c = std::ffi::CString::new(interface)?;
     // SAFETY: a valid NUL-terminated name.
@@ -701,6 +721,20 @@ impl Maps {
             real_stats: pinned_map(dir, maps::REAL_STATS)?,
             settings: pinned_map(dir, maps::SETTINGS)?,
             stats: pinned_map(dir, maps::STATS)?,
+        })
+    }
+
+    /// A second handle of the same maps (duplicated descriptors), for readers on other
+    /// threads.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Maps {
+            services: dup(self.services.map())?,
+            realsets: dup(self.realsets.map())?,
+            reals: dup(self.reals.map())?,
+            real_conns: dup(self.real_conns.map())?,
+            real_stats: dup(self.real_stats.map())?,
+            settings: dup(self.settings.map())?,
+            stats: dup(self.stats.map())?,
         })
     }
 

@@ -97,6 +97,11 @@ impl Planner {
         self.reals.get(&(*service, real)).map(|r| r.id)
     }
 
+    /// Every (service, real) that holds an id, with its id.
+    pub fn real_ids(&self) -> HashMap<(ServiceKey, SocketAddr), u32> {
+        self.reals.iter().map(|(k, r)| (*k, r.id)).collect()
+    }
+
     /// The dataplane id of a service (live or draining), if it holds one.
     pub fn service_id(&self, service: &ServiceKey) -> Option<u32> {
         self.services.get(service).map(|e| e.id)

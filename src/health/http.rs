@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::{check_addr, CheckConfig, Failure, FailureKind};
+use crate::config::CaFile;
 
 /// The User-Agent of every check request.
 pub const USER_AGENT_VALUE: &str = "xdpvs-check";
@@ -48,7 +49,7 @@ pub async fn probe(cfg: &CheckConfig, real: SocketAddr, tls: bool) -> Result<(),
     if !tls {
         return exchange(TokioIo::new(tcp), cfg, &host).await;
     }
-    let config = tls_config(cfg.tls_verify)?;
+    let config = tls_config(cfg.tls_verify, cfg.ca_file.as_ref())?;
     let name = server_name(cfg, addr)?;
     let stream = TlsConnector::from(config)
         .connect(name, tcp)
@@ -232,31 +233,72 @@ fn strip_port(h: &str) -> &str {
 static TLS_VERIFYING: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
 static TLS_INSECURE: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
 
-/// The client configuration for `verify`, built once per process (root store parsing and
-/// provider setup are not per-probe work). Installs nothing process-global.
-fn tls_config(verify: bool) -> Result<Arc<ClientConfig>, Failure> {
+/// Which certificates a verifying check trusts.
+enum Roots<'a> {
+    /// The system's (`/etc/ssl/certs`, or `SSL_CERT_FILE` / `SSL_CERT_DIR`), as curl and
+    /// openssl use them: updated by the distribution, not by an xdpvs release.
+    System,
+    /// Only these (`ca_file`), as `curl --cacert` does.
+    File(&'a [CertificateDer<'static>]),
+}
+
+/// The client configuration, built once per process for the system roots and once per
+/// `ca_file` (root store parsing and provider setup are not per-probe work). Installs nothing
+/// process-global.
+fn tls_config(verify: bool, ca: Option<&CaFile>) -> Result<Arc<ClientConfig>, Failure> {
+    let config_failure = |e: String| Failure::new(FailureKind::Config, format!("tls: config: {e}"));
+    if let (true, Some(ca)) = (verify, ca) {
+        if let Some(c) = ca.client.get() {
+            return Ok(c.clone());
+        }
+        let c = build_tls_config(Some(Roots::File(&ca.certs)))
+            .map(Arc::new)
+            .map_err(|e| config_failure(format!("{}: {e}", ca.path.display())))?;
+        return Ok(ca.client.get_or_init(|| c).clone());
+    }
     let cell = if verify {
         &TLS_VERIFYING
     } else {
         &TLS_INSECURE
     };
-    cell.get_or_init(|| {
-        build_tls_config(verify)
-            .map(Arc::new)
-            .map_err(|e| e.to_string())
-    })
-    .clone()
-    .map_err(|e| Failure::new(FailureKind::Config, format!("tls: config: {e}")))
+    cell.get_or_init(|| build_tls_config(verify.then_some(Roots::System)).map(Arc::new))
+        .clone()
+        .map_err(config_failure)
 }
 
-fn build_tls_config(verify: bool) -> Result<ClientConfig, rustls::Error> {
+/// `None`: accept any certificate (`tls_verify = false`).
+fn build_tls_config(roots: Option<Roots<'_>>) -> Result<ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
-    let config = if verify {
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        builder.with_root_certificates(roots).with_no_client_auth()
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = if let Some(roots) = roots {
+        let mut store = RootCertStore::empty();
+        match roots {
+            Roots::System => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = store.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(format!(
+                        "no system CA certificates found ({}); install ca-certificates, or \
+                         set ca_file",
+                        found.errors.first().map_or_else(
+                            || "none in the system store".to_string(),
+                            |e| e.to_string()
+                        )
+                    ));
+                }
+            }
+            Roots::File(certs) => {
+                let (added, ignored) = store.add_parsable_certificates(certs.iter().cloned());
+                if added == 0 {
+                    return Err(format!(
+                        "none of its {ignored} certificates is usable as a CA"
+                    ));
+                }
+            }
+        }
+        builder.with_root_certificates(store).with_no_client_auth()
     } else {
         builder
             .dangerous()
@@ -610,6 +652,85 @@ mod tests {
         assert_eq!(probe(&c, addr).await, Ok(()));
     }
 
+    /// A CA, and a TLS server whose certificate (for localhost and 127.0.0.1) it signed.
+    async fn ca_signed_server(b: Behavior) -> (SocketAddr, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let sc = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], der)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _rx = rx;
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(s) = acceptor.accept(s).await {
+                        handle(s, b, tx).await;
+                    }
+                });
+            }
+        });
+        (addr, ca.pem())
+    }
+
+    #[tokio::test]
+    async fn https_against_an_internal_ca_with_ca_file() {
+        let (addr, ca_pem) = ca_signed_server(Behavior::Reply(200, "secure OK")).await;
+        let dir = std::env::temp_dir().join(format!("xdpvs-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_path = dir.join("internal-ca.pem");
+        std::fs::write(&ca_path, &ca_pem).unwrap();
+        let mut c = cfg(CheckKind::Https);
+        c.tls_verify = true;
+
+        // The system roots do not know the internal CA.
+        let r = probe(&c, addr).await.unwrap_err();
+        assert!(
+            r.as_str().starts_with("tls: invalid peer certificate"),
+            "{r}"
+        );
+
+        // With its ca_file the real's certificate verifies (name checked against 127.0.0.1).
+        c.ca_file = Some(CaFile::read(&ca_path).unwrap());
+        assert_eq!(probe(&c, addr).await, Ok(()));
+
+        // Another CA's file does not.
+        let (_, other_pem) = ca_signed_server(Behavior::Reply(200, "x")).await;
+        let other_path = dir.join("other-ca.pem");
+        std::fs::write(&other_path, &other_pem).unwrap();
+        c.ca_file = Some(CaFile::read(&other_path).unwrap());
+        let r = probe(&c, addr).await.unwrap_err();
+        assert!(
+            r.as_str().starts_with("tls: invalid peer certificate"),
+            "{r}"
+        );
+
+        // A file with no certificate is refused when read (that is, with the config).
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = CaFile::read(&empty).unwrap_err();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        assert!(CaFile::read(&dir.join("missing.pem")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn https_against_plain_http_fails() {
         // A plain HTTP server answers the ClientHello with a 400 and closes.
@@ -785,10 +906,10 @@ mod tests {
 
     #[test]
     fn tls_configs_are_shared() {
-        let a = tls_config(true).unwrap();
-        let b = tls_config(true).unwrap();
+        let a = tls_config(true, None).unwrap();
+        let b = tls_config(true, None).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        let c = tls_config(false).unwrap();
+        let c = tls_config(false, None).unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod dns;
 pub mod exec;
+pub mod flap;
 pub mod http;
 pub mod machine;
 pub mod scheduler;

@@ -228,6 +228,16 @@ impl Lab {
         .map(|_| ())
     }
 
+    /// Starts the optional DNS server (dnsmasq, `lab.sh dns-start`) on real `i` and waits until
+    /// it answers; it answers `example.com A` with the real's own address.
+    pub fn start_dns(&self, i: usize) -> Result<()> {
+        run_checked(
+            Command::new(lab_sh()).args(["dns-start", &self.prefix, &i.to_string()]),
+            &format!("lab.sh dns-start {} {i}", self.prefix),
+        )
+        .map(|_| ())
+    }
+
     /// Runs `f` on a thread inside the lab namespace `ns` (short or full name).
     pub fn in_ns<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
         in_netns(&self.ns(ns), f)

@@ -22,13 +22,13 @@
 //! Copies installed from the peer carry `CONN_F_SYNCED` and are never announced back: their
 //! expiry here is silent, and events cannot echo between the directors.
 //!
-//! Map access follows the daemon's rule: the programmer's read lock, taken in blocking tasks and
-//! never held across an await.
+//! Map access follows the daemon's rule: through the dataplane [`Owner`] (installs and table
+//! walks are requests to it; naming a real reads its read-only handle on the blocking pool).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
@@ -44,6 +44,7 @@ use xdpvs_common::{
 
 use super::wire::{self, ConnEvent, ConnProto, EventKind, Message, Reject, RejectCounts};
 use crate::config::SyncConfig;
+use crate::dataplane::owner::Owner;
 use crate::dataplane::Programmer;
 
 /// Longest an event waits in a partial batch.
@@ -413,30 +414,9 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where the service finds the map writer: the daemon's `Shared`, or a bare lock in tests.
-pub trait Tables: Send + Sync + 'static {
-    fn programmer(&self) -> &RwLock<Programmer>;
-}
-
-impl Tables for RwLock<Programmer> {
-    fn programmer(&self) -> &RwLock<Programmer> {
-        self
-    }
-}
-
-impl Tables for crate::daemon::Shared {
-    fn programmer(&self) -> &RwLock<Programmer> {
-        &self.programmer
-    }
-}
-
 /// Starts the sender and the receiver (inside the tokio runtime); `ring` is the dataplane's
 /// event ring buffer (taken from it).
-pub fn start(
-    cfg: &SyncConfig,
-    programmer: Arc<dyn Tables>,
-    ring: RingBuf<MapData>,
-) -> Result<SyncHandle> {
+pub fn start(cfg: &SyncConfig, programmer: Owner, ring: RingBuf<MapData>) -> Result<SyncHandle> {
     let std_sock = std::net::UdpSocket::bind(cfg.listen)
         .with_context(|| format!("binding the sync socket to {}", cfg.listen))?;
     std_sock.set_nonblocking(true)?;
@@ -481,16 +461,12 @@ enum Ask {
     RequestDump,
 }
 
-fn read(p: &RwLock<Programmer>) -> std::sync::RwLockReadGuard<'_, Programmer> {
-    p.read().unwrap_or_else(|e| e.into_inner())
-}
-
 struct SenderTask {
     sock: Arc<UdpSocket>,
     peer: SocketAddr,
     wire: wire::Sender,
     stats: Arc<SyncStats>,
-    programmer: Arc<dyn Tables>,
+    programmer: Owner,
     refresh: Duration,
 }
 
@@ -575,16 +551,15 @@ impl SenderTask {
         if raw.is_empty() {
             return Vec::new();
         }
-        let programmer = self.programmer.clone();
+        let reader = self.programmer.reader().clone();
         let stats = self.stats.clone();
         tokio::task::spawn_blocking(move || {
-            let p = read(programmer.programmer());
             let mut reals: HashMap<u32, Option<Real>> = HashMap::new();
             let mut out = Vec::with_capacity(raw.len());
             for ev in &raw {
                 let real = reals
                     .entry(ev.real)
-                    .or_insert_with(|| p.dp.real(ev.real).ok());
+                    .or_insert_with(|| reader.real(ev.real).ok());
                 match real.as_ref().and_then(|r| to_wire(ev, r)) {
                     Some(w) => out.push(w),
                     None => add(&stats.untranslatable, 1),
@@ -632,13 +607,12 @@ impl SenderTask {
     /// Live entries of this table (for a dump: all but half-open; for a refresh: our own ones
     /// that saw a packet since `since_ns`), named for the peer.
     async fn collect(&self, since_ns: Option<u64>) -> Vec<ConnEvent> {
-        let programmer = self.programmer.clone();
+        let reader = self.programmer.reader().clone();
         let stats = self.stats.clone();
         tokio::task::spawn_blocking(move || {
-            let p = read(programmer.programmer());
             let mut reals: HashMap<u32, Option<Real>> = HashMap::new();
             let mut out = Vec::new();
-            for (key, conn) in p.dp.connections() {
+            for (key, conn) in reader.connections() {
                 if !state::is_live(conn.state) || conn.state == state::SYN_RECV {
                     continue;
                 }
@@ -661,7 +635,7 @@ impl SenderTask {
                 };
                 let real = reals
                     .entry(conn.real)
-                    .or_insert_with(|| p.dp.real(conn.real).ok());
+                    .or_insert_with(|| reader.real(conn.real).ok());
                 match real.as_ref().and_then(|r| to_wire(&ev, r)) {
                     Some(w) => out.push(w),
                     None => add(&stats.untranslatable, 1),
@@ -728,7 +702,7 @@ struct ReceiverTask {
     sock: Arc<UdpSocket>,
     wire: wire::Receiver,
     stats: Arc<SyncStats>,
-    programmer: Arc<dyn Tables>,
+    programmer: Owner,
     asks: mpsc::Sender<Ask>,
     /// A peer silent this long (no heartbeat) has left; hearing it again is a rejoin.
     silence: Duration,
@@ -769,12 +743,11 @@ impl ReceiverTask {
                 Message::Events(events) if events.is_empty() => {}
                 Message::Events(events) => {
                     add(&self.stats.received_events, events.len() as u64);
-                    let programmer = self.programmer.clone();
                     let stats = self.stats.clone();
-                    let r = tokio::task::spawn_blocking(move || {
-                        install_all(&read(programmer.programmer()), &events, &stats)
-                    })
-                    .await;
+                    let r = self
+                        .programmer
+                        .read(move |p| install_all(p, &events, &stats))
+                        .await;
                     if let Ok(Err(e)) = r {
                         warn!(error = %format!("{e:#}"), "installing synced connections failed");
                     }

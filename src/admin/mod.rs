@@ -2,9 +2,10 @@
 //! running daemon.
 //!
 //! A Unix stream socket, mode 0600 (root only: it changes what the dataplane does). One JSON
-//! request per line, one JSON response per line, then the server closes the connection. The
-//! daemon side lives in `daemon.rs`; this module holds the protocol, the client and the
-//! `ipvsadm -Ln`-style rendering of the status.
+//! request per line, one JSON response per line, then the server closes the connection. This
+//! module holds the protocol, the client and the `ipvsadm -Ln`-style rendering of the status;
+//! [`server`] the daemon's end of the socket (what each command does is the daemon's
+//! [`server::Handler`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -15,6 +16,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::state::Override;
+
+pub mod server;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -90,6 +93,9 @@ pub struct Status {
     /// Connection-state sync with the peer director (`None` without `[sync]`).
     #[serde(default)]
     pub sync: Option<crate::ha::sync::service::SyncStatus>,
+    /// Map writes the daemon made since it started (0 when read offline).
+    #[serde(default)]
+    pub map_writes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
