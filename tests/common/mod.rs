@@ -238,6 +238,15 @@ impl Lab {
         .map(|_| ())
     }
 
+    /// Stops the DNS server on real `i` (`lab.sh dns-stop`) and waits until port 53 is closed.
+    pub fn stop_dns(&self, i: usize) -> Result<()> {
+        run_checked(
+            Command::new(lab_sh()).args(["dns-stop", &self.prefix, &i.to_string()]),
+            &format!("lab.sh dns-stop {} {i}", self.prefix),
+        )
+        .map(|_| ())
+    }
+
     /// Runs `f` on a thread inside the lab namespace `ns` (short or full name).
     pub fn in_ns<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
         in_netns(&self.ns(ns), f)
