@@ -594,10 +594,28 @@ fn measure(p: &Params) -> Result<Report> {
         let nat_reply = Frame::tcp(&dpnet::real_ip(real).to_string(), 8080, CLIENT, EST_SPORT, ACK)
             .macs(dpnet::real_mac(real), packet::DIRECTOR_MAC)
             .build();
+        // ICMP "fragmentation needed" from a router about each flow's reply (VIP -> client):
+        // the DR flow (port 80, a flow of its own) and the NAT flow above.
+        let icmp_sport = EST_SPORT + 1;
+        for f in [SYN, ACK] {
+            if h.run(&Frame::tcp(CLIENT, icmp_sport, VIP, 80, f).build()).action != XDP_TX {
+                bail!("could not set up the DR flow for the ICMP rows");
+            }
+        }
+        let quote = |vport: u16, cport: u16| {
+            let q = packet::ip_packet(&Frame::tcp(VIP, vport, CLIENT, cport, ACK).payload(1400).csum().build());
+            packet::icmp_unreach("198.18.0.254", VIP, 4, 1280, &q[..28])
+        };
+        let icmp_dr = quote(80, icmp_sport);
+        let icmp_nat = quote(NAT_PORT, EST_SPORT);
+        let icmp_echo = packet::icmp_frame(CLIENT, VIP, 8, 0, 1, &[7; 56]);
         let nat_cases = [
             ("NAT: non-VIP packet while a service uses NAT (reply lookup misses, XDP_PASS)", &non_vip, XDP_PASS),
             ("NAT: established flow (conntrack hit, DNAT + checksums, cached FIB, XDP_TX)", &nat_est, XDP_TX),
             ("NAT: real's reply (reply entry + flow lookup, SNAT + checksums, FIB lookup, XDP_TX)", &nat_reply, XDP_TX),
+            ("ICMP: frag needed about a DR flow (quote read, flow lookup, cached FIB, XDP_TX)", &icmp_dr, XDP_TX),
+            ("ICMP: frag needed about a NAT flow (+ outer and quoted headers translated)", &icmp_nat, XDP_TX),
+            ("ICMP: echo request to the VIP (not an error: XDP_PASS)", &icmp_echo, XDP_PASS),
         ];
         for (name, frame, expect) in nat_cases {
             eprintln!("dataplane bench: {name}");
