@@ -11,7 +11,7 @@
 //! connection tables: an error is no sign of life of the flow, and never moves its state.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use xdpvs_common::{
-    stat, state, Addr, Conn, ConnKey, FAMILY_V4, PROTO_TCP, PROTO_UDP, CONN_F_NAT, CONN_F_REPLY,
+    stat, state, Addr, Conn, ConnKey, CONN_F_NAT, CONN_F_REPLY, FAMILY_V4, PROTO_TCP, PROTO_UDP,
     REAL_F_VALID,
 };
 

@@ -28,8 +28,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use xdpvs_common::{
-    fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_ICMP, PROTO_TCP,
-    SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
+    fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_ICMP,
+    PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
 use crate::conntrack::{Lookup, Reply};
