@@ -14,6 +14,8 @@
 #                                         real's own address (198.18.0.(10+N)), so a reply names
 #                                         the real that served it
 #   scripts/lab.sh dns-stop PREFIX N      stop it, wait until port 53 is closed
+#   scripts/lab.sh far-up PREFIX MTU      add a client behind a router with a small path MTU
+#                                         (see far_up), for path-MTU discovery through the director
 #
 # Topology: one L2 segment, a bridge br0 in ${PREFIX}sw; every host has a veth whose peer is a
 # port of br0 (p-client, p-dir, p-r1..p-rN). MTU (68..65000) is set on every link, both ends.
@@ -45,7 +47,7 @@ DIR2_IP=$NET.3
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -64,7 +66,7 @@ labdir() { echo "/tmp/${1}lab"; }
 lab_namespaces() {
     local p=$1 n
     ip netns list 2>/dev/null | awk '{print $1}' | while read -r n; do
-        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|dir2|r[0-9]+)$ ]]; then
+        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|dir2|rtr|far|r[0-9]+)$ ]]; then
             echo "$n"
         fi
     done
@@ -255,6 +257,49 @@ dns_stop() {
     sleep 0.1
     port53_open "$p" "$i" && die "port 53 on r$i still open"
     return 0
+}
+
+# ---------------------------------------------------------------------------------------- far
+
+# far_up PREFIX MTU: a client 198.19.0.1 (${PREFIX}far) behind a router (${PREFIX}rtr: 198.18.0.4
+# on the segment, 198.19.0.254 toward the client) that sends at most MTU bytes to it. The
+# reals and the director route 198.19.0.0/24 via the router, so a real's reply (DR: from the
+# VIP) larger than MTU makes the router send "fragmentation needed" to the VIP: the director
+# must hand it to the real, or the real never learns the path MTU and the transfer stalls.
+far_up() {
+    local p=$1 mtu=$2 ns i
+    need_ns "${p}sw"
+    ip netns add "${p}rtr"
+    sysctls_host "${p}rtr"
+    nsx "${p}rtr" sysctl -qw net.ipv4.conf.all.forwarding=1
+    ip -n "${p}rtr" link set lo up
+    MTU=$(ip -n "${p}sw" -o link show br0 | sed -n 's/.* mtu \([0-9]*\) .*/\1/p')
+    link_host "$p" "${p}rtr" eth0 p-rtr
+    ip -n "${p}rtr" addr add "$NET.4/24" dev eth0
+    ip netns add "${p}far"
+    sysctls_host "${p}far"
+    ip -n "${p}far" link set lo up
+    ip -n "${p}rtr" link add far0 type veth peer name eth0 netns "${p}far"
+    nsx "${p}far" ethtool -K eth0 tx off >/dev/null
+    nsx "${p}rtr" ethtool -K far0 tx off >/dev/null
+    # Only the router's side is small: the client keeps the segment's MTU and advertises the
+    # MSS that goes with it, as behind a tunnel or a PPPoE hop it does not see; with its own
+    # MTU small too, the MSS alone would keep every segment small and no error would be sent.
+    ip -n "${p}rtr" link set far0 mtu "$mtu" up
+    ip -n "${p}far" link set eth0 mtu "$MTU" up
+    ip -n "${p}rtr" addr add 198.19.0.254/24 dev far0
+    ip -n "${p}far" addr add 198.19.0.1/24 dev eth0
+    ip -n "${p}far" route add default via 198.19.0.254
+    for ns in "${p}rtr" "${p}far"; do
+        nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    done
+    for ns in $(lab_namespaces "$p"); do
+        [[ $ns == "${p}dir" || $ns == "${p}dir2" || $ns =~ ^${p}r[0-9]+$ ]] || continue
+        ip -n "$ns" route add 198.19.0.0/24 via "$NET.4"
+    done
+    # through the router both ways: real 1's nginx answers the far client directly
+    [[ $(nsx "${p}far" curl -s --max-time 2 "http://$NET.11:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
+        || die "the far client does not reach real 1 through the router"
 }
 
 # ----------------------------------------------------------------------------------------- down
@@ -492,6 +537,10 @@ case $cmd in
     dns-stop)
         check_real "${3:-}"
         dns_stop "$prefix" "$3"
+        ;;
+    far-up)
+        [[ ${3:-} =~ ^[0-9]+$ ]] && (($3 >= 576 && $3 <= 9000)) || die "bad MTU '${3:-}' (576..9000)"
+        far_up "$prefix" "$3"
         ;;
     *) usage ;;
 esac

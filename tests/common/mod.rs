@@ -163,7 +163,7 @@ impl Lab {
     fn is_full_ns(&self, name: &str) -> bool {
         match name.strip_prefix(&self.prefix) {
             Some(rest) => {
-                matches!(rest, "sw" | "client" | "dir" | "dir2")
+                matches!(rest, "sw" | "client" | "dir" | "dir2" | "rtr" | "far")
                     || (rest.len() > 1
                         && rest.starts_with('r')
                         && rest[1..].chars().all(|c| c.is_ascii_digit()))
@@ -234,6 +234,16 @@ impl Lab {
         run_checked(
             Command::new(lab_sh()).args(["dns-start", &self.prefix, &i.to_string()]),
             &format!("lab.sh dns-start {} {i}", self.prefix),
+        )
+        .map(|_| ())
+    }
+
+    /// Adds a client `far` (198.19.0.1) behind a router `rtr` whose link to it has `mtu` bytes
+    /// (`lab.sh far-up`), for path-MTU discovery through the director.
+    pub fn far_up(&self, mtu: u32) -> Result<()> {
+        run_checked(
+            Command::new(lab_sh()).args(["far-up", &self.prefix, &mtu.to_string()]),
+            &format!("lab.sh far-up {} {mtu}", self.prefix),
         )
         .map(|_| ())
     }
