@@ -263,9 +263,10 @@ dns_stop() {
 
 # far_up PREFIX MTU: a client 198.19.0.1 (${PREFIX}far) behind a router (${PREFIX}rtr: 198.18.0.4
 # on the segment, 198.19.0.254 toward the client) that sends at most MTU bytes to it. The
-# reals and the director route 198.19.0.0/24 via the router, so a real's reply (DR: from the
-# VIP) larger than MTU makes the router send "fragmentation needed" to the VIP: the director
-# must hand it to the real, or the real never learns the path MTU and the transfer stalls.
+# director and the DR reals route 198.19.0.0/24 via the router (NAT reals via the director), so
+# a real's reply (from the VIP, or translated to it) larger than MTU makes the router send
+# "fragmentation needed" to the VIP: the director must hand it to the real, or the real never
+# learns the path MTU and the transfer stalls.
 far_up() {
     local p=$1 mtu=$2 ns i
     need_ns "${p}sw"
@@ -293,9 +294,15 @@ far_up() {
     for ns in "${p}rtr" "${p}far"; do
         nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
     done
+    # NAT reals send their replies to the far client through the director, like the others.
+    local via=$NET.4
+    [[ $(lab_mode "$p") == nat ]] && via=$DIR_IP
     for ns in $(lab_namespaces "$p"); do
-        [[ $ns == "${p}dir" || $ns == "${p}dir2" || $ns =~ ^${p}r[0-9]+$ ]] || continue
-        ip -n "$ns" route add 198.19.0.0/24 via "$NET.4"
+        if [[ $ns == "${p}dir" || $ns == "${p}dir2" ]]; then
+            ip -n "$ns" route add 198.19.0.0/24 via "$NET.4"
+        elif [[ $ns =~ ^${p}r[0-9]+$ ]]; then
+            ip -n "$ns" route add 198.19.0.0/24 via "$via"
+        fi
     done
     # through the router both ways: real 1's nginx answers the far client directly
     [[ $(nsx "${p}far" curl -s --max-time 2 "http://$NET.11:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
