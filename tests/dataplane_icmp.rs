@@ -388,3 +388,32 @@ fn icmp_errors_leave_the_flow_and_its_counts_alone() {
         );
     });
 }
+
+#[test]
+#[ignore = "needs root"]
+fn icmp_about_a_flow_of_a_standby_service_is_dropped() {
+    if !common::require_root("icmp_about_a_flow_of_a_standby_service_is_dropped") {
+        return;
+    }
+    DpNet::new("icmpstby", 1).run(|| {
+        let mut h = Harness::new();
+        let mut svc = service(&[(1, 1)]);
+        h.apply(vec![svc.clone()]);
+        open(&h, 6, 44000, 80);
+        let q = ip_packet(&Frame::tcp(VIP, 80, CLIENT, 44000, ACK).csum().build());
+        let icmp = icmp_unreach(ROUTER, VIP, 4, 1280, &q);
+        assert_eq!(h.run(&icmp).action, XDP_TX, "while the VIP is held");
+        // A VRRP backup: the flow's packets are dropped, and so is an error about it.
+        svc.standby = true;
+        h.apply(vec![svc]);
+        let out = h.run(&icmp);
+        assert_eq!(
+            out.action,
+            dpnet::XDP_DROP,
+            "a backup never sends to the real"
+        );
+        let st = h.dp.stats().unwrap();
+        assert_eq!(st[stat::DROP_STANDBY as usize], 1);
+        assert_eq!(st[stat::ICMP_TO_REAL as usize], 1);
+    });
+}

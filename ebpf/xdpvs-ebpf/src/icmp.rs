@@ -7,15 +7,17 @@
 //! quoted header is a packet from the VIP of a tracked flow goes to that flow's real: unchanged
 //! for DR (the real holds the VIP), translated for NAT (the outer destination and the quoted
 //! source become the real's address and port, every checksum updated incrementally). Anything
-//! else, malformed quotes included, is the kernel's (`PASS_ICMP`), untouched. Read-only on the
+//! else, malformed quotes included, is the kernel's (`PASS_ICMP`), untouched; an error about a
+//! flow of a service this director holds as a VRRP backup is dropped (`DROP_STANDBY`), as the
+//! flow's own packets are. Read-only on the
 //! connection tables: an error is no sign of life of the flow, and never moves its state.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use xdpvs_common::{
-    stat, state, Addr, Conn, ConnKey, CONN_F_NAT, CONN_F_REPLY, FAMILY_V4, PROTO_TCP, PROTO_UDP,
-    REAL_F_VALID,
+    stat, state, Addr, Conn, ConnKey, ServiceKey, CONN_F_NAT, CONN_F_REPLY, FAMILY_V4, PROTO_TCP,
+    PROTO_UDP, REAL_F_VALID, SVC_F_STANDBY,
 };
 
-use crate::maps::{count, CONNS, EMBRYOS, REALS};
+use crate::maps::{count, CONNS, EMBRYOS, REALS, SERVICES};
 use crate::nat::{update, words};
 use crate::parse::Packet;
 
@@ -86,6 +88,21 @@ fn to_real(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         family: FAMILY_V4,
         _pad: [0; 2],
     };
+    // A VRRP backup never sends a flow's packets to its real (see `handle` in main.rs).
+    let svc = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: iproto,
+        family: FAMILY_V4,
+    };
+    match unsafe { SERVICES.get(&svc) } {
+        Some(s) if s.flags & SVC_F_STANDBY != 0 => {
+            count(stat::DROP_STANDBY);
+            return Some(xdp_action::XDP_DROP);
+        }
+        Some(_) => {}
+        None => return None,
+    }
     let conn: *const Conn = match CONNS.get_ptr(&key) {
         Some(c) => c,
         None => EMBRYOS.get_ptr(&key)?,
