@@ -74,10 +74,10 @@ fn flow() -> UdpSocket {
     s
 }
 
-/// `n` one-query flows from the client: which real answered each. The sockets stay open until
-/// all have asked, so no two flows share a source port (a closed socket's port is soon reused,
-/// and a reused tuple is the same flow to the director).
-fn spread(client: &str, n: usize) -> HashMap<usize, usize> {
+/// `n` one-query flows from the client: which real answered each, and their sockets. The
+/// caller keeps the sockets while flows must stay apart: a closed socket's port is soon reused,
+/// and a reused tuple is the same (still tracked) flow to the director, on its old real.
+fn spread(client: &str, n: usize) -> (HashMap<usize, usize>, Vec<UdpSocket>) {
     common::in_netns(client, || {
         let mut counts = HashMap::new();
         let mut open = Vec::with_capacity(n);
@@ -87,7 +87,7 @@ fn spread(client: &str, n: usize) -> HashMap<usize, usize> {
             *counts.entry(r).or_insert(0) += 1;
             open.push(s);
         }
-        counts
+        (counts, open)
     })
 }
 
@@ -119,7 +119,7 @@ fn run(lab: &Lab, nat: bool) {
     });
     let client = lab.ns("client");
     let n = 300;
-    let counts = spread(&client, n);
+    let (counts, _held) = spread(&client, n);
     println!(
         "{n} one-query flows ({}): {counts:?}",
         if nat { "nat" } else { "dr" }
@@ -149,11 +149,12 @@ fn run(lab: &Lab, nat: bool) {
         assert!(st.dataplane.get("nat_reply").copied().unwrap_or(0) >= n as u64);
     }
     // A flow that keeps querying stays on its real.
-    let same = common::in_netns(&client, || {
+    let (same, _same_sock) = common::in_netns(&client, || {
         let s = flow();
-        (0..5u16)
+        let same = (0..5u16)
             .map(|i| ask(&s, 1000 + i).expect("query"))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (same, s)
     });
     assert!(same.windows(2).all(|w| w[0] == w[1]), "{same:?}");
 
@@ -164,7 +165,8 @@ fn run(lab: &Lab, nat: bool) {
         r.health == "down" && r.weight == 0
     });
     println!("r2 down {:?} after its dnsmasq stopped", t.elapsed());
-    let after = spread(&client, 60);
+    // New flows (every earlier flow's port still held, so none is reused).
+    let (after, _after_held) = spread(&client, 60);
     assert!(!after.contains_key(&2), "a new flow reached r2: {after:?}");
     assert!(
         after.contains_key(&1) && after.contains_key(&3),
