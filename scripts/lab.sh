@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Network-namespace lab for end-to-end tests of xdpvs in DR mode (LVS-style).
 #
-#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1]
+#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1] [MODE=dr]
 #                                         build the lab (runs `down PREFIX` first); DIRXDP is the
 #                                         XDP mode the director will use (driver or skb); DIRS=2
-#                                         adds a second director (an HA pair, VIP held by VRRP)
+#                                         adds a second director (an HA pair, VIP held by VRRP);
+#                                         MODE=nat makes LVS-NAT reals (see below)
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
-#   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until port 80 is closed
+#   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until its port is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
 #   scripts/lab.sh dns-start PREFIX N     start a DNS server (dnsmasq) on real N's :53/udp, wait
 #                                         until it answers; it answers `example.com A` with the
 #                                         real's own address (198.18.0.(10+N)), so a reply names
 #                                         the real that served it
 #   scripts/lab.sh dns-stop PREFIX N      stop it, wait until port 53 is closed
+#   scripts/lab.sh far-up PREFIX MTU      add a client behind a router with a small path MTU
+#                                         (see far_up), for path-MTU discovery through the director
 #
 # Topology: one L2 segment, a bridge br0 in ${PREFIX}sw; every host has a veth whose peer is a
 # port of br0 (p-client, p-dir, p-r1..p-rN). MTU (68..65000) is set on every link, both ends.
@@ -27,6 +30,10 @@
 #   ${PREFIX}rI      eth0  198.18.0.(10+I)/24, VIP 198.18.0.100/32 on lo, arp_ignore=1,
 #                          arp_announce=2 (never answers ARP for the VIP), nginx on :80 -> "rI\n"
 #
+# MODE=nat (LVS-NAT, see nat_real): the reals have no VIP, nginx listens on :8080, and they
+# route the client (198.18.0.1/32) via the director 198.18.0.2, as a NAT real's default route
+# would if the client were not on the segment: their replies reach the director's XDP program.
+#
 # Everything lives in namespaces created here, addresses only from 198.18.0.0/15; the root
 # namespace's interfaces and routes are never touched. Per-lab files: /tmp/${PREFIX}lab/.
 set -euo pipefail
@@ -40,7 +47,7 @@ DIR2_IP=$NET.3
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -59,7 +66,7 @@ labdir() { echo "/tmp/${1}lab"; }
 lab_namespaces() {
     local p=$1 n
     ip netns list 2>/dev/null | awk '{print $1}' | while read -r n; do
-        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|dir2|r[0-9]+)$ ]]; then
+        if [[ ${n:0:${#p}} == "$p" && ${n:${#p}} =~ ^(sw|client|dir|dir2|rtr|far|r[0-9]+)$ ]]; then
             echo "$n"
         fi
     done
@@ -92,7 +99,7 @@ http {
     keepalive_timeout 120s;
     keepalive_requests 100000;
     server {
-        listen 80;
+        listen $(real_port "$p");
         location / { return 200 "r$i\n"; }
         location /health { return 200 "OK\n"; }
     }
@@ -116,11 +123,12 @@ alive() {
 
 need_ns() { ip netns list | awk '{print $1}' | grep -qx "$1" || die "no namespace $1 (lab not up?)"; }
 
-port80_open() { nsx "$1r$2" ss -Hltn 'sport = :80' 2>/dev/null | grep -q .; }
+port_open() { nsx "$1r$2" ss -Hltn "sport = :$(real_port "$1")" 2>/dev/null | grep -q .; }
 
 answers() {  # answers PREFIX I: the real answers "rI" to the client directly
     local body
-    body=$(nsx "$1client" curl -s --max-time 2 "http://$NET.$((10 + $2))/" 2>/dev/null) || return 1
+    body=$(nsx "$1client" curl -s --max-time 2 "http://$NET.$((10 + $2)):$(real_port "$1")/" 2>/dev/null) \
+        || return 1
     [[ $body == "r$2" ]]
 }
 
@@ -128,7 +136,7 @@ nginx_start() {
     local p=$1 i=$2 d t
     d=$(labdir "$p")/r$i
     need_ns "$p"r"$i"
-    if port80_open "$p" "$i" && answers "$p" "$i"; then
+    if port_open "$p" "$i" && answers "$p" "$i"; then
         return 0  # already running
     fi
     [[ -f $d/nginx.conf ]] || write_nginx_conf "$p" "$i"
@@ -149,15 +157,45 @@ nginx_stop() {
         kill -TERM "$pid" 2>/dev/null || true
     fi
     for t in $(seq 100); do
-        if ! port80_open "$p" "$i" && { [[ -z $pid ]] || ! alive "$pid"; }; then
+        if ! port_open "$p" "$i" && { [[ -z $pid ]] || ! alive "$pid"; }; then
             return 0
         fi
         sleep 0.05
     done
     [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true
     sleep 0.1
-    port80_open "$p" "$i" && die "port 80 on r$i still open"
+    port_open "$p" "$i" && die "port $(real_port "$p") on r$i still open"
     return 0
+}
+
+# ------------------------------------------------------------------------------------------ nat
+
+# The lab's mode (dr or nat), kept in its directory so that later subcommands see it.
+lab_mode() {
+    local f
+    f=$(labdir "$1")/mode
+    [[ -s $f ]] && cat "$f" || echo dr
+}
+
+real_port() { [[ $(lab_mode "$1") == nat ]] && echo 8080 || echo 80; }
+
+# nat_real PREFIX NS I: a LVS-NAT real. No VIP: the director rewrites the destination to the
+# real's own address and port. Its replies to the client must cross the director, so the client
+# is routed via 198.18.0.2 (on a shared segment the real would otherwise answer the client
+# directly, from its own address, and the client would reset). Redirects off on both sides: the
+# director's kernel forwards the odd reply the XDP program passes (the lab's own direct checks)
+# and would tell the real to bypass it, which breaks every later NAT reply.
+nat_real() {
+    local p=$1 ns=$2 i=$3
+    link_host "$p" "$ns" eth0 "p-r$i"
+    ip -n "$ns" addr add "$NET.$((10 + i))/24" dev eth0
+    nsx "$ns" sysctl -qw net.ipv4.conf.all.accept_redirects=0 net.ipv4.conf.eth0.accept_redirects=0
+    ip -n "$ns" route add "$CLIENT_IP/32" via "$DIR_IP" dev eth0
+}
+
+nat_director() {
+    local ns=$1
+    nsx "$ns" sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.d0.send_redirects=0
 }
 
 # ------------------------------------------------------------------------------------------ dns
@@ -219,6 +257,56 @@ dns_stop() {
     sleep 0.1
     port53_open "$p" "$i" && die "port 53 on r$i still open"
     return 0
+}
+
+# ---------------------------------------------------------------------------------------- far
+
+# far_up PREFIX MTU: a client 198.19.0.1 (${PREFIX}far) behind a router (${PREFIX}rtr: 198.18.0.4
+# on the segment, 198.19.0.254 toward the client) that sends at most MTU bytes to it. The
+# director and the DR reals route 198.19.0.0/24 via the router (NAT reals via the director), so
+# a real's reply (from the VIP, or translated to it) larger than MTU makes the router send
+# "fragmentation needed" to the VIP: the director must hand it to the real, or the real never
+# learns the path MTU and the transfer stalls.
+far_up() {
+    local p=$1 mtu=$2 ns i
+    need_ns "${p}sw"
+    ip netns add "${p}rtr"
+    sysctls_host "${p}rtr"
+    nsx "${p}rtr" sysctl -qw net.ipv4.conf.all.forwarding=1
+    ip -n "${p}rtr" link set lo up
+    MTU=$(ip -n "${p}sw" -o link show br0 | sed -n 's/.* mtu \([0-9]*\) .*/\1/p')
+    link_host "$p" "${p}rtr" eth0 p-rtr
+    ip -n "${p}rtr" addr add "$NET.4/24" dev eth0
+    ip netns add "${p}far"
+    sysctls_host "${p}far"
+    ip -n "${p}far" link set lo up
+    ip -n "${p}rtr" link add far0 type veth peer name eth0 netns "${p}far"
+    nsx "${p}far" ethtool -K eth0 tx off >/dev/null
+    nsx "${p}rtr" ethtool -K far0 tx off >/dev/null
+    # Only the router's side is small: the client keeps the segment's MTU and advertises the
+    # MSS that goes with it, as behind a tunnel or a PPPoE hop it does not see; with its own
+    # MTU small too, the MSS alone would keep every segment small and no error would be sent.
+    ip -n "${p}rtr" link set far0 mtu "$mtu" up
+    ip -n "${p}far" link set eth0 mtu "$MTU" up
+    ip -n "${p}rtr" addr add 198.19.0.254/24 dev far0
+    ip -n "${p}far" addr add 198.19.0.1/24 dev eth0
+    ip -n "${p}far" route add default via 198.19.0.254
+    for ns in "${p}rtr" "${p}far"; do
+        nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    done
+    # NAT reals send their replies to the far client through the director, like the others.
+    local via=$NET.4
+    [[ $(lab_mode "$p") == nat ]] && via=$DIR_IP
+    for ns in $(lab_namespaces "$p"); do
+        if [[ $ns == "${p}dir" || $ns == "${p}dir2" ]]; then
+            ip -n "$ns" route add 198.19.0.0/24 via "$NET.4"
+        elif [[ $ns =~ ^${p}r[0-9]+$ ]]; then
+            ip -n "$ns" route add 198.19.0.0/24 via "$via"
+        fi
+    done
+    # through the router both ways: real 1's nginx answers the far client directly
+    [[ $(nsx "${p}far" curl -s --max-time 2 "http://$NET.11:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
+        || die "the far client does not reach real 1 through the router"
 }
 
 # ----------------------------------------------------------------------------------------- down
@@ -343,6 +431,7 @@ lab_up() {
     local p=$1 n=$2 i ns
     lab_down "$p"
     mkdir -p "$(labdir "$p")"
+    echo "$MODE" >"$(labdir "$p")/mode"
 
     # switch
     ip netns add "${p}sw"
@@ -366,7 +455,12 @@ lab_up() {
     make_director "$p" "${p}dir" "$DIR_IP" p-dir
     if ((DIRS == 2)); then
         make_director "$p" "${p}dir2" "$DIR2_IP" p-dir2
-    else
+    fi
+    if [[ $MODE == nat ]]; then
+        nat_director "${p}dir"
+        if ((DIRS == 2)); then nat_director "${p}dir2"; fi
+    fi
+    if ((DIRS == 1)); then
         ip -n "${p}dir" addr add "$VIP/32" dev d0
     fi
 
@@ -375,8 +469,12 @@ lab_up() {
         ns="${p}r$i"
         ip netns add "$ns"
         sysctls_host "$ns"
-        nsx "$ns" sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
         ip -n "$ns" link set lo up
+        if [[ $MODE == nat ]]; then
+            nat_real "$p" "$ns" "$i"
+            continue
+        fi
+        nsx "$ns" sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
         ip -n "$ns" addr add "$VIP/32" dev lo
         link_host "$p" "$ns" eth0 "p-r$i"
         nsx "$ns" sysctl -qw net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2
@@ -399,7 +497,7 @@ lab_up() {
     if ((DIRS == 2)); then
         echo "lab $p up: client $CLIENT_IP, directors $DIR_IP and $DIR2_IP (VIP $VIP by VRRP), reals $NET.11..$NET.$((10 + n))"
     else
-        echo "lab $p up: client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n))"
+        echo "lab $p up ($MODE): client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n)) port $(real_port "$p")"
     fi
 }
 
@@ -421,6 +519,8 @@ case $cmd in
         [[ $DIRXDP == driver || $DIRXDP == skb ]] || die "bad DIRXDP '$DIRXDP' (driver or skb)"
         DIRS=${6:-1}
         [[ $DIRS == 1 || $DIRS == 2 ]] || die "bad DIRS '$DIRS' (1 or 2)"
+        MODE=${7:-dr}
+        [[ $MODE == dr || $MODE == nat ]] || die "bad MODE '$MODE' (dr or nat)"
         # On any failure (errexit or die), leave nothing behind.
         trap 'rc=$?; if ((rc)); then echo "lab.sh: up $prefix failed; tearing down" >&2; lab_down "$prefix"; fi; exit $rc' EXIT
         lab_up "$prefix" "$nreals"
@@ -444,6 +544,10 @@ case $cmd in
     dns-stop)
         check_real "${3:-}"
         dns_stop "$prefix" "$3"
+        ;;
+    far-up)
+        [[ ${3:-} =~ ^[0-9]+$ ]] && (($3 >= 576 && $3 <= 9000)) || die "bad MTU '${3:-}' (576..9000)"
+        far_up "$prefix" "$3"
         ;;
     *) usage ;;
 esac

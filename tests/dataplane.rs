@@ -833,6 +833,48 @@ fn reference_parse(f: &[u8]) -> Option<([u8; 4], u16, u8)> {
     ))
 }
 
+/// An ICMP error the program may forward, by an independent reading: Some((quoted source,
+/// quoted source port, quoted proto)) for a well-formed, unfragmented IPv4 destination-
+/// unreachable to the quoted packet's source, quoting an unfragmented TCP/UDP packet with its
+/// ports inside the outer packet.
+fn reference_icmp(f: &[u8]) -> Option<([u8; 4], u16, u8)> {
+    let mut l3 = 14;
+    let mut et = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    if et == 0x8100 || et == 0x88a8 {
+        et = u16::from_be_bytes([*f.get(16)?, *f.get(17)?]);
+        l3 = 18;
+    }
+    if et != 0x0800 {
+        return None;
+    }
+    let ip = f.get(l3..l3 + 20)?;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl || l3 + tot > f.len() || ip[9] != 1 {
+        return None;
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let icmp = f.get(l3 + ihl..l3 + tot)?;
+    let q = icmp.get(8..)?;
+    if icmp[0] != 3 || q.len() < 20 || q[0] >> 4 != 4 || !matches!(q[9], 6 | 17) {
+        return None;
+    }
+    let qihl = usize::from(q[0] & 0x0f) * 4;
+    if qihl < 20 || q.len() < qihl + 4 || u16::from_be_bytes([q[6], q[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    if ip[16..20] != q[12..16] {
+        return None;
+    }
+    Some((
+        [q[12], q[13], q[14], q[15]],
+        u16::from_be_bytes([q[qihl], q[qihl + 1]]),
+        q[9],
+    ))
+}
+
 /// Outcomes of a batch of frames run through [`judge`].
 #[derive(Default, Debug)]
 struct Tally {
@@ -849,13 +891,14 @@ fn judge(h: &Harness, i: usize, f: &[u8], t: &mut Tally) {
     match out.action {
         XDP_TX => {
             t.tx += 1;
-            let what = reference_parse(f);
+            let what = reference_parse(f).or_else(|| reference_icmp(f));
             assert!(
                 matches!(
                     what,
                     Some(([198, 18, 0, 100], 80, 6) | ([198, 18, 0, 100], 53, 17))
                 ),
-                "frame {i} forwarded but is not a well-formed frame to a service: {f:02x?}"
+                "frame {i} forwarded but is neither a well-formed frame to a service nor an \
+                 error about one's flow: {f:02x?}"
             );
             assert_eq!(out.frame.len(), f.len(), "frame {i}: length changed");
             assert_eq!(
@@ -875,8 +918,8 @@ fn judge(h: &Harness, i: usize, f: &[u8], t: &mut Tally) {
     }
 }
 
-/// Every frame is counted exactly once in STATS, under its outcome (`NEW_CONN` and
-/// `EMBRYO_PROMOTED` come on top of `TX`; the unused slots stay 0).
+/// Every frame is counted exactly once in STATS, under its outcome (`NEW_CONN`,
+/// `EMBRYO_PROMOTED` and `ICMP_TO_REAL` come on top of `TX`; the unused slots stay 0).
 fn assert_counted_once(h: &Harness, t: &Tally) {
     let stats = h.dp.stats().unwrap();
     let at = |s: u32| stats[s as usize];
@@ -896,7 +939,7 @@ fn assert_counted_once(h: &Harness, t: &Tally) {
         "drops: {stats:?}"
     );
     assert_eq!(
-        at(stat::PASS_NOT_IP) + at(stat::PASS_NOT_VIP),
+        at(stat::PASS_NOT_IP) + at(stat::PASS_NOT_VIP) + at(stat::PASS_ICMP),
         t.pass,
         "passes: {stats:?}"
     );
@@ -906,10 +949,22 @@ fn assert_counted_once(h: &Harness, t: &Tally) {
         "forwards: {stats:?}"
     );
     let all: u64 = (0..stat::COUNT)
-        .filter(|s| *s != stat::NEW_CONN && *s != stat::EMBRYO_PROMOTED)
+        .filter(|s| ![stat::NEW_CONN, stat::EMBRYO_PROMOTED, stat::ICMP_TO_REAL].contains(s))
         .map(at)
         .sum();
     assert_eq!(all, t.tx + t.pass + t.drop, "each frame once: {stats:?}");
+}
+
+/// A "fragmentation needed" from a router to the VIP quoting `quote` bytes of the reply
+/// VIP:`vport` -> client:`cport` (`proto` 6 or 17).
+fn icmp_about(proto: u8, cport: u16, vport: u16, quote: usize) -> Vec<u8> {
+    let reply = if proto == 6 {
+        Frame::tcp(VIP, vport, CLIENT, cport, ACK)
+    } else {
+        Frame::udp(VIP, vport, CLIENT, cport)
+    };
+    let q = packet::ip_packet(&reply.payload(64).csum().build());
+    packet::icmp_unreach("198.18.0.254", VIP, 4, 1280, &q[..quote])
 }
 
 /// The TCP service on VIP:80 and the UDP one on VIP:53, both on reals 1 and 2.
@@ -939,6 +994,9 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
                 f.vlan = Some(5);
                 f.build()
             },
+            // Errors about the flows the seeds above open (TCP 50000, UDP 50004).
+            icmp_about(6, 50000, 80, 40),
+            icmp_about(17, 50004, 53, 28),
         ];
         // xorshift64: deterministic, so a failure reproduces.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -964,6 +1022,13 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
             judge(&h, i, &f, &mut t);
         }
         println!("20000 mutated frames: {t:?}");
+        let st = h.dp.stats().unwrap();
+        println!(
+            "ICMP: {} forwarded, {} passed",
+            st[stat::ICMP_TO_REAL as usize],
+            st[stat::PASS_ICMP as usize]
+        );
+        assert!(st[stat::ICMP_TO_REAL as usize] > 0 && st[stat::PASS_ICMP as usize] > 0);
         assert!(
             t.tx > 0 && t.pass > 0 && t.drop > 0,
             "all three outcomes exercised"
@@ -1192,6 +1257,36 @@ fn systematic_malformed_frames_are_never_forwarded_and_all_counted() {
             }
         }
         mark("fragment field", &t, &mut counts);
+
+        // ICMP errors about a tracked flow (52000, opened by the bases): truncated at every
+        // length (IP length as sent and fixed up), every byte of the ICMP header and of the
+        // quoted IP header and ports set to a few values, every outer total length.
+        for full in [icmp_about(6, 52000, 80, 48), icmp_about(17, 52002, 53, 28)] {
+            run(&h, &full, &mut t);
+            for len in 14..full.len() {
+                let mut f = full[..len].to_vec();
+                run(&h, &f, &mut t);
+                if len >= 34 {
+                    f[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+                    fix_ip_checksum(&mut f, 14);
+                    run(&h, &f, &mut t);
+                }
+            }
+            for pos in 34..full.len().min(34 + 8 + 24) {
+                for v in [0u8, 1, 3, 4, 0x0f, 0x40, 0x45, 0x4f, 0x80, 0xff] {
+                    let mut f = full.clone();
+                    f[pos] = v;
+                    run(&h, &f, &mut t);
+                }
+            }
+            for tot in 0..=full.len() as u16 + 8 {
+                let mut f = full.clone();
+                f[16..18].copy_from_slice(&tot.to_be_bytes());
+                fix_ip_checksum(&mut f, 14);
+                run(&h, &f, &mut t);
+            }
+        }
+        mark("ICMP errors", &t, &mut counts);
 
         let total = t.tx + t.pass + t.drop;
         println!("{total} systematic frames: {t:?}; by case: {counts:?}");

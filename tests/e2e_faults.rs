@@ -219,8 +219,10 @@ fn list_and_scrapes_answer_while_a_10000_real_reload_runs() {
         );
         assert!(okl && oks, "a probe failed during the reload {what}");
         assert!(ns >= 1, "no scrape ran during the reload {what}");
-        // A reload longer than two lists must have one begun and answered inside it.
-        if took > idle_list * 2 {
+        // A reload much longer than a list must have one begun and answered inside it (the
+        // lists are polled back to back, so one that began just before a short reload ends
+        // inside the next: four lists' time leaves room for that on a loaded machine).
+        if took > idle_list * 4 {
             assert!(
                 answered >= 1,
                 "no list was answered during the {:.0} ms reload {what}",

@@ -95,16 +95,29 @@ impl Lab {
     /// Builds the lab with `mtu` on every link, prepared for a director in XDP mode `dir_xdp`
     /// ("driver" or "skb"; see scripts/lab.sh).
     pub fn up_with(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str) -> Result<Lab> {
-        Lab::up_full(prefix, reals, mtu, dir_xdp, 1)
+        Lab::up_full(prefix, reals, mtu, dir_xdp, 1, "dr")
     }
 
     /// A lab with two directors, `dir` (198.18.0.2) and `dir2` (198.18.0.3), neither holding
     /// the VIP until VRRP elects one (`lab.sh up ... DIRS=2`).
     pub fn up_pair(prefix: &str, reals: usize) -> Result<Lab> {
-        Lab::up_full(prefix, reals, 1500, "driver", 2)
+        Lab::up_full(prefix, reals, 1500, "driver", 2, "dr")
     }
 
-    fn up_full(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str, dirs: u8) -> Result<Lab> {
+    /// A LVS-NAT lab (`lab.sh up ... MODE=nat`): no VIP on the reals, nginx on port 8080
+    /// ([`NAT_REAL_PORT`]), the reals' route to the client via the director.
+    pub fn up_nat(prefix: &str, reals: usize) -> Result<Lab> {
+        Lab::up_full(prefix, reals, 1500, "driver", 1, "nat")
+    }
+
+    fn up_full(
+        prefix: &str,
+        reals: usize,
+        mtu: u32,
+        dir_xdp: &str,
+        dirs: u8,
+        mode: &str,
+    ) -> Result<Lab> {
         let ok_prefix = !prefix.is_empty()
             && prefix.len() <= 10
             && prefix
@@ -130,8 +143,9 @@ impl Lab {
                 &mtu.to_string(),
                 dir_xdp,
                 &dirs.to_string(),
+                mode,
             ]),
-            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp} {dirs}"),
+            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp} {dirs} {mode}"),
         )?;
         Ok(lab)
     }
@@ -149,7 +163,7 @@ impl Lab {
     fn is_full_ns(&self, name: &str) -> bool {
         match name.strip_prefix(&self.prefix) {
             Some(rest) => {
-                matches!(rest, "sw" | "client" | "dir" | "dir2")
+                matches!(rest, "sw" | "client" | "dir" | "dir2" | "rtr" | "far")
                     || (rest.len() > 1
                         && rest.starts_with('r')
                         && rest[1..].chars().all(|c| c.is_ascii_digit()))
@@ -220,6 +234,25 @@ impl Lab {
         run_checked(
             Command::new(lab_sh()).args(["dns-start", &self.prefix, &i.to_string()]),
             &format!("lab.sh dns-start {} {i}", self.prefix),
+        )
+        .map(|_| ())
+    }
+
+    /// Adds a client `far` (198.19.0.1) behind a router `rtr` whose link to it has `mtu` bytes
+    /// (`lab.sh far-up`), for path-MTU discovery through the director.
+    pub fn far_up(&self, mtu: u32) -> Result<()> {
+        run_checked(
+            Command::new(lab_sh()).args(["far-up", &self.prefix, &mtu.to_string()]),
+            &format!("lab.sh far-up {} {mtu}", self.prefix),
+        )
+        .map(|_| ())
+    }
+
+    /// Stops the DNS server on real `i` (`lab.sh dns-stop`) and waits until port 53 is closed.
+    pub fn stop_dns(&self, i: usize) -> Result<()> {
+        run_checked(
+            Command::new(lab_sh()).args(["dns-stop", &self.prefix, &i.to_string()]),
+            &format!("lab.sh dns-stop {} {i}", self.prefix),
         )
         .map(|_| ())
     }
@@ -511,6 +544,20 @@ impl KeepAlive {
 /// its reals (keys, or sub-tables such as `[service.check]`); a top-level key there
 /// (`protocol`, `scheduler`, `forwarding`) replaces the default.
 pub fn lab_config(lab: &Lab, weights: &[u32], extra_service_toml: &str) -> String {
+    lab_config_port(lab, weights, extra_service_toml, 80)
+}
+
+/// The port nginx listens on in a NAT lab ([`Lab::up_nat`]).
+pub const NAT_REAL_PORT: u16 = 8080;
+
+/// [`lab_config`] with the reals at `real_port` (a NAT service's reals: `forwarding = "nat"`
+/// in `extra_service_toml`).
+pub fn lab_config_port(
+    lab: &Lab,
+    weights: &[u32],
+    extra_service_toml: &str,
+    real_port: u16,
+) -> String {
     assert!(
         weights.len() <= lab.reals,
         "{} weights for {} reals",
@@ -548,7 +595,7 @@ pub fn lab_config(lab: &Lab, weights: &[u32], extra_service_toml: &str) -> Strin
     }
     for (i, w) in weights.iter().enumerate() {
         c.push_str(&format!(
-            "\n[[service.real]]\naddress = \"{}:80\"\nweight = {w}\n",
+            "\n[[service.real]]\naddress = \"{}:{real_port}\"\nweight = {w}\n",
             real_ip(i + 1)
         ));
     }

@@ -243,3 +243,100 @@ pub fn ipv6_syn() -> Vec<u8> {
     ]);
     f
 }
+
+/// An ICMP destination-unreachable frame (type 3, `code`; `mtu` is the next-hop MTU of code 4,
+/// "fragmentation needed") from `from` to `to`, quoting `quoted` (an IPv4 packet from its IP
+/// header on, as much of it as a router quotes), both checksums computed from scratch.
+pub fn icmp_unreach(from: &str, to: &str, code: u8, mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    icmp_frame(from, to, 3, code, mtu, quoted)
+}
+
+/// Any ICMP message: `ty`, `code`, the second header word's low half `rest`, then `body`.
+pub fn icmp_frame(from: &str, to: &str, ty: u8, code: u8, rest: u16, body: &[u8]) -> Vec<u8> {
+    let (src, dst): (Ipv4Addr, Ipv4Addr) = (from.parse().unwrap(), to.parse().unwrap());
+    let mut f = DIRECTOR_MAC.to_vec();
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let tot = (20 + 8 + body.len()) as u16;
+    f.extend_from_slice(&[0x45, 0xc0]);
+    f.extend_from_slice(&tot.to_be_bytes());
+    f.extend_from_slice(&[0x56, 0x78, 0, 0, 64, 1, 0, 0]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    let sum = checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&[ty, code, 0, 0, 0, 0]);
+    f.extend_from_slice(&rest.to_be_bytes());
+    f.extend_from_slice(body);
+    let sum = checksum(&f[34..]);
+    f[36..38].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// The IPv4 packet of a built frame (from its IP header on, without Ethernet padding).
+pub fn ip_packet(frame: &[u8]) -> Vec<u8> {
+    let tot = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    frame[14..14 + tot].to_vec()
+}
+
+/// An ICMP error frame as read by the tests, independently of the program, every checksum
+/// recomputed from scratch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParsedIcmp4 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ip_csum_ok: bool,
+    pub icmp_type: u8,
+    pub code: u8,
+    pub icmp_csum_ok: bool,
+    pub inner_src: Ipv4Addr,
+    pub inner_dst: Ipv4Addr,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    pub inner_ip_csum_ok: bool,
+    /// The quoted TCP/UDP checksum, when the whole quoted segment is there (None if cut short,
+    /// or a UDP datagram without one).
+    pub inner_l4_csum_ok: Option<bool>,
+}
+
+pub fn parse_icmp4(f: &[u8]) -> ParsedIcmp4 {
+    assert_eq!(&f[12..14], &[0x08, 0x00], "IPv4 ethertype");
+    let ip = &f[14..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    assert_eq!(ip[9], 1, "ICMP");
+    let icmp = &ip[ihl..tot];
+    let inner = &icmp[8..];
+    let iihl = ((inner[0] & 0x0f) as usize) * 4;
+    let itot = u16::from_be_bytes([inner[2], inner[3]]) as usize;
+    let seg = &inner[iihl..];
+    let (isrc, idst): ([u8; 4], [u8; 4]) = (
+        inner[12..16].try_into().unwrap(),
+        inner[16..20].try_into().unwrap(),
+    );
+    let iproto = inner[9];
+    let inner_l4_csum_ok =
+        if inner.len() < itot || (iproto == 17 && u16::from_be_bytes([seg[6], seg[7]]) == 0) {
+            None
+        } else {
+            Some(l4_checksum(&isrc, &idst, iproto, &inner[iihl..itot]) == 0)
+        };
+    ParsedIcmp4 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        src: <[u8; 4]>::try_from(&ip[12..16]).unwrap().into(),
+        dst: <[u8; 4]>::try_from(&ip[16..20]).unwrap().into(),
+        ip_csum_ok: checksum(&ip[..ihl]) == 0,
+        icmp_type: icmp[0],
+        code: icmp[1],
+        icmp_csum_ok: checksum(icmp) == 0,
+        inner_src: isrc.into(),
+        inner_dst: idst.into(),
+        inner_sport: u16::from_be_bytes([seg[0], seg[1]]),
+        inner_dport: u16::from_be_bytes([seg[2], seg[3]]),
+        inner_ip_csum_ok: checksum(&inner[..iihl]) == 0,
+        inner_l4_csum_ok,
+    }
+}

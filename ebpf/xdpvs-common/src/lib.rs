@@ -41,6 +41,7 @@ pub const FAMILY_V6: u8 = 6;
 /// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
 
 /// Map names, shared so the loader never spells one differently from the program.
 pub mod maps {
@@ -469,7 +470,14 @@ pub mod stat {
     /// A packet matching a NAT reply entry whose connection is gone (or whose real was cut):
     /// dropped, never passed (the kernel would leak it to the client from the real's address).
     pub const DROP_REPLY_NO_CONN: u32 = 25;
-    /// Slots 18, 19 and 26..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// An ICMP destination-unreachable (fragmentation needed among them) whose quoted header
+    /// is a tracked flow's packet from its VIP: sent to that flow's real (translated for NAT),
+    /// so path-MTU discovery works through the director. Counted on top of `TX`/`REDIRECT`.
+    pub const ICMP_TO_REAL: u32 = 26;
+    /// Any other ICMP (echo, errors about no tracked flow, quotes too short to read): passed
+    /// to the kernel untouched.
+    pub const PASS_ICMP: u32 = 27;
+    /// Slots 18, 19 and 28..32 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -502,8 +510,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "embryo_refused",
     "nat_reply",
     "drop_reply_no_conn",
-    "unused_26",
-    "unused_27",
+    "icmp_to_real",
+    "pass_icmp",
     "unused_28",
     "unused_29",
     "unused_30",

@@ -3,7 +3,8 @@
 //! Per packet: [`parse`] the headers; look the destination up in `SERVICES` (a miss is passed
 //! to the kernel untouched, so the director host keeps working); find the flow in the
 //! connection table ([`conntrack`]) or, for a new connection, pick a real with the service's
-//! scheduler ([`schedule`]); then send the frame to that real ([`forward`]).
+//! scheduler ([`schedule`]); then send the frame to that real ([`forward`]). ICMP errors about
+//! a tracked flow follow the flow to its real ([`icmp`]).
 //!
 //! Runtime configuration lives in maps written by the control plane, never in compile-time
 //! switches. Map types come from `xdpvs-common`, shared with the control plane.
@@ -15,6 +16,7 @@
 mod atomic;
 mod conntrack;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -26,8 +28,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use xdpvs_common::{
-    fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_TCP,
-    SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
+    fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_ICMP,
+    PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
 use crate::conntrack::{Lookup, Reply};
@@ -40,6 +42,7 @@ use crate::parse::Packet;
 #[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
+        parse::Parsed::Packet(pkt) if pkt.proto == PROTO_ICMP => icmp::handle(&ctx, &pkt),
         parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
             Some(svc) => handle(&ctx, &pkt, svc),
             None => not_a_service(&ctx, &pkt),

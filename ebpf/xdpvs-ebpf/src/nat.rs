@@ -24,7 +24,7 @@ const UDP_CSUM: usize = 6;
 
 /// One's-complement sum of the two 16-bit words of `v` as stored.
 #[inline(always)]
-fn words(v: u32) -> u64 {
+pub(crate) fn words(v: u32) -> u64 {
     ((v >> 16) + (v & 0xffff)) as u64
 }
 
@@ -38,7 +38,7 @@ fn fold(mut s: u64) -> u16 {
 
 /// `csum` after words summing to `diff` (the `~m + m'` part) are applied.
 #[inline(always)]
-fn update(csum: u16, diff: u64) -> u16 {
+pub(crate) fn update(csum: u16, diff: u64) -> u16 {
     !fold(!csum as u64 + diff)
 }
 

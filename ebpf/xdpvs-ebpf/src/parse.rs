@@ -1,4 +1,5 @@
-//! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4, TCP/UDP.
+//! Header parsing: Ethernet (with at most one 802.1Q/802.1ad tag), IPv4, TCP/UDP; unfragmented
+//! ICMP is handed on with its header's offset (`icmp` reads the rest).
 //!
 //! Every read is bounds-checked against the end of the frame's linear part (the verifier insists,
 //! and a truncated or lying header must never be forwarded). Anything we do not balance is passed
@@ -11,8 +12,8 @@
 use crate::maps::count;
 use aya_ebpf::{helpers::generated::bpf_xdp_get_buff_len, programs::XdpContext};
 use xdpvs_common::{
-    stat, state::TCP_ACK, state::TCP_SYN, Addr, ConnKey, ServiceKey, FAMILY_V4, PROTO_TCP,
-    PROTO_UDP,
+    stat, state::TCP_ACK, state::TCP_SYN, Addr, ConnKey, ServiceKey, FAMILY_V4, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP,
 };
 
 const ETH_HLEN: usize = 14;
@@ -177,6 +178,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     if (tot_len as usize) < ihl {
         return Parsed::Drop(stat::MALFORMED);
     }
+    let (src, dst) = (ip.src, ip.dst);
     let mut bytes = (ctx.data_end() - ctx.data()) as u32;
     if ctx.data() + l3 + tot_len as usize > ctx.data_end() {
         // Past the linear part: a multi-buffer frame, or a lie.
@@ -188,16 +190,31 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         bytes = full as u32;
     }
     let proto = ip.proto;
+    let frag = u16::from_be_bytes(ip.frag);
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        if proto == PROTO_ICMP && frag & 0x3fff == 0 {
+            // Possibly an error about a tracked flow (see `icmp`); ports 0, L4 = the ICMP header.
+            return packet(
+                src,
+                dst,
+                0,
+                0,
+                proto,
+                0,
+                false,
+                tot_len,
+                bytes,
+                l3,
+                l3 + ihl,
+            );
+        }
         return Parsed::Pass(stat::PASS_NOT_VIP);
     }
-    let frag = u16::from_be_bytes(ip.frag);
     if frag & 0x1fff != 0 {
         // A later fragment: no ports to match a service on. The kernel reassembles or drops it.
         return Parsed::Pass(stat::PASS_NOT_VIP);
     }
     let more_fragments = frag & 0x2000 != 0;
-    let (src, dst) = (ip.src, ip.dst);
     let l4_len = tot_len as usize - ihl;
     let min_len = if proto == PROTO_TCP {
         TCP_MIN_HLEN
