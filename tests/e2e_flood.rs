@@ -68,7 +68,15 @@ fn a_spoofed_syn_flood_does_not_shut_the_front_door() {
         panic!("trafgen (netsniff-ng) is needed: scripts/setup.sh installs it");
     }
     common::raise_nofile_limit();
-    let lab = Lab::up("xfl", 2).expect("lab up");
+    // The flood comes from its own host on the segment (the pair lab's second director
+    // namespace, running nothing), as an attacker would, so it does not also overrun the
+    // client's own interface; the director holds the VIP as a single director does.
+    let lab = Lab::up_pair("xfl", 2).expect("lab up");
+    lab.exec_ok(
+        "dir",
+        &["ip", "addr", "add", "198.18.0.100/32", "dev", "d0"],
+    )
+    .expect("VIP on the director");
     let config = lab_config(&lab, &[1, 1], "").replacen(
         "[director]\n",
         &format!("[director]\nconn_table_size = {CONNS}\nembryonic_table_size = {EMBRYOS}\n"),
@@ -96,10 +104,10 @@ fn a_spoofed_syn_flood_does_not_shut_the_front_door() {
             "ip",
             "netns",
             "exec",
-            &client,
+            &lab.ns("dir2"),
             "trafgen",
         ])
-        .args(["--dev", "eth0", "--conf"])
+        .args(["--dev", "d0", "--conf"])
         .arg(&conf)
         // Bounded whatever the rate: at most 8M frames.
         .args(["--num", "8000000", "--cpus", "1", "--rate", "200000pps"])

@@ -367,10 +367,13 @@ fn metrics_count_traffic_pass_promtool_and_feed_prometheus() {
     assert!(t1.contains("# TYPE xdpvs_health_check_duration_seconds histogram"));
     promtool_check(&t1);
 
-    // Only GET /metrics.
+    // Only GET, and only /metrics, the status page at / and its /status.json.
     let (status, head, _) = http(&dir_ns, "POST", METRICS, "/metrics").expect("POST");
     assert_eq!(status, 405, "{head}");
-    let (status, _, _) = http(&dir_ns, "GET", METRICS, "/").expect("GET /");
+    let (status, head, _) = http(&dir_ns, "GET", METRICS, "/").expect("GET /");
+    assert_eq!(status, 200, "the status page");
+    assert!(head.to_ascii_lowercase().contains("text/html"), "{head}");
+    let (status, _, _) = http(&dir_ns, "GET", METRICS, "/nothing").expect("GET /nothing");
     assert_eq!(status, 404);
     let (status, _, _) = http(&dir_ns, "GET", METRICS, "/metricsx").expect("GET /metricsx");
     assert_eq!(status, 404);
