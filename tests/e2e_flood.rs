@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
@@ -93,28 +93,15 @@ fn a_spoofed_syn_flood_does_not_shut_the_front_door() {
     });
     let rss_before = rss_kib(d.pid());
 
-    let dir_mac = lab
-        .exec_ok("dir", &["cat", "/sys/class/net/d0/address"])
-        .expect("director MAC");
-    let conf = lab.dir.join("syn.trafgen");
-    std::fs::write(&conf, trafgen_conf(dir_mac.trim())).expect("write trafgen config");
-    let mut flood = Command::new("timeout")
-        .args([
-            &format!("{FLOOD_SECS}"),
-            "ip",
-            "netns",
-            "exec",
-            &lab.ns("dir2"),
-            "trafgen",
-        ])
-        .args(["--dev", "d0", "--conf"])
-        .arg(&conf)
-        // Bounded whatever the rate: at most 8M frames.
-        .args(["--num", "8000000", "--cpus", "1", "--rate", "200000pps"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("trafgen starts");
+    // Bounded whatever the rate: at most 8M frames.
+    let mut flood = common::flood_from_dir2(
+        &lab,
+        "syn.trafgen",
+        &trafgen_conf(&common::director_mac(&lab)),
+        FLOOD_SECS,
+        200_000,
+        8000000,
+    );
     let started = Instant::now();
     let stats_at = |d: &common::Daemon| -> std::collections::BTreeMap<String, u64> {
         let out = d.admin(&["list", "--json"]).expect("list");

@@ -378,28 +378,15 @@ fn a_spoofed_udp_flood_never_evicts_live_flows_and_new_ones_get_answers() {
     };
     let before = stats_at(&d);
 
-    let dir_mac = lab
-        .exec_ok("dir", &["cat", "/sys/class/net/d0/address"])
-        .expect("director MAC");
-    let conf = lab.dir.join("udp.trafgen");
-    std::fs::write(&conf, trafgen_conf(dir_mac.trim())).expect("write trafgen config");
-    let mut flood = Command::new("timeout")
-        .args([
-            &format!("{FLOOD_SECS}"),
-            "ip",
-            "netns",
-            "exec",
-            &lab.ns("dir2"),
-            "trafgen",
-        ])
-        .args(["--dev", "d0", "--conf"])
-        .arg(&conf)
-        // Bounded whatever the rate: at most 2.4M frames.
-        .args(["--num", "2400000", "--cpus", "1", "--rate", "200000pps"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("trafgen starts");
+    // Bounded whatever the rate: at most 2.4M frames.
+    let mut flood = common::flood_from_dir2(
+        &lab,
+        "udp.trafgen",
+        &trafgen_conf(&common::director_mac(&lab)),
+        FLOOD_SECS,
+        200_000,
+        2400000,
+    );
     let started = Instant::now();
     let flood_at = T0.get().map_or(0.0, |t| (started - *t).as_secs_f64());
     let mut max_conns = 0usize;

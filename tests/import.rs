@@ -181,37 +181,12 @@ fn unpack(pkg: &str) -> std::path::PathBuf {
     dir
 }
 
-/// Unpacks Debian's `ldirectord` package (apt-get download + dpkg-deb, no install) and returns
-/// its sample config.
+/// The sample config of Debian's `ldirectord` package (unpacked, not installed).
 fn debian_sample() -> String {
-    let dir = std::env::temp_dir().join(format!("xdpvs-import-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let got = Command::new("apt-get")
-        .args(["download", "ldirectord"])
-        .current_dir(&dir)
-        .output()
-        .expect("apt-get");
-    assert!(
-        got.status.success(),
-        "apt-get download ldirectord (Debian's package registry is needed): {}",
-        String::from_utf8_lossy(&got.stderr)
-    );
-    let deb = std::fs::read_dir(&dir)
-        .expect("read dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("the .deb");
-    let x = dir.join("x");
-    let st = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&x)
-        .status()
-        .expect("dpkg-deb");
-    assert!(st.success());
-    let text = std::fs::read_to_string(x.join("usr/share/doc/ldirectord/examples/ldirectord.cf"))
-        .expect("the packaged sample");
+    let dir = unpack("ldirectord");
+    let text =
+        std::fs::read_to_string(dir.join("x/usr/share/doc/ldirectord/examples/ldirectord.cf"))
+            .expect("the packaged sample");
     let _ = std::fs::remove_dir_all(&dir);
     text
 }

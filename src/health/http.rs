@@ -498,12 +498,21 @@ mod tests {
     async fn tls_server(b: Behavior) -> SocketAddr {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+        serve_tls(ck.cert.der().clone(), key, b).await
+    }
+
+    /// A TLS server presenting `cert` that answers like `b`.
+    async fn serve_tls(
+        cert: CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        b: Behavior,
+    ) -> SocketAddr {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let sc = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .with_single_cert(vec![cert], key)
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -664,29 +673,7 @@ mod tests {
                 .unwrap();
         let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
         let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let sc = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], der)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let _rx = rx;
-            while let Ok((s, _)) = l.accept().await {
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    if let Ok(s) = acceptor.accept(s).await {
-                        handle(s, b, tx).await;
-                    }
-                });
-            }
-        });
+        let addr = serve_tls(leaf.der().clone(), der, b).await;
         (addr, ca.pem())
     }
 

@@ -905,3 +905,43 @@ pub fn sh(cmd: &mut Command, what: &str) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The director's MAC address (`d0` of `dir`), for crafted frames.
+pub fn director_mac(lab: &Lab) -> String {
+    lab.exec_ok("dir", &["cat", "/sys/class/net/d0/address"])
+        .expect("director MAC")
+        .trim()
+        .to_string()
+}
+
+/// Starts `trafgen` with the frame config `conf` (written to the lab dir as `name`) from the
+/// pair lab's second director namespace (`dir2`, running nothing: an attacker's host on the
+/// segment, so the flood does not share the client's interface), for `secs` seconds at `pps`,
+/// at most `max` frames. Its stderr is piped, for the caller to report.
+pub fn flood_from_dir2(lab: &Lab, name: &str, conf: &str, secs: u64, pps: u32, max: u64) -> Child {
+    let path = lab.dir.join(name);
+    std::fs::write(&path, conf).expect("write trafgen config");
+    Command::new("timeout")
+        .args([
+            &format!("{secs}"),
+            "ip",
+            "netns",
+            "exec",
+            &lab.ns("dir2"),
+            "trafgen",
+        ])
+        .args(["--dev", "d0", "--conf"])
+        .arg(&path)
+        .args([
+            "--num",
+            &max.to_string(),
+            "--cpus",
+            "1",
+            "--rate",
+            &format!("{pps}pps"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("trafgen starts (netsniff-ng)")
+}
