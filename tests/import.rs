@@ -155,11 +155,19 @@ fn unpack(pkg: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("xdpvs-import-{pkg}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let got = Command::new("apt-get")
-        .args(["download", pkg])
-        .current_dir(&dir)
-        .output()
-        .expect("apt-get");
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", pkg])
+            .current_dir(&dir)
+            .output()
+            .expect("apt-get")
+    };
+    let mut got = download();
+    if !got.status.success() {
+        // A machine whose package lists were cleaned (a container image): fetch them once.
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        got = download();
+    }
     assert!(
         got.status.success(),
         "apt-get download {pkg} (Debian's package registry is needed): {}",
