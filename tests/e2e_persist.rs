@@ -43,8 +43,11 @@ fn persistent_clients_keep_their_real_and_spread_by_weight() {
         return;
     }
     let lab = Lab::up("xps", 3).expect("lab up");
-    let d = spawn_xdpvs(&lab, &lab_config(&lab, &[1, 2, 3], "persistence = \"300s\"\n"))
-        .expect("xdpvs starts");
+    let d = spawn_xdpvs(
+        &lab,
+        &lab_config(&lab, &[1, 2, 3], "persistence = \"300s\"\n"),
+    )
+    .expect("xdpvs starts");
 
     // 60 client addresses, one connection each, then a second each.
     let addrs: Vec<String> = (140..200).map(|i| format!("198.18.0.{i}")).collect();
@@ -72,7 +75,10 @@ fn persistent_clients_keep_their_real_and_spread_by_weight() {
         );
     }
     let again: Vec<usize> = addrs.iter().map(|a| get_from(&lab, a)).collect();
-    assert_eq!(again, first, "every client's second connection went to its first real");
+    assert_eq!(
+        again, first,
+        "every client's second connection went to its first real"
+    );
 
     // One client, 50 new connections: one real.
     let client = lab.ns("client");
@@ -91,7 +97,10 @@ fn persistent_clients_keep_their_real_and_spread_by_weight() {
     let owner = reals[0];
 
     let st = status(&d);
-    let p = st.services[0].persistence.as_ref().expect("persistence shown");
+    let p = st.services[0]
+        .persistence
+        .as_ref()
+        .expect("persistence shown");
     assert_eq!((p.timeout_s, p.prefix), (300, 32));
     assert_eq!(p.templates, 61, "one template per client address");
     let listing = d
@@ -103,7 +112,10 @@ fn persistent_clients_keep_their_real_and_spread_by_weight() {
             .lines()
             .find(|l| l.contains(&format!(" {a}/32 ")))
             .unwrap_or_else(|| panic!("no template row for {a}:\n{listing}"));
-        assert!(row.contains(&format!("198.18.0.1{r}:80")), "{a} -> r{r}: {row}");
+        assert!(
+            row.contains(&format!("198.18.0.1{r}:80")),
+            "{a} -> r{r}: {row}"
+        );
     }
     assert_eq!(
         st.dataplane.get("persist_hit").copied(),
