@@ -661,6 +661,7 @@ fn a_syn_flood_evicts_only_embryos_and_new_connections_still_work() {
         let mut h = Harness::with_tables(xdpvs::dataplane::Tables {
             conns: 4096,
             embryos: 4096,
+            ..xdpvs::dataplane::Tables::conns(0)
         });
         let s = service(&[(1, 1), (2, 1)]);
         h.apply(vec![s.clone()]);
@@ -756,6 +757,7 @@ fn a_udp_flood_of_one_packet_flows_never_evicts_a_live_flow() {
         let mut h = Harness::with_tables(xdpvs::dataplane::Tables {
             conns: 4096,
             embryos: 2048,
+            ..xdpvs::dataplane::Tables::conns(0)
         });
         let mut s = service_on(53, &[(1, 1), (2, 1)]);
         s.key = xdpvs::state::service_key(s.address, xdpvs::config::Protocol::Udp);

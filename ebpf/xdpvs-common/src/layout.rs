@@ -15,12 +15,13 @@ use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
     state, Conn, ConnKey, Real, RealConns, RealSet, RealSlot, RealStats, Service, ServiceKey,
-    ServiceState, Settings, MAX_REALS, MAX_REALSETS, MAX_REALS_PER_SERVICE, MAX_SERVICES,
+    ServiceState, Settings, TableBlock, MAX_REALS, MAX_REALSETS, MAX_REALS_PER_SERVICE,
+    MAX_SERVICES,
 };
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -65,7 +66,7 @@ const fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 /// Every number that decides a map's bytes, in a fixed order.
-const SHAPE: [usize; 74] = [
+const SHAPE: [usize; 82] = [
     // ServiceKey
     size_of::<ServiceKey>(),
     align_of::<ServiceKey>(),
@@ -91,7 +92,12 @@ const SHAPE: [usize; 74] = [
     size_of::<RealSet>(),
     offset_of!(RealSet, count),
     offset_of!(RealSet, total_weight),
+    offset_of!(RealSet, wrr_mw),
+    offset_of!(RealSet, wrr_di),
+    offset_of!(RealSet, table_block),
+    offset_of!(RealSet, table_size),
     offset_of!(RealSet, slots),
+    size_of::<TableBlock>(),
     // Real
     size_of::<Real>(),
     align_of::<Real>(),
@@ -149,6 +155,9 @@ const SHAPE: [usize; 74] = [
     crate::CONN_F_REPLY as usize,
     crate::CONN_F_NAT as usize,
     crate::SETTINGS_F_NAT as usize,
+    crate::SVC_F_SH_PORT as usize,
+    crate::SVC_F_SH_FALLBACK as usize,
+    crate::SH_TABLE_SIZE as usize,
     state::CLOSE_WAIT as usize,
 ];
 
@@ -182,6 +191,8 @@ mod tests {
         (2, 0x6a38_7763_08dc_a4c5),
         (3, 0x80e0_77ba_eefb_953f),
         (4, 0x0df8_350f_430d_8b15),
+        // 5 is taken by another branch; 6: wrr marks, lookup-table pool, sh flags.
+        (6, 0xb923_7d21_38b0_b4f7),
     ];
 
     #[test]

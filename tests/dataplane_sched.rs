@@ -1,0 +1,286 @@
+//! The schedulers of the real XDP program against their definitions (BPF_PROG_TEST_RUN): the
+//! real each crafted SYN reaches must be the one the userspace reference computes for it.
+//! - `wrr`: the IPVS sequence (`xdpvs_common::sched::wrr_next`, whose own tests are worked
+//!   out by hand from `ip_vs_wrr.c`), across a weight change;
+//! - `sh`: IPVS's source-hash bucket and table (`sched::sh_hash`, `sched::sh_table`), with
+//!   `sh-port` and `sh-fallback`;
+//! - `mh`: the weighted Maglev table (`xdpvs::maglev::table`) indexed by the flow hash, and the
+//!   table the maps hold compared byte for byte with an independently built one and with a
+//!   second dataplane's.
+//!
+//! Needs root.
+
+mod common;
+#[path = "support/dpnet.rs"]
+mod dpnet;
+#[path = "support/packet.rs"]
+mod packet;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use dpnet::{real_ip, service_on, DpNet, Harness, VIP, XDP_DROP};
+use packet::{Frame, SYN};
+use xdpvs::state::DesiredService;
+use xdpvs_common::{
+    sched::{self, WrrMark},
+    sched_kind, stat, Addr, SH_TABLE_SIZE, SVC_F_SH_FALLBACK, SVC_F_SH_PORT,
+};
+
+fn addr(ip: Ipv4Addr) -> Addr {
+    Addr {
+        w: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
+    }
+}
+
+/// The real (by number) a SYN from `src:sport` to VIP:`port` goes to; `None` if dropped.
+fn pick(h: &Harness, src: Ipv4Addr, sport: u16, port: u16) -> Option<usize> {
+    let out = h.run(&Frame::tcp(&src.to_string(), sport, VIP, port, SYN).build());
+    if out.action == XDP_DROP {
+        return None;
+    }
+    Harness::real_of(&out.frame)
+}
+
+/// A service on `port` with reals 1..=n of `weights`, scheduled by `sched`.
+fn svc(port: u16, weights: &[u32], sched: u8) -> DesiredService {
+    let reals: Vec<(usize, u32)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i + 1, *w))
+        .collect();
+    let mut s = service_on(port, &reals);
+    s.sched = sched;
+    s
+}
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+#[test]
+#[ignore = "needs root"]
+fn wrr_follows_the_ipvs_sequence_exactly() {
+    if !common::require_root("wrr_follows_the_ipvs_sequence_exactly") {
+        return;
+    }
+    let sets: [&[u32]; 7] = [
+        &[1, 2, 3],
+        &[4, 3, 2],
+        &[4, 2, 6],
+        &[0, 3, 3],
+        &[2, 0, 1],
+        &[5, 1, 1, 10, 3],
+        &[100, 50, 25],
+    ];
+    let net = DpNet::new("sched-wrr", 8);
+    net.run(|| {
+        let mut h = Harness::new();
+        let services: Vec<DesiredService> = sets
+            .iter()
+            .enumerate()
+            .map(|(i, w)| svc(8000 + i as u16, w, sched_kind::WRR))
+            .collect();
+        h.apply(services.clone());
+        let mut sport = 10_000u16;
+        let mut marks = vec![WrrMark::default(); sets.len()];
+        for (i, w) in sets.iter().enumerate() {
+            let (di, mw) = sched::wrr_params(w.iter().copied());
+            let period: u32 = w.iter().map(|x| x / di).sum();
+            let mut want = vec![];
+            let mut got = vec![];
+            for _ in 0..3 * period {
+                let (m, p) = sched::wrr_next(w, di, mw, marks[i]);
+                marks[i] = m;
+                want.push(p.unwrap() + 1);
+                sport += 1;
+                got.push(pick(&h, CLIENT, sport, 8000 + i as u16).unwrap());
+            }
+            assert_eq!(got, want, "weights {w:?}");
+            println!("wrr {w:?}: {} connections in IPVS order", got.len());
+        }
+        // Mid-cycle weight changes: IPVS's dest_changed (walk from the head, cw realigned to
+        // the new gcd), then the new sequence.
+        let changes: [(usize, &[u32], usize); 3] = [
+            (2, &[4, 2, 3], 4), // gcd 2 -> 1
+            (1, &[4, 3, 0], 5), // a real quiesced
+            (0, &[2, 4, 6], 1), // gcd 1 -> 2
+        ];
+        let mut services = services;
+        for (i, neww, before) in changes {
+            let port = 8000 + i as u16;
+            let (di, mw) = sched::wrr_params(sets[i].iter().copied());
+            for _ in 0..before {
+                let (m, p) = sched::wrr_next(sets[i], di, mw, marks[i]);
+                marks[i] = m;
+                sport += 1;
+                assert_eq!(pick(&h, CLIENT, sport, port), Some(p.unwrap() + 1));
+            }
+            services[i] = svc(port, neww, sched_kind::WRR);
+            h.apply(services.clone());
+            let (di, mw) = sched::wrr_params(neww.iter().copied());
+            marks[i] = sched::wrr_changed(marks[i], di, mw);
+            let mut want = vec![];
+            let mut got = vec![];
+            for _ in 0..20 {
+                let (m, p) = sched::wrr_next(neww, di, mw, marks[i]);
+                marks[i] = m;
+                want.push(p.unwrap() + 1);
+                sport += 1;
+                got.push(pick(&h, CLIENT, sport, port).unwrap());
+            }
+            assert_eq!(got, want, "{:?} -> {neww:?}", sets[i]);
+        }
+    });
+}
+
+/// Client address number `i` (10.x.y.z), many distinct sources.
+fn client(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + i * 7919)
+}
+
+/// What IPVS's sh gives client `src` (port `sport` with sh-port): a real number, or none.
+fn sh_reference(weights: &[u32], fallback: bool, src: Ipv4Addr, sport: u16) -> Option<usize> {
+    let t = sched::sh_table(weights, fallback)?;
+    let slot = t[sched::sh_hash(&addr(src), sport.to_be()) as usize] as usize;
+    (weights[slot] > 0).then_some(slot + 1)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn sh_sends_each_source_where_ipvs_would_and_keeps_it_there() {
+    if !common::require_root("sh_sends_each_source_where_ipvs_would_and_keeps_it_there") {
+        return;
+    }
+    let net = DpNet::new("sched-sh", 8);
+    net.run(|| {
+        let mut h = Harness::new();
+        let weights = [1u32, 2, 0, 3];
+        let mk = |port, flags| {
+            let mut s = svc(port, &weights, sched_kind::SH);
+            s.table_size = SH_TABLE_SIZE;
+            s.sched_flags = flags;
+            s
+        };
+        h.apply(vec![
+            mk(81, 0),
+            mk(82, SVC_F_SH_PORT),
+            mk(83, SVC_F_SH_FALLBACK),
+        ]);
+        let drops = |h: &Harness| h.dp.stats().unwrap()[stat::DROP_NO_REAL as usize];
+        let mut refused = 0;
+        let mut per_real = [0usize; 5];
+        for i in 0..1500u32 {
+            let src = client(i);
+            let want = sh_reference(&weights, false, src, 0);
+            // Stable per source: three connections from other ports land alike.
+            for k in 0..3u16 {
+                let sport = 20_000 + k * 1000 + (i % 1000) as u16;
+                let before = drops(&h);
+                assert_eq!(pick(&h, src, sport, 81), want, "sh, client {src}");
+                if want.is_none() {
+                    assert_eq!(drops(&h), before + 1, "counted as no real");
+                }
+            }
+            match want {
+                Some(r) => per_real[r] += 1,
+                None => refused += 1,
+            }
+            // sh-port: the source port is part of the hash.
+            let sport = 40_000 + (i % 20_000) as u16;
+            assert_eq!(
+                pick(&h, src, sport, 82),
+                sh_reference(&weights, false, src, sport),
+                "sh-port, client {src}:{sport}"
+            );
+            // sh-fallback: never refused while some real has a weight.
+            let want = sh_reference(&weights, true, src, 0);
+            assert!(want.is_some());
+            assert_eq!(pick(&h, src, 21_000, 83), want, "sh-fallback, client {src}");
+        }
+        println!(
+            "sh 1:2:0:3 over 1500 sources: {:?} per real, {refused} refused (the weight-0 real's buckets)",
+            &per_real[1..]
+        );
+        assert!(refused > 0 && per_real[3] == 0);
+    });
+}
+
+fn mh_reference(weights: &[u32], size: u32, port: u16) -> Vec<u32> {
+    let backends: Vec<xdpvs::maglev::Backend> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| xdpvs::maglev::Backend {
+            address: SocketAddr::new(real_ip(i + 1).into(), port),
+            weight: *w,
+        })
+        .collect();
+    xdpvs::maglev::table(&backends, size).unwrap()
+}
+
+/// The lookup table the maps hold for the service on `port`, read back through its real set.
+fn table_in_maps(h: &Harness, port: u16) -> Vec<u8> {
+    let key = xdpvs::state::service_key(
+        format!("{VIP}:{port}").parse().unwrap(),
+        xdpvs::config::Protocol::Tcp,
+    );
+    let svc =
+        h.dp.view()
+            .unwrap()
+            .services
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .unwrap()
+            .1;
+    let set = h.dp.realset(svc.realset).unwrap();
+    h.dp.table(set.table_block, set.table_size).unwrap()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn mh_picks_the_maglev_real_and_every_dataplane_holds_the_same_table() {
+    if !common::require_root("mh_picks_the_maglev_real_and_every_dataplane_holds_the_same_table") {
+        return;
+    }
+    let net = DpNet::new("sched-mh", 8);
+    net.run(|| {
+        let weights = [1u32, 2, 3, 0];
+        let mk = |port, size| {
+            let mut s = svc(port, &weights, sched_kind::MH);
+            s.table_size = size;
+            s
+        };
+        let services = vec![mk(90, 65_537), mk(91, 251)];
+        let mut h = Harness::new();
+        h.apply(services.clone());
+        let vip: Ipv4Addr = VIP.parse().unwrap();
+        for (port, size) in [(90u16, 65_537u32), (91, 251)] {
+            let reference = mh_reference(&weights, size, port);
+            // The maps hold the reference table, byte for byte.
+            let held = table_in_maps(&h, port);
+            let want: Vec<u8> = reference.iter().map(|e| *e as u8).collect();
+            assert!(held == want, "table of :{port} differs from the reference");
+            let mut per_real = [0usize; 5];
+            for i in 0..3000u32 {
+                let src = client(i);
+                let sport = 1024 + (i * 13 % 60_000) as u16;
+                let hash = sched::flow_hash(&addr(src), &addr(vip), sport.to_be(), port.to_be(), 6);
+                let want = reference[(hash % size) as usize] as usize + 1;
+                let got = pick(&h, src, sport, port);
+                assert_eq!(got, Some(want), "mh :{port}, flow {src}:{sport}");
+                per_real[want] += 1;
+            }
+            println!(
+                "mh 1:2:3:0 (table {size}) over 3000 flows: {:?}",
+                &per_real[1..]
+            );
+            assert_eq!(per_real[4], 0, "weight 0 holds no entry");
+        }
+        // A second dataplane, programmed from scratch with the same config: the same bytes.
+        let mut h2 = Harness::new();
+        h2.apply(services);
+        for port in [90u16, 91] {
+            assert!(
+                table_in_maps(&h, port) == table_in_maps(&h2, port),
+                ":{port}"
+            );
+        }
+    });
+}

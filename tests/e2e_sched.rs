@@ -1,0 +1,79 @@
+//! The hashing schedulers end to end: real daemons in a netns lab, their pinned maps read back.
+//! Needs root.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{lab_config, spawn_director, Lab};
+use xdpvs::dataplane::Maps;
+
+/// Every lookup table a pinned dataplane holds, by service key, with the real set naming it
+/// (slot weights, table block and size) and the table's bytes.
+fn tables(pin_dir: &Path) -> Vec<(String, Vec<u32>, u32, Vec<u8>)> {
+    let maps = Maps::open_pinned(pin_dir).expect("open the pinned maps");
+    let view = maps.view().expect("read the maps");
+    let mut out: Vec<_> = view
+        .services
+        .iter()
+        .map(|(k, s)| {
+            let set = maps.realset(s.realset).expect("real set");
+            let weights = set.slots[..set.count as usize]
+                .iter()
+                .map(|x| x.weight)
+                .collect();
+            let table = maps.table(set.table_block, set.table_size).expect("table");
+            (
+                format!("VIP port {}", u16::from_be(k.port)),
+                weights,
+                set.table_size,
+                table,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+#[ignore = "needs root"]
+fn two_directors_started_with_one_config_hold_identical_tables() {
+    if !common::require_root("two_directors_started_with_one_config_hold_identical_tables") {
+        return;
+    }
+    let lab = Lab::up_pair("xsc", 3).expect("lab up");
+    let extra = "scheduler = \"mh\"\n";
+    // A second, sh service on port 81 on the same reals (sh_fallback, a weight-0 real).
+    let more = |cfg: String| {
+        format!(
+            "{cfg}\n[[service]]\nname = \"src\"\naddress = \"198.18.0.100:81\"\nscheduler = \"sh\"\nsh_fallback = true\n\
+             [[service.real]]\naddress = \"198.18.0.11:81\"\nweight = 3\n\
+             [[service.real]]\naddress = \"198.18.0.12:81\"\nweight = 0\n\
+             [[service.real]]\naddress = \"198.18.0.13:81\"\nweight = 1\n"
+        )
+    };
+    let cfg_a = more(lab_config(&lab, &[1, 2, 3], extra));
+    let sock2 = lab.dir.join("admin2.sock");
+    let cfg_b = cfg_a.replace(
+        &lab.dir.join("admin.sock").display().to_string(),
+        &sock2.display().to_string(),
+    );
+    let mut a = spawn_director(&lab, "dir", &cfg_a, &["--fresh"]).expect("director A");
+    let mut b = spawn_director(&lab, "dir2", &cfg_b, &["--fresh"]).expect("director B");
+    let pins = |host: &str| PathBuf::from(format!("/sys/fs/bpf/xdpvs/{}/d0", lab.ns(host)));
+    let ta = tables(&pins("dir"));
+    let tb = tables(&pins("dir2"));
+    assert_eq!(ta.len(), 2, "two services");
+    for ((ka, wa, sa, xa), (kb, wb, sb, xb)) in ta.iter().zip(&tb) {
+        assert_eq!((ka, wa, sa), (kb, wb, sb));
+        assert_eq!(xa.len(), *sa as usize);
+        assert!(xa == xb, "{ka}: the directors' tables differ");
+        let mut per_slot = vec![0usize; wa.len()];
+        for e in xa {
+            per_slot[*e as usize] += 1;
+        }
+        println!("{ka}: {sa} entries, identical on both directors; entries per real {per_slot:?}");
+    }
+    a.stop(std::time::Duration::from_secs(5)).expect("stop A");
+    b.stop(std::time::Duration::from_secs(5)).expect("stop B");
+}
