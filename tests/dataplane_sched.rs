@@ -284,3 +284,88 @@ fn mh_picks_the_maglev_real_and_every_dataplane_holds_the_same_table() {
         }
     });
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_lost_flow_under_mh_or_sh_resumes_on_its_real_and_elsewhere_gets_a_reset() {
+    if !common::require_root(
+        "a_lost_flow_under_mh_or_sh_resumes_on_its_real_and_elsewhere_gets_a_reset",
+    ) {
+        return;
+    }
+    let net = DpNet::new("sched-miss", 8);
+    net.run(|| {
+        let weights = [1u32, 2, 3];
+        let mut mh = svc(90, &weights, sched_kind::MH);
+        mh.table_size = 251;
+        let mut sh = svc(91, &weights, sched_kind::SH);
+        sh.table_size = SH_TABLE_SIZE;
+        let wlc = svc(92, &weights, sched_kind::WLC);
+        let services = vec![mh.clone(), sh.clone(), wlc.clone()];
+        // The flows' first life: handshakes through one dataplane.
+        let mut before = Harness::new();
+        before.apply(services.clone());
+        let flows: Vec<(Ipv4Addr, u16, u16)> = (0..200u32)
+            .map(|i| (client(i), 30_000 + i as u16, 90 + (i % 2) as u16))
+            .collect();
+        let mut first = vec![];
+        for (src, sport, port) in &flows {
+            let r = pick(&before, *src, *sport, *port).unwrap();
+            let ack = Frame::tcp(&src.to_string(), *sport, VIP, *port, packet::ACK).build();
+            assert_eq!(Harness::real_of(&before.run(&ack).frame), Some(r));
+            first.push(r);
+        }
+        // The table is lost (a `--fresh` daemon: new maps, same config): a data segment of
+        // each flow goes to the same real, and the entry is back, established and counted.
+        let mut after = Harness::new();
+        after.apply(services);
+        for ((src, sport, port), r) in flows.iter().zip(&first) {
+            let seg = Frame::tcp(
+                &src.to_string(),
+                *sport,
+                VIP,
+                *port,
+                packet::ACK | packet::PSH,
+            )
+            .payload(100)
+            .build();
+            let out = after.run(&seg);
+            assert_eq!(
+                Harness::real_of(&out.frame),
+                Some(*r),
+                "flow {src}:{sport} -> :{port}"
+            );
+        }
+        let st = after.dp.stats().unwrap();
+        assert_eq!(st[stat::HASH_RECOVERED as usize], flows.len() as u64);
+        let tracked = after.dp.connections();
+        assert_eq!(tracked.len(), flows.len());
+        assert!(tracked
+            .iter()
+            .all(|(_, c)| c.state == xdpvs_common::state::ESTABLISHED && c.flags == 0));
+        let active: u64 = (1..=3)
+            .map(|n| after.conns(n, &mh).0 + after.conns(n, &sh).0)
+            .sum();
+        assert_eq!(active, flows.len() as u64, "counted as active, once each");
+        println!(
+            "{} lost flows (mh and sh) resumed on their reals after a table loss",
+            flows.len()
+        );
+        // Under wlc nothing names the real: the client gets a RST, nothing is tracked.
+        let seg = Frame::tcp("198.18.0.1", 40_000, VIP, 92, packet::ACK)
+            .seq_ack(1, 123_456)
+            .build();
+        let out = after.run(&seg);
+        packet::check_reset(&seg, &out.frame).unwrap();
+        // Under mh with every weight 0, neither: a RST too.
+        let mut quiet = svc(90, &[0, 0, 0], sched_kind::MH);
+        quiet.table_size = 251;
+        after.apply(vec![quiet, sh, wlc]);
+        let seg = Frame::tcp("198.18.0.9", 40_001, VIP, 90, packet::ACK)
+            .seq_ack(1, 99)
+            .build();
+        packet::check_reset(&seg, &after.run(&seg).frame).unwrap();
+        assert_eq!(after.dp.stats().unwrap()[stat::MISS_RESET as usize], 2);
+        assert_eq!(after.dp.connections().len(), flows.len());
+    });
+}

@@ -486,7 +486,9 @@ pub mod stat {
     pub const CONNTRACK_FULL: u32 = 8;
     /// New connections scheduled.
     pub const NEW_CONN: u32 = 9;
-    /// Mid-flow TCP packet with no connection entry: dropped (never guessed to a real).
+    /// Mid-flow TCP packet with no connection entry, dropped: an RST (never answered), IP
+    /// options or IPv6 (not answered yet), or an entry being retired this very moment. Other
+    /// misses are answered (`MISS_RESET`) or recovered (`HASH_RECOVERED`).
     pub const DROP_NO_CONN: u32 = 10;
     /// Packet of a connection whose real was removed: dropped, entry retired.
     pub const DROP_REAL_GONE: u32 = 11;
@@ -530,7 +532,15 @@ pub mod stat {
     /// Any other ICMP (echo, errors about no tracked flow, quotes too short to read): passed
     /// to the kernel untouched.
     pub const PASS_ICMP: u32 = 27;
-    /// Slots 18, 19 and 28..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// A mid-flow TCP segment that missed the connection table, under a hashing scheduler
+    /// (`sh`, `mh`): sent to the real the hash picks (the one the flow had while the set is
+    /// unchanged) and its entry recreated. Counted on top of `TX`/`REDIRECT`.
+    pub const HASH_RECOVERED: u32 = 28;
+    /// A mid-flow TCP segment that missed the connection table under a load-based scheduler
+    /// (or a hashing one with no real): answered with a RST to the client (XDP_TX), so it
+    /// fails at once instead of retransmitting for minutes. Counted on top of `TX`.
+    pub const MISS_RESET: u32 = 29;
+    /// Slots 18, 19, 30 and 31 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -565,8 +575,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_reply_no_conn",
     "icmp_to_real",
     "pass_icmp",
-    "unused_28",
-    "unused_29",
+    "hash_recovered",
+    "miss_reset",
     "unused_30",
     "unused_31",
 ];
