@@ -4,8 +4,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use common::{lab_config, spawn_director, Lab};
+use common::{
+    io_error_kind, lab_config, real_of, spawn_director, spawn_xdpvs, spawn_xdpvs_with, vip_addr,
+    KeepAlive, Lab,
+};
 use xdpvs::dataplane::Maps;
 
 /// Every lookup table a pinned dataplane holds, by service key, with the real set naming it
@@ -76,4 +80,97 @@ fn two_directors_started_with_one_config_hold_identical_tables() {
     }
     a.stop(std::time::Duration::from_secs(5)).expect("stop A");
     b.stop(std::time::Duration::from_secs(5)).expect("stop B");
+}
+
+#[test]
+#[ignore = "needs root"]
+fn under_mh_held_connections_survive_a_fresh_restart() {
+    if !common::require_root("under_mh_held_connections_survive_a_fresh_restart") {
+        return;
+    }
+    let lab = Lab::up("xsm", 3).expect("lab up");
+    let cfg = lab_config(&lab, &[1, 2, 3], "scheduler = \"mh\"\n");
+    let mut d = spawn_xdpvs(&lab, &cfg).expect("daemon");
+    let n = 60;
+    let (mut held, bodies) =
+        KeepAlive::open(&lab.ns("client"), vip_addr(), n, "/").expect("keep-alive connections");
+    let before: Vec<Option<usize>> = bodies.iter().map(|b| real_of(b)).collect();
+    let mut spread = [0usize; 4];
+    for r in before.iter().flatten() {
+        spread[*r] += 1;
+    }
+    // The daemon dies and a new one starts clean: every connection entry is gone.
+    d.signal(libc::SIGKILL).expect("kill");
+    let _ = d.stop(Duration::from_secs(2));
+    let mut d = spawn_xdpvs_with(&lab, &cfg, &["--fresh"]).expect("fresh daemon");
+    let after = held.try_request_all("/");
+    let kept = after
+        .iter()
+        .zip(&before)
+        .filter(|(r, b)| matches!(r, Ok(body) if real_of(body) == **b))
+        .count();
+    println!(
+        "mh 1:2:3: {kept}/{n} keep-alive connections opened before a kill and a --fresh restart \
+         kept working on their real (reals 1..3 held {:?})",
+        &spread[1..]
+    );
+    let st: xdpvs::admin::Status =
+        serde_json::from_str(&d.admin(&["list", "--json"]).expect("list")).expect("json");
+    println!(
+        "hash_recovered {}, miss_reset {}",
+        st.dataplane["hash_recovered"], st.dataplane["miss_reset"]
+    );
+    assert_eq!(
+        st.dataplane["hash_recovered"], n as u64,
+        "each recovery counted"
+    );
+    for (i, r) in after.iter().enumerate() {
+        if let Err(e) = r {
+            panic!("connection {i} lost: {e:#}");
+        }
+    }
+    assert_eq!(kept, n);
+    d.stop(Duration::from_secs(5)).expect("stop");
+    held.close();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn under_wlc_a_lost_connection_is_reset_within_a_second() {
+    if !common::require_root("under_wlc_a_lost_connection_is_reset_within_a_second") {
+        return;
+    }
+    let lab = Lab::up("xsw", 2).expect("lab up");
+    let cfg = lab_config(&lab, &[1, 1], "");
+    let mut d = spawn_xdpvs(&lab, &cfg).expect("daemon");
+    let (mut held, _) =
+        KeepAlive::open(&lab.ns("client"), vip_addr(), 4, "/").expect("keep-alive connections");
+    d.signal(libc::SIGKILL).expect("kill");
+    let _ = d.stop(Duration::from_secs(2));
+    let mut d = spawn_xdpvs_with(&lab, &cfg, &["--fresh"]).expect("fresh daemon");
+    for i in 0..held.len() {
+        let t0 = Instant::now();
+        let r = held.request(i, "/");
+        let took = t0.elapsed();
+        let e = r.expect_err("a lost connection must fail");
+        println!(
+            "wlc, connection {i} lost by --fresh: failed after {} ms ({:?})",
+            took.as_millis(),
+            io_error_kind(&e)
+        );
+        assert_eq!(
+            io_error_kind(&e),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "reset, not a timeout: {e:#}"
+        );
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+    let st: xdpvs::admin::Status =
+        serde_json::from_str(&d.admin(&["list", "--json"]).expect("list")).expect("json");
+    assert!(
+        st.dataplane["miss_reset"] >= held.len() as u64,
+        "each reset counted: {:?}",
+        st.dataplane
+    );
+    d.stop(Duration::from_secs(5)).expect("stop");
 }
