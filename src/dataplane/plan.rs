@@ -1065,6 +1065,187 @@ mod tests {
         }
     }
 
+    fn hashed(
+        name: &str,
+        vip: &str,
+        sched: u8,
+        size: u32,
+        reals: &[(&str, u32)],
+    ) -> DesiredService {
+        let mut s = svc(name, vip, reals);
+        s.sched = sched;
+        s.table_size = size;
+        s
+    }
+
+    /// (first block, entries) of every table write, in order, with the index of the write.
+    fn table_writes(w: &[Write]) -> Vec<(usize, u32, usize)> {
+        w.iter()
+            .enumerate()
+            .filter_map(|(i, w)| match w {
+                Write::Table(b, t) => Some((i, *b, t.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hashing_tables_are_written_aside_before_their_set_and_regions_never_overlap() {
+        let mut p = Planner::new();
+        let mh = hashed(
+            "mh",
+            "198.18.0.100:80",
+            sched_kind::MH,
+            65_537,
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 2)],
+        );
+        let sh = hashed(
+            "sh",
+            "198.18.0.101:80",
+            sched_kind::SH,
+            256,
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 0)],
+        );
+        let w = p.plan(&desired(vec![mh.clone(), sh.clone()])).unwrap();
+        let t = table_writes(&w);
+        assert_eq!(t.len(), 2);
+        // Each table before the real set naming it, which comes before the service flip.
+        for (i, block, len) in &t {
+            match &w[i + 1] {
+                Write::RealSet(_, set) => {
+                    assert_eq!((set.table_block, set.table_size as usize), (*block, *len))
+                }
+                other => panic!("{other:?} after a table"),
+            }
+        }
+        // mh: 257 blocks per table, in buffer 0 of region 0..514; sh's region after it.
+        assert_eq!((t[0].1, t[0].2), (0, 65_537));
+        assert_eq!((t[1].1, t[1].2), (514, 256));
+        // A reweight writes the other half, then flips.
+        let mut mh2 = mh.clone();
+        mh2.reals[0].weight = 3;
+        let w = p.plan(&desired(vec![mh2.clone(), sh.clone()])).unwrap();
+        assert_eq!(
+            table_writes(&w).iter().map(|x| x.1).collect::<Vec<_>>(),
+            [257]
+        );
+        // Nothing changed: nothing written.
+        assert_eq!(
+            p.plan(&desired(vec![mh2.clone(), sh.clone()])).unwrap(),
+            vec![]
+        );
+        // sh_fallback changes the table, not the set.
+        let mut sh2 = sh.clone();
+        sh2.sched_flags = SVC_F_SH_FALLBACK;
+        let w = p.plan(&desired(vec![mh2.clone(), sh2.clone()])).unwrap();
+        assert_eq!(
+            table_writes(&w).iter().map(|x| x.1).collect::<Vec<_>>(),
+            [515]
+        );
+        // A smaller mh table needs a new region: taken where no live table is.
+        let mut mh3 = mh2.clone();
+        mh3.table_size = 251;
+        let w = p.plan(&desired(vec![mh3.clone(), sh2.clone()])).unwrap();
+        let t = table_writes(&w);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].1 >= 516, "not over the live tables: {t:?}");
+        let regions = p.table_regions();
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                assert!(a.1 + 2 * a.2 <= b.1, "overlap: {regions:?}");
+            }
+        }
+        // Leaving the hashing schedulers frees the region.
+        let mut plain = mh3.clone();
+        plain.sched = sched_kind::WLC;
+        plain.table_size = 0;
+        p.plan(&desired(vec![plain, sh2])).unwrap();
+        assert_eq!(p.table_regions().len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_pool_is_an_error_that_changes_nothing() {
+        let mut p = Planner::new();
+        p.set_table_pool(600);
+        let a = hashed(
+            "a",
+            "198.18.0.100:80",
+            sched_kind::MH,
+            65_537,
+            &[("198.18.0.11:80", 1)],
+        );
+        let b = hashed(
+            "b",
+            "198.18.0.101:80",
+            sched_kind::MH,
+            65_537,
+            &[("198.18.0.11:80", 1)],
+        );
+        p.plan(&desired(vec![a.clone()])).unwrap();
+        let e = p.plan(&desired(vec![a.clone(), b])).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TablePoolFull { service, need: 514, free: 86, pool: 600 } if service == "b"),
+            "{e}"
+        );
+        assert_eq!(p.plan(&desired(vec![a])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn wrr_marks_are_reset_for_new_services_and_realigned_on_changes() {
+        let mut p = Planner::new();
+        let mut s = two_reals();
+        s.sched = sched_kind::WRR;
+        let w = p.plan(&desired(vec![s.clone()])).unwrap();
+        assert!(w.contains(&Write::ResetServiceState(0)));
+        s.reals[0].weight = 4;
+        let w = p.plan(&desired(vec![s.clone()])).unwrap();
+        let at = |x: &Write| w.iter().position(|y| y == x);
+        let changed = Write::WrrChanged {
+            service: 0,
+            di: 1,
+            mw: 4,
+        };
+        assert!(
+            at(&changed).unwrap()
+                > w.iter()
+                    .position(|y| matches!(y, Write::Service(..)))
+                    .unwrap()
+        );
+    }
+
+    #[test]
+    fn adopted_planner_with_hashing_services_writes_nothing_for_the_same_config() {
+        let mut p = Planner::new();
+        let mut maps = FakeMaps::default();
+        let mh = hashed(
+            "mh",
+            "198.18.0.100:80",
+            sched_kind::MH,
+            4093,
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 2)],
+        );
+        let mut sh = hashed(
+            "sh",
+            "198.18.0.101:80",
+            sched_kind::SH,
+            256,
+            &[("198.18.0.11:80", 1)],
+        );
+        sh.sched_flags = SVC_F_SH_PORT | SVC_F_SH_FALLBACK;
+        let d = desired(vec![mh.clone(), sh.clone()]);
+        apply(&mut p, &mut maps, &d);
+        let mut d2 = d.clone();
+        d2.services[0].reals[1].weight = 5;
+        apply(&mut p, &mut maps, &d2);
+        let mut q = Planner::adopt(&maps.view()).unwrap();
+        assert_eq!(q.table_regions(), p.table_regions());
+        assert_eq!(q.plan(&d2).unwrap(), vec![]);
+        // And the next change lands where the original planner would put it.
+        let mut d3 = d2.clone();
+        d3.services[0].reals[0].weight = 7;
+        assert_eq!(q.plan(&d3).unwrap(), p.plan(&d3).unwrap());
+    }
+
     #[test]
     fn adopted_planner_makes_the_same_diff_as_the_original() {
         let mut p = Planner::new();
