@@ -369,3 +369,124 @@ fn a_lost_flow_under_mh_or_sh_resumes_on_its_real_and_elsewhere_gets_a_reset() {
         assert_eq!(after.dp.connections().len(), flows.len());
     });
 }
+
+#[test]
+#[ignore = "needs root"]
+fn mh_balances_by_weight_and_removing_one_of_n_reals_moves_about_one_nth_of_the_flows() {
+    if !common::require_root(
+        "mh_balances_by_weight_and_removing_one_of_n_reals_moves_about_one_nth_of_the_flows",
+    ) {
+        return;
+    }
+    let net = DpNet::new("sched-mhmove", 8);
+    net.run(|| {
+        let flows: Vec<(Ipv4Addr, u16)> = (0..5000u32)
+            .map(|i| (client(i), 1024 + (i * 7 % 60_000) as u16))
+            .collect();
+        for weights in [[1u32, 1, 1, 1, 1], [1, 2, 3, 1, 5]] {
+            let mut s = svc(90, &weights, sched_kind::MH);
+            s.table_size = 65_537;
+            let mut h = Harness::new();
+            h.apply(vec![s.clone()]);
+            // Balance: the table the maps hold gives each real its weight's share within 1%.
+            let t = table_in_maps(&h, 90);
+            let total: u32 = weights.iter().sum();
+            for (i, w) in weights.iter().enumerate() {
+                let got = t.iter().filter(|e| **e as usize == i).count() as f64 / t.len() as f64;
+                let want = f64::from(*w) / f64::from(total);
+                assert!(
+                    (got - want).abs() <= 0.01,
+                    "{weights:?} real {}: {got:.4} of the table, want {want:.4}",
+                    i + 1
+                );
+            }
+            let reals_of = |h: &Harness| -> Vec<usize> {
+                let v = flows
+                    .iter()
+                    .map(|(src, sport)| pick(h, *src, *sport, 90).unwrap())
+                    .collect();
+                // Forget the flows, so the next round schedules them afresh.
+                for (k, _) in h.dp.connections() {
+                    h.dp.expire(k, true).unwrap();
+                }
+                v
+            };
+            let before = reals_of(&h);
+            // Real 2 leaves: one of N = 5.
+            let mut s2 = s.clone();
+            s2.reals.remove(1);
+            h.apply(vec![s2]);
+            let after = reals_of(&h);
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+            let of_removed = before.iter().filter(|b| **b == 2).count();
+            let share = moved as f64 / flows.len() as f64;
+            let bound = 1.0 / 5.0 + 0.01;
+            println!(
+                "mh {weights:?}, real 2 removed: {moved}/{} flows moved ({:.2}%, bound 1/N + 1% = {:.0}%); \
+                 {of_removed} were real 2's, {} moved between the others",
+                flows.len(),
+                share * 100.0,
+                bound * 100.0,
+                moved - of_removed
+            );
+            assert!(share <= bound, "{:.2}% moved", share * 100.0);
+            assert!(after.iter().all(|r| *r != 2));
+            assert!(moved >= of_removed, "every flow of the removed real moved");
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs root"]
+fn four_thousand_mh_services_fit_the_default_pool() {
+    if !common::require_root("four_thousand_mh_services_fit_the_default_pool") {
+        return;
+    }
+    let net = DpNet::new("sched-many", 8);
+    net.run(|| {
+        // 4,000 services with 1,021-entry tables: 2 x 4 blocks each, 32,000 of the default
+        // pool's 32,768 blocks (8 MiB).
+        let n = 4000u16;
+        let services: Vec<DesiredService> = (0..n)
+            .map(|i| {
+                let w = [1 + u32::from(i % 3), 1, 2];
+                let mut s = svc(10_000 + i, &w, sched_kind::MH);
+                s.table_size = 1021;
+                s
+            })
+            .collect();
+        let mut h = Harness::new();
+        let t0 = std::time::Instant::now();
+        h.apply(services.clone());
+        println!(
+            "{n} mh services (1021 entries) planned and written in {} ms",
+            t0.elapsed().as_millis()
+        );
+        let regions = h.planner.table_regions();
+        assert_eq!(regions.len(), n as usize);
+        let used: u32 = regions.iter().map(|r| 2 * r.2).sum();
+        assert!(
+            used <= xdpvs_common::DEFAULT_TABLE_POOL_BLOCKS,
+            "{used} blocks"
+        );
+        let vip: Ipv4Addr = VIP.parse().unwrap();
+        for i in (0..n).step_by(97) {
+            let port = 10_000 + i;
+            let w = [1 + u32::from(i % 3), 1, 2];
+            let reference = mh_reference(&w, 1021, port);
+            assert!(
+                table_in_maps(&h, port) == reference.iter().map(|e| *e as u8).collect::<Vec<_>>()
+            );
+            for k in 0..20u32 {
+                let src = client(k + u32::from(i));
+                let sport = 2000 + k as u16;
+                let hash = sched::flow_hash(&addr(src), &addr(vip), sport.to_be(), port.to_be(), 6);
+                assert_eq!(
+                    pick(&h, src, sport, port),
+                    Some(reference[(hash % 1021) as usize] as usize + 1),
+                    "service :{port}"
+                );
+            }
+        }
+    });
+}
