@@ -490,3 +490,65 @@ fn four_thousand_mh_services_fit_the_default_pool() {
         }
     });
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_lost_nat_flow_under_mh_resumes_both_ways() {
+    if !common::require_root("a_lost_nat_flow_under_mh_resumes_both_ways") {
+        return;
+    }
+    let net = DpNet::new("sched-natmiss", 4);
+    net.client_neighbour("198.18.0.1");
+    net.run(|| {
+        let mut s = dpnet::nat_service(
+            xdpvs::config::Protocol::Tcp,
+            8080,
+            &[(1, 1), (2, 1), (3, 1)],
+        );
+        s.sched = sched_kind::MH;
+        s.table_size = 251;
+        let mut before = Harness::new();
+        before.apply(vec![s.clone()]);
+        let c = |flags| Frame::tcp("198.18.0.1", 45_000, VIP, 80, flags).csum();
+        let real = Harness::real_of(&before.run(&c(SYN).build()).frame).unwrap();
+        // Lost: a fresh dataplane, the client's data segment, then the real's answer.
+        let mut after = Harness::new();
+        after.apply(vec![s]);
+        let seg = c(packet::ACK | packet::PSH).payload(50).build();
+        let out = after.run(&seg);
+        let o = packet::parse4(&out.frame);
+        assert_eq!(Harness::real_of(&out.frame), Some(real));
+        assert_eq!(
+            (o.dst, o.dport),
+            (real_ip(real), 8080),
+            "translated to the real"
+        );
+        assert!(o.ip_csum_ok && o.l4_csum_ok == Some(true));
+        let reply = Frame::tcp(
+            &real_ip(real).to_string(),
+            8080,
+            "198.18.0.1",
+            45_000,
+            packet::ACK,
+        )
+        .payload(10)
+        .csum()
+        .macs(dpnet::real_mac(real), packet::DIRECTOR_MAC)
+        .build();
+        let back = after.run(&reply);
+        let b = packet::parse4(&back.frame);
+        assert_eq!(b.dst_mac, packet::CLIENT_MAC, "the reply found its flow");
+        assert_eq!(
+            (b.src, b.sport),
+            (VIP.parse().unwrap(), 80),
+            "from the VIP again"
+        );
+        assert!(b.ip_csum_ok && b.l4_csum_ok == Some(true));
+        assert_eq!(after.dp.stats().unwrap()[stat::HASH_RECOVERED as usize], 1);
+        assert_eq!(
+            after.dp.reply_entries().len(),
+            1,
+            "the reply entry was recreated"
+        );
+    });
+}
