@@ -552,3 +552,55 @@ fn a_lost_nat_flow_under_mh_resumes_both_ways() {
         );
     });
 }
+
+#[test]
+#[ignore = "needs root"]
+fn wrr_keeps_its_shares_when_cpus_race_for_the_mark() {
+    if !common::require_root("wrr_keeps_its_shares_when_cpus_race_for_the_mark") {
+        return;
+    }
+    let net = DpNet::new("sched-wrrcpu", 4);
+    net.run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![svc(8100, &[1, 2, 3], sched_kind::WRR)]);
+        const PER_THREAD: u16 = 6000;
+        let h = &h;
+        let counts: Vec<[usize; 4]> = std::thread::scope(|sc| {
+            let threads: Vec<_> = (0..2u16)
+                .map(|t| {
+                    sc.spawn(move || {
+                        // One thread per CPU, so the two really race.
+                        unsafe {
+                            let mut set: libc::cpu_set_t = std::mem::zeroed();
+                            libc::CPU_SET(t as usize % 2, &mut set);
+                            libc::sched_setaffinity(
+                                0,
+                                std::mem::size_of::<libc::cpu_set_t>(),
+                                &set,
+                            );
+                        }
+                        let mut c = [0usize; 4];
+                        for i in 0..PER_THREAD {
+                            let src = Ipv4Addr::new(10, 9, t as u8, 1);
+                            c[pick(h, src, 1024 + i, 8100).unwrap()] += 1;
+                        }
+                        c
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let total: Vec<usize> = (1..4).map(|r| counts[0][r] + counts[1][r]).collect();
+        let n = 2 * PER_THREAD as usize;
+        println!(
+            "wrr 1:2:3, two CPUs racing, {n} connections: {total:?} (exact: {:?})",
+            [n / 6, n / 3, n / 2]
+        );
+        // A lost compare-and-swap redoes the walk once; only a second loss shares a turn.
+        for (i, w) in [1usize, 2, 3].iter().enumerate() {
+            let want = n * w / 6;
+            let off = total[i].abs_diff(want) as f64 / n as f64;
+            assert!(off <= 0.01, "real {}: {} for {want}", i + 1, total[i]);
+        }
+    });
+}
