@@ -174,3 +174,39 @@ fn under_wlc_a_lost_connection_is_reset_within_a_second() {
     );
     d.stop(Duration::from_secs(5)).expect("stop");
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_restarted_daemon_adopts_the_tables_and_writes_nothing() {
+    if !common::require_root("a_restarted_daemon_adopts_the_tables_and_writes_nothing") {
+        return;
+    }
+    let lab = Lab::up("xsa", 3).expect("lab up");
+    let cfg = format!(
+        "{}\n[[service]]\nname = \"src\"\naddress = \"198.18.0.100:81\"\nscheduler = \"sh\"\nsh_port = true\n\
+         [[service.real]]\naddress = \"198.18.0.11:81\"\n[[service.real]]\naddress = \"198.18.0.12:81\"\n",
+        lab_config(&lab, &[1, 2, 3], "scheduler = \"mh\"\nmh_table_size = 4093\n")
+    );
+    let mut d = spawn_xdpvs_with(&lab, &cfg, &["--fresh"]).expect("daemon");
+    let pins = PathBuf::from(format!("/sys/fs/bpf/xdpvs/{}/d0", lab.ns("dir")));
+    let before = tables(&pins);
+    d.signal(libc::SIGKILL).expect("kill");
+    let _ = d.stop(Duration::from_secs(2));
+    let mut d = spawn_xdpvs(&lab, &cfg).expect("restart");
+    let log = d.log();
+    assert!(log.contains("adopted the pinned dataplane"), "{log}");
+    assert!(
+        log.contains("map_writes=0"),
+        "an unchanged config writes nothing:\n{log}"
+    );
+    assert!(
+        tables(&pins) == before,
+        "the tables changed across the restart"
+    );
+    println!(
+        "restart: adopted {} tables ({:?} entries), nothing written",
+        before.len(),
+        before.iter().map(|t| t.2).collect::<Vec<_>>()
+    );
+    d.stop(Duration::from_secs(5)).expect("stop");
+}
