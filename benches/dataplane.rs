@@ -19,6 +19,9 @@
 //! - `new SYN, WLC over N reals`: xdpvs on a new connection's SYN for a service of N reals (8,
 //!   64, 256; weight 1): service lookup, conntrack miss, WLC scan of all N reals, entry
 //!   creation, FIB lookup, MAC rewrite, XDP_TX.
+//! - `new SYN, mh` / `wrr` over 64 reals: the hashing scheduler's table lookup, wrr's IPVS walk;
+//!   `mh: a lost flow's ACK`: the fallback path (conntrack miss, hash, entry recreated in
+//!   `CONNS`); `wlc: a lost flow's ACK answered with a RST`: the reset path. All repeat=1.
 //!
 //! Two timing methods, both the kernel's own `duration` (ns, average per iteration):
 //! - `repeat=N`: one BPF_PROG_TEST_RUN call runs the program N times on the frame the previous
@@ -74,8 +77,11 @@ const SERVICES: [(u16, usize); 3] = [(80, 8), (81, 64), (82, 256)];
 const EST_SPORT: u16 = 40000;
 /// VIP port of the NAT service (reals on 8080).
 const NAT_PORT: u16 = 83;
+/// VIP ports of the mh and wrr services (64 reals each).
+const MH_PORT: u16 = 84;
+const WRR_PORT: u16 = 85;
 /// The persistent service's port (64 reals, 300 s templates).
-const PERSIST_PORT: u16 = 84;
+const PERSIST_PORT: u16 = 86;
 /// The connection table's size in `Harness::new`.
 const CONN_TABLE: usize = 65536;
 
@@ -675,6 +681,64 @@ fn measure(p: &Params) -> Result<Report> {
             bail!("{name}: {hits} template hits for {hit_syns} SYNs");
         }
 
+        // The hashing and round-robin schedulers, and a flow the table lost: a Maglev service
+        // (64 reals, the default 65,537-entry table) and a wrr one (64 reals, weights 1..=4).
+        let mut all: Vec<_> = SERVICES
+            .iter()
+            .map(|&(port, n)| service_on(port, &(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()))
+            .collect();
+        all.push(nat_service_on(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
+        let mut mh = service_on(MH_PORT, &(1..=64).map(|i| (i, 1)).collect::<Vec<_>>());
+        mh.sched = xdpvs_common::sched_kind::MH;
+        mh.table_size = 65_537;
+        all.push(mh);
+        let mut wrr = service_on(WRR_PORT, &(1..=64).map(|i| (i, 1 + (i % 4) as u32)).collect::<Vec<_>>());
+        wrr.sched = xdpvs_common::sched_kind::WRR;
+        all.push(wrr);
+        h.apply(all);
+        let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
+            let (out, d) = h.run_repeat(f, r);
+            Ok((out.action, d))
+        };
+        let recovered_before = h.dp.stats()?[stat::HASH_RECOVERED as usize];
+        let sched_cases: [(&str, u16, u8, u32, bool); 4] = [
+            ("new SYN, mh over 64 reals (flow hash, Maglev table lookup, create, FIB, TX)", MH_PORT, SYN, XDP_TX, true),
+            ("new SYN, wrr over 64 reals (IPVS mark walk + compare-and-swap, create, FIB, TX)", WRR_PORT, SYN, XDP_TX, true),
+            ("mh: a lost flow's ACK (conntrack miss, hash, entry recreated established, FIB, TX)", MH_PORT, ACK, XDP_TX, true),
+            ("wlc: a lost flow's ACK answered with a RST (built in place, XDP_TX)", 80, ACK, XDP_TX, false),
+        ];
+        for (name, port, flags, expect, tracked) in sched_cases {
+            eprintln!("dataplane bench: {name}");
+            let rep_1 = time_single(
+                p,
+                name,
+                expect,
+                |i| Frame::tcp(CLIENT, 1024 + i as u16, VIP, port, flags).seq_ack(1, 2).build(),
+                |f| xdpvs(f, 1),
+                |sent| {
+                    let n = clear(&h)?;
+                    let want = if tracked { sent } else { 0 };
+                    if n != want {
+                        bail!("{name}: {n} entries after {sent} packets, expected {want}");
+                    }
+                    Ok(())
+                },
+            )?;
+            rows.push(Row {
+                name: name.into(),
+                kind: Kind::NewSyn,
+                rep_n: None,
+                rep_1,
+                target: None,
+            });
+        }
+        let recovered = h.dp.stats()?[stat::HASH_RECOVERED as usize] - recovered_before;
+        // The warm-up's packets and every run's.
+        let want = p.samples.min(64) as u64 + p.runs as u64 * p.samples as u64;
+        if recovered != want {
+            bail!("lost flows recovered: {recovered} counted, expected {want}");
+        }
+
         let mut syn_rows = Vec::new();
         for &(port, n) in &SERVICES {
             eprintln!("dataplane bench: new SYN, WLC over {n} reals");
@@ -852,7 +916,10 @@ fn render(p: &Params, r: &Report) -> String {
             .rows
             .iter()
             .find(|row| {
-                row.kind == Kind::NewSyn && row.name.contains(&format!("over {} reals", d.reals))
+                row.kind == Kind::NewSyn
+                    && row
+                        .name
+                        .starts_with(&format!("new SYN, WLC over {} reals", d.reals))
             })
             .map_or(f64::NAN, |row| row.rep_1.median());
         let full = match (&d.full_1, &d.full_n) {

@@ -200,6 +200,7 @@ fn measure_size(size: usize, runs: usize) -> Result<SizeReport> {
     let tables = Tables {
         conns: size as u32,
         embryos: (size / 4) as u32,
+        ..Tables::conns(0)
     };
     let mut h = Harness::with_tables(tables);
     let svc = service_on(PORT, &(1..=REALS).map(|n| (n, 1)).collect::<Vec<_>>());

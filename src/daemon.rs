@@ -358,11 +358,16 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         crate::dataplane::Tables {
             conns: director.conn_table_size,
             embryos: director.embryonic_table_size,
+            table_pool: crate::dataplane::Tables::pool_blocks(director.table_pool_size),
         },
         opts.fresh,
     )?;
     let planner = match origin {
-        Origin::Fresh => Planner::new(),
+        Origin::Fresh => {
+            let mut p = Planner::new();
+            p.set_table_pool(dp.table_pool());
+            p
+        }
         Origin::Adopted => Planner::adopt(&dp.view()?)
             .context("adopting the pinned dataplane (`xdpvs run --fresh` starts clean)")?,
     };

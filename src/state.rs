@@ -62,6 +62,11 @@ pub struct DesiredService {
     pub persist: Option<(u32, u8)>,
     /// Reals in configuration order.
     pub reals: Vec<DesiredReal>,
+    /// Entries of the service's lookup table: `sh` 256 (IPVS's), `mh` its `mh_table_size`;
+    /// 0 for the schedulers without one.
+    pub table_size: u32,
+    /// `SVC_F_SH_PORT` and `SVC_F_SH_FALLBACK` (`sh` only).
+    pub sched_flags: u8,
     /// Cut a removed real's connections at once instead of letting them drain.
     pub cut_on_remove: bool,
     /// Its VIP belongs to a VRRP instance that is not master here: the dataplane drops its
@@ -137,6 +142,24 @@ pub fn desired(config: &Config, rt: &Runtime) -> Desired {
                     .persistence
                     .map(|p| (p.timeout.as_secs().min(u32::MAX as u64) as u32, p.prefix)),
                 reals,
+                table_size: match s.scheduler {
+                    Scheduler::Sh => xdpvs_common::SH_TABLE_SIZE,
+                    Scheduler::Mh => s.mh_table_size,
+                    _ => 0,
+                },
+                sched_flags: if s.scheduler == Scheduler::Sh {
+                    (if s.sh_port {
+                        xdpvs_common::SVC_F_SH_PORT
+                    } else {
+                        0
+                    }) | (if s.sh_fallback {
+                        xdpvs_common::SVC_F_SH_FALLBACK
+                    } else {
+                        0
+                    })
+                } else {
+                    0
+                },
                 cut_on_remove: s.on_remove == OnRemove::Cut,
                 standby: rt.standby_vips.contains(&s.address.ip()),
             }

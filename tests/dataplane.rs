@@ -322,10 +322,21 @@ fn counts_follow_the_tcp_lifecycle_and_expiry_returns_them_to_zero() {
         assert_eq!(h.dp.sweep().unwrap().retired, 1);
         assert_eq!(h.conns(1, &s), (0, 0));
         assert_eq!(h.dp.connections().len(), 0);
-        // Mid-flow packets of an unknown flow are never guessed to a real.
-        let out = h.run(&f(ACK));
-        assert_eq!(out.action, XDP_DROP);
+        // Mid-flow packets of an unknown flow are never guessed to a real (wlc): the client
+        // gets a RST (an RST itself is dropped).
+        let g = |flags| Frame::tcp(CLIENT, 44000, VIP, 80, flags);
+        let seg = g(ACK).seq_ack(5000, 777_000).payload(10).build();
+        let out = h.run(&seg);
+        assert_eq!(out.action, XDP_TX);
+        packet::check_reset(&seg, &out.frame).unwrap();
+        assert_eq!(h.dp.stats().unwrap()[stat::MISS_RESET as usize], 1);
+        let seg = g(FIN).seq_ack(5000, 0).payload(3).build();
+        let out = h.run(&seg);
+        assert_eq!(out.action, XDP_TX);
+        packet::check_reset(&seg, &out.frame).unwrap();
+        assert_eq!(h.run(&f(RST)).action, XDP_DROP);
         assert_eq!(h.dp.stats().unwrap()[stat::DROP_NO_CONN as usize], 1);
+        assert_eq!(h.dp.connections().len(), 0, "nothing tracked");
     });
 }
 
@@ -661,6 +672,7 @@ fn a_syn_flood_evicts_only_embryos_and_new_connections_still_work() {
         let mut h = Harness::with_tables(xdpvs::dataplane::Tables {
             conns: 4096,
             embryos: 4096,
+            ..xdpvs::dataplane::Tables::conns(0)
         });
         let s = service(&[(1, 1), (2, 1)]);
         h.apply(vec![s.clone()]);
@@ -756,6 +768,7 @@ fn a_udp_flood_of_one_packet_flows_never_evicts_a_live_flow() {
         let mut h = Harness::with_tables(xdpvs::dataplane::Tables {
             conns: 4096,
             embryos: 2048,
+            ..xdpvs::dataplane::Tables::conns(0)
         });
         let mut s = service_on(53, &[(1, 1), (2, 1)]);
         s.key = xdpvs::state::service_key(s.address, xdpvs::config::Protocol::Udp);
@@ -881,6 +894,8 @@ struct Tally {
     tx: u64,
     pass: u64,
     drop: u64,
+    /// Of `tx`, RSTs answering a segment of no flow.
+    reset: u64,
 }
 
 /// Runs `f` and checks the properties every frame must have: forwarded only if an independent
@@ -900,12 +915,18 @@ fn judge(h: &Harness, i: usize, f: &[u8], t: &mut Tally) {
                 "frame {i} forwarded but is neither a well-formed frame to a service nor an \
                  error about one's flow: {f:02x?}"
             );
-            assert_eq!(out.frame.len(), f.len(), "frame {i}: length changed");
-            assert_eq!(
-                &out.frame[12..],
-                &f[12..],
-                "frame {i}: only MACs may change"
-            );
+            if out.frame.len() != f.len() || out.frame[12..] != f[12..] {
+                // Not forwarded: a mid-flow segment of no flow, answered with a RST.
+                assert!(
+                    matches!(what, Some(([198, 18, 0, 100], 80, 6))),
+                    "frame {i}: changed but not a TCP segment to the service: {f:02x?}"
+                );
+                if let Err(e) = packet::check_reset(f, &out.frame) {
+                    panic!("frame {i}: {e}; in {f:02x?}");
+                }
+                t.reset += 1;
+                return;
+            }
             let real = Harness::real_of(&out.frame);
             assert!(matches!(real, Some(1) | Some(2)), "frame {i} to {real:?}");
         }
@@ -948,8 +969,16 @@ fn assert_counted_once(h: &Harness, t: &Tally) {
         t.tx,
         "forwards: {stats:?}"
     );
+    assert_eq!(at(stat::MISS_RESET), t.reset, "resets: {stats:?}");
+    let on_top = [
+        stat::NEW_CONN,
+        stat::EMBRYO_PROMOTED,
+        stat::ICMP_TO_REAL,
+        stat::MISS_RESET,
+        stat::HASH_RECOVERED,
+    ];
     let all: u64 = (0..stat::COUNT)
-        .filter(|s| ![stat::NEW_CONN, stat::EMBRYO_PROMOTED, stat::ICMP_TO_REAL].contains(s))
+        .filter(|s| !on_top.contains(s))
         .map(at)
         .sum();
     assert_eq!(all, t.tx + t.pass + t.drop, "each frame once: {stats:?}");

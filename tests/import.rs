@@ -132,11 +132,7 @@ fn a_man_page_style_config_translates_setting_by_setting() {
     assert_eq!(dns.protocol, Protocol::Udp);
     assert_eq!(dns.reals[0].check.kind, CheckKind::Dns);
     assert_eq!(dns.reals[0].check.dns_query, "example.com");
-    assert_eq!(
-        dns.scheduler,
-        Scheduler::Wlc,
-        "sh is not supported yet: wlc, warned"
-    );
+    assert_eq!(dns.scheduler, Scheduler::Sh, "ldirectord's sh is IPVS's");
 
     // What did not carry over is warned about at its line.
     let warned = |needle: &str, about: &str| {
@@ -150,7 +146,15 @@ fn a_man_page_style_config_translates_setting_by_setting() {
         );
     };
     warned("logfile=", "not translated");
-    warned("scheduler=sh", "not supported");
+    // sh is IPVS's own source hash, translated as it is.
+    assert!(out.toml.contains("scheduler = \"sh\""), "{}", out.toml);
+    assert!(
+        !out.warnings
+            .iter()
+            .any(|w| w.line == line_of(MAN_PAGE_STYLE, "scheduler=sh")),
+        "{:?}",
+        out.warnings
+    );
     assert!(
         out.warnings.iter().any(|w| w.message.contains("interface")),
         "the interface to set is pointed out"
@@ -482,4 +486,35 @@ fn a_keepalived_conf_as_its_man_page_describes_translates_with_its_includes() {
         out.warnings
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn keepalived_sh_with_its_flags_and_mh_translate() {
+    let conf = "virtual_server 198.18.0.100 80 {\n    lb_algo sh\n    sh-port\n    sh-fallback\n    lb_kind DR\n    protocol TCP\n\
+        \x20   real_server 198.18.0.11 80 {\n        weight 2\n    }\n}\n\
+        virtual_server 198.18.0.100 81 {\n    lb_algo mh\n    mh-fallback\n    lb_kind DR\n    protocol TCP\n\
+        \x20   real_server 198.18.0.11 81 {\n    }\n}\n";
+    let out = xdpvs::import::keepalived::translate(conf, "keepalived.conf");
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    let (sh, mh) = (&cfg.services[0], &cfg.services[1]);
+    assert_eq!(sh.scheduler, Scheduler::Sh);
+    assert!(sh.sh_port && sh.sh_fallback, "{}", out.toml);
+    assert_eq!(mh.scheduler, Scheduler::Mh);
+    // The flags are translated, not warned about; mh's different hash is.
+    assert!(
+        !out.warnings
+            .iter()
+            .any(|w| w.message.contains("not translated")),
+        "{:?}",
+        out.warnings
+    );
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.line == 12 && w.message.contains("5-tuple")),
+        "{:?}",
+        out.warnings
+    );
 }

@@ -62,6 +62,8 @@ pub struct Director {
     pub watch_config: bool,
     /// Connection-table capacity (entries).
     pub conn_table_size: u32,
+    /// Capacity of the hashing schedulers' lookup-table pool, in entries (bytes).
+    pub table_pool_size: u32,
     /// Embryonic-table capacity (half-open TCP connections and UDP flows seen once; an LRU).
     pub embryonic_table_size: u32,
     pub timeouts: Timeouts,
@@ -161,6 +163,13 @@ pub struct ServiceConfig {
     pub address: SocketAddr,
     pub protocol: Protocol,
     pub scheduler: Scheduler,
+    /// `mh`: entries of the Maglev table (a prime; 65,537 unless configured).
+    pub mh_table_size: u32,
+    /// `sh`: hash the source port too (IPVS's `sh-port`).
+    pub sh_port: bool,
+    /// `sh`: a client whose bucket's real has weight 0 goes to the next real IPVS's
+    /// `sh-fallback` search finds, instead of getting no real.
+    pub sh_fallback: bool,
     pub forwarding: Forwarding,
     pub on_failure: OnFailure,
     pub on_remove: OnRemove,

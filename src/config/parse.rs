@@ -94,6 +94,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     .config(raw)
 }
 
+/// Blocks of the lookup-table pool that `entries` take.
+fn table_blocks(entries: u32) -> u64 {
+    u64::from(entries).div_ceil(xdpvs_common::TABLE_BLOCK as u64)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Raw structs: the file as written.
 
@@ -127,6 +132,7 @@ struct RawDirector {
     watch_config: Option<bool>,
     conn_table_size: Option<Spanned<i64>>,
     embryonic_table_size: Option<Spanned<i64>>,
+    table_pool_size: Option<Spanned<i64>>,
     timeouts: Option<RawTimeouts>,
     pin_path: Option<Spanned<String>>,
     on_exit: Option<Spanned<String>>,
@@ -149,6 +155,9 @@ struct RawService {
     address: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
     scheduler: Option<Spanned<String>>,
+    mh_table_size: Option<Spanned<i64>>,
+    sh_port: Option<Spanned<bool>>,
+    sh_fallback: Option<Spanned<bool>>,
     forwarding: Option<Spanned<String>>,
     on_failure: Option<Spanned<String>>,
     on_remove: Option<Spanned<String>>,
@@ -421,6 +430,8 @@ impl Validator<'_> {
             ));
         };
         let director = self.director(director)?;
+        let pool_blocks = table_blocks(director.table_pool_size);
+        let mut pool_used = 0u64;
 
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
         // name -> line, (address, protocol) -> (name, line): to point back at the first one.
@@ -430,7 +441,30 @@ impl Validator<'_> {
             let prefix = format!("service[{i}]");
             let name_span = raw_service.get_ref().name.as_ref().map(Spanned::span);
             let addr_span = raw_service.get_ref().address.as_ref().map(Spanned::span);
+            let sched_span = raw_service.get_ref().scheduler.as_ref().map(Spanned::span);
             let service = self.service(raw_service, &prefix)?;
+            let size = match service.scheduler {
+                Scheduler::Sh => xdpvs_common::SH_TABLE_SIZE,
+                Scheduler::Mh => service.mh_table_size,
+                _ => 0,
+            };
+            // Both buffers of the service's table (see `dataplane::plan`).
+            pool_used += 2 * table_blocks(size);
+            if pool_used > pool_blocks {
+                return Err(self.err(
+                    sched_span,
+                    &format!("{prefix}.scheduler"),
+                    format!(
+                        "the lookup tables of the sh/mh services up to \"{}\" need {} entries \
+                         (two buffers of each table, in blocks of {}), more than [director] \
+                         table_pool_size ({}): raise it, or lower mh_table_size",
+                        service.name,
+                        pool_used * xdpvs_common::TABLE_BLOCK as u64,
+                        xdpvs_common::TABLE_BLOCK,
+                        director.table_pool_size
+                    ),
+                ));
+            }
             if let (Some(&first), Some(span)) = (names.get(&service.name), name_span.clone()) {
                 return Err(self.err(
                     Some(span),
@@ -653,6 +687,15 @@ impl Validator<'_> {
             None => xdpvs_common::DEFAULT_EMBRYONIC_TABLE_SIZE,
             Some(v) => self.int(v, "director.embryonic_table_size", 1024, 16_777_216)? as u32,
         };
+        let table_pool_size = match &raw.table_pool_size {
+            None => xdpvs_common::DEFAULT_TABLE_POOL_BLOCKS * xdpvs_common::TABLE_BLOCK as u32,
+            Some(v) => self.int(
+                v,
+                "director.table_pool_size",
+                xdpvs_common::TABLE_BLOCK as i64,
+                1 << 30,
+            )? as u32,
+        };
 
         let mut timeouts = Timeouts::default();
         if let Some(t) = &raw.timeouts {
@@ -706,6 +749,7 @@ impl Validator<'_> {
             watch_config: raw.watch_config.unwrap_or(true),
             conn_table_size,
             embryonic_table_size,
+            table_pool_size,
             timeouts,
             pin_path,
             on_exit,
@@ -809,7 +853,7 @@ impl Validator<'_> {
                 &[("drain", OnRemove::Drain), ("cut", OnRemove::Cut)],
             )?,
         };
-        self.not_implemented(&raw, scheduler, prefix)?;
+        let (mh_table_size, sh_port, sh_fallback) = self.hashing(&raw, scheduler, prefix)?;
 
         let check = match &raw.check {
             None => CheckConfig::default_tcp(),
@@ -906,6 +950,9 @@ impl Validator<'_> {
             address: vip,
             protocol,
             scheduler,
+            mh_table_size,
+            sh_port,
+            sh_fallback,
             forwarding,
             on_failure,
             on_remove,
@@ -958,22 +1005,59 @@ impl Validator<'_> {
         }))
     }
 
-    /// Options the file format already knows but the dataplane does not do yet; they parse so
-    /// that enabling one later is a matter of deleting its line here.
-    fn not_implemented(
+    /// The hashing schedulers' keys: `mh_table_size` (mh: a prime above the number of reals,
+    /// at most 131,071 like IPVS's largest), `sh_port` and `sh_fallback` (sh). Each is refused
+    /// with another scheduler, where it would silently mean nothing.
+    fn hashing(
         &self,
         raw: &RawService,
         scheduler: Scheduler,
         prefix: &str,
-    ) -> Result<(), ConfigError> {
-        if let (Scheduler::Sh | Scheduler::Mh, Some(v)) = (scheduler, &raw.scheduler) {
-            return Err(self.at(
-                v,
-                &format!("{prefix}.scheduler"),
-                format!("scheduler \"{}\" is not implemented yet", v.get_ref()),
-            ));
+    ) -> Result<(u32, bool, bool), ConfigError> {
+        let mut size = crate::maglev::DEFAULT_SIZE;
+        if let Some(v) = &raw.mh_table_size {
+            let key = format!("{prefix}.mh_table_size");
+            if scheduler != Scheduler::Mh {
+                return Err(self.at(
+                    v,
+                    &key,
+                    "mh_table_size applies only to scheduler = \"mh\"".into(),
+                ));
+            }
+            let n = self.int(v, &key, 2, 131_071)? as u32;
+            if !crate::maglev::is_prime(n) {
+                return Err(self.at(
+                    v,
+                    &key,
+                    format!("{n} is not a prime (Maglev needs a prime table size, e.g. 251, 1021, 4093, 65537)"),
+                ));
+            }
+            if n as usize <= raw.real.len() {
+                return Err(self.at(
+                    v,
+                    &key,
+                    format!(
+                        "{n} entries do not exceed the service's {} reals (Maglev needs more entries than reals)",
+                        raw.real.len()
+                    ),
+                ));
+            }
+            size = n;
         }
-        Ok(())
+        let flag = |v: &Option<Spanned<bool>>, name: &str| -> Result<bool, ConfigError> {
+            match v {
+                None => Ok(false),
+                Some(b) if scheduler != Scheduler::Sh => Err(self.at(
+                    b,
+                    &format!("{prefix}.{name}"),
+                    format!("{name} applies only to scheduler = \"sh\""),
+                )),
+                Some(b) => Ok(*b.get_ref()),
+            }
+        };
+        let sh_port = flag(&raw.sh_port, "sh_port")?;
+        let sh_fallback = flag(&raw.sh_fallback, "sh_fallback")?;
+        Ok((size, sh_port, sh_fallback))
     }
 
     /// The service's VIP: IP and port, both required.
@@ -1484,6 +1568,7 @@ scheduler = "rr"
                 watch_config: false,
                 conn_table_size: 4096,
                 embryonic_table_size: 131_072,
+                table_pool_size: 8 << 20,
                 timeouts: Timeouts {
                     tcp_established: Duration::from_secs(900),
                     udp: Duration::from_millis(1500),
@@ -1522,6 +1607,9 @@ scheduler = "rr"
                 address: sa("198.18.0.100:80"),
                 protocol: Protocol::Tcp,
                 scheduler: Scheduler::Rr,
+                mh_table_size: 65_537,
+                sh_port: false,
+                sh_fallback: false,
                 forwarding: Forwarding::Dr,
                 on_failure: OnFailure::Remove,
                 on_remove: OnRemove::Cut,
@@ -1549,6 +1637,9 @@ scheduler = "rr"
                 address: sa("198.18.0.100:53"),
                 protocol: Protocol::Udp,
                 scheduler: Scheduler::Rr,
+                mh_table_size: 65_537,
+                sh_port: false,
+                sh_fallback: false,
                 forwarding: Forwarding::Dr,
                 on_failure: OnFailure::Quiesce,
                 on_remove: OnRemove::Drain,
@@ -1574,6 +1665,7 @@ scheduler = "rr"
                 watch_config: true,
                 conn_table_size: 262_144,
                 embryonic_table_size: 131_072,
+                table_pool_size: 8 << 20,
                 timeouts: Timeouts::default(),
                 pin_path: None,
                 on_exit: OnExit::Keep,
@@ -1999,24 +2091,75 @@ scheduler = "rr"
     }
 
     #[test]
-    fn not_implemented_yet() {
+    fn hashing_schedulers_and_their_keys() {
+        let c = parse_str(&svc("scheduler = \"mh\"\nmh_table_size = 251\n")).unwrap();
+        assert_eq!(
+            (c.services[0].scheduler, c.services[0].mh_table_size),
+            (Scheduler::Mh, 251)
+        );
+        let c = parse_str(&svc("scheduler = \"mh\"\n")).unwrap();
+        assert_eq!(c.services[0].mh_table_size, 65_537);
+        let c = parse_str(&svc(
+            "scheduler = \"sh\"\nsh_port = true\nsh_fallback = true\n",
+        ))
+        .unwrap();
+        assert!(c.services[0].sh_port && c.services[0].sh_fallback);
         expect_err(
-            &svc("scheduler = \"mh\"\n"),
-            ("scheduler", 0),
-            "service[0].scheduler",
-            "\"mh\" is not implemented yet",
+            &svc("scheduler = \"mh\"\nmh_table_size = 65536\n"),
+            ("mh_table_size", 0),
+            "service[0].mh_table_size",
+            "65536 is not a prime",
         );
         expect_err(
-            &svc("scheduler = \"sh\"\n"),
-            ("scheduler", 0),
-            "service[0].scheduler",
-            "not implemented yet",
+            &svc("scheduler = \"mh\"\nmh_table_size = 262147\n"),
+            ("mh_table_size", 0),
+            "service[0].mh_table_size",
+            "out of range (2..=131071)",
+        );
+        expect_err(
+            &svc("mh_table_size = 251\n"),
+            ("mh_table_size", 0),
+            "service[0].mh_table_size",
+            "applies only to scheduler = \"mh\"",
+        );
+        expect_err(
+            &svc("scheduler = \"mh\"\nmh_table_size = 3\n[[service.real]]\naddress = \"198.18.1.1\"\n[[service.real]]\naddress = \"198.18.1.2\"\n[[service.real]]\naddress = \"198.18.1.3\"\n"),
+            ("mh_table_size", 0),
+            "service[0].mh_table_size",
+            "3 entries do not exceed the service's 3 reals",
+        );
+        expect_err(
+            &svc("scheduler = \"mh\"\nsh_port = true\n"),
+            ("sh_port", 0),
+            "service[0].sh_port",
+            "sh_port applies only to scheduler = \"sh\"",
         );
         expect_err(
             &svc("scheduler = \"lblc\"\n"),
             ("scheduler", 0),
             "service[0].scheduler",
             "unknown scheduler \"lblc\"",
+        );
+    }
+
+    #[test]
+    fn the_table_pool_must_hold_every_hashing_service() {
+        // 1 KiB of pool: two buffers of a 251-entry table (one block each) fit twice.
+        let head = HEAD.replace("[director]\n", "[director]\ntable_pool_size = 1024\n");
+        let one = |i: usize| {
+            format!(
+                "[[service]]\nname = \"s{i}\"\naddress = \"198.18.0.100:{}\"\nscheduler = \"mh\"\nmh_table_size = 251\n",
+                80 + i
+            )
+        };
+        let ok = format!("{head}\n{}{}", one(0), one(1));
+        assert!(parse_str(&ok).is_ok());
+        let over = format!("{ok}{}", one(2));
+        expect_err(
+            &over,
+            ("scheduler", 2),
+            "service[2].scheduler",
+            "need 1536 entries (two buffers of each table, in blocks of 256), more than [director] table_pool_size (1024)",
         );
     }
 

@@ -30,9 +30,10 @@ use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
     expire_rc, maps, progs, sched::clamp_counter, stat, state, Conn, ConnKey, ExpireRequest,
-    Layout, PersistKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey, Settings,
-    SweepResult, SyncEvent, Template, CONN_F_REPLY, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE,
-    FAMILY_NONE, MAX_REALS, REAL_F_VALID,
+    Layout, PersistKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
+    Settings, SweepResult, SyncEvent, TableBlock, Template, CONN_F_REPLY,
+    DEFAULT_EMBRYONIC_TABLE_SIZE, DEFAULT_TABLE_POOL_BLOCKS, EXPIRE_F_FORCE, FAMILY_NONE,
+    MAX_REALS, REAL_F_VALID, TABLE_BLOCK,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;
@@ -57,20 +58,27 @@ pub struct SweepReport {
 }
 
 /// Capacities of the two connection tables (`[director] conn_table_size`,
-/// `embryonic_table_size`).
+/// `embryonic_table_size`) and of the lookup-table pool (`table_pool_size`, in blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tables {
     pub conns: u32,
     pub embryos: u32,
+    pub table_pool: u32,
 }
 
 impl Tables {
-    /// A connection table of `conns` entries and the default embryonic table.
+    /// A connection table of `conns` entries, the default embryonic table and table pool.
     pub fn conns(conns: u32) -> Tables {
         Tables {
             conns,
             embryos: DEFAULT_EMBRYONIC_TABLE_SIZE,
+            table_pool: DEFAULT_TABLE_POOL_BLOCKS,
         }
+    }
+
+    /// Blocks of the table pool that `[director] table_pool_size` entries take.
+    pub fn pool_blocks(entries: u32) -> u32 {
+        entries.div_ceil(TABLE_BLOCK as u32)
     }
 }
 
@@ -134,6 +142,8 @@ pub struct Dataplane {
     /// The maps `list`, metrics and adopt read (shared with the offline reader).
     maps: Maps,
     conns: HashMap<MapData, ConnKey, Conn>,
+    /// Per-service scheduler state (the wrr mark), written on set changes.
+    service_state: Array<MapData, ServiceState>,
     /// The sync event ring buffer, until its reader takes it ([`Dataplane::take_sync_events`]).
     sync_events: Option<RingBuf<MapData>>,
     embryos: HashMap<MapData, ConnKey, Conn>,
@@ -225,6 +235,7 @@ impl Dataplane {
         let mut ebpf = loader
             .map_max_entries(maps::CONNS, tables.conns)
             .map_max_entries(maps::EMBRYOS, tables.embryos)
+            .map_max_entries(maps::TABLES, tables.table_pool)
             .load(OBJECT)
             .context("loading the XDP object (needs root / CAP_BPF)")?;
         for name in [
@@ -249,6 +260,7 @@ impl Dataplane {
             settings: take(&mut ebpf, maps::SETTINGS)?,
             stats: take(&mut ebpf, maps::STATS)?,
             persist: take(&mut ebpf, maps::PERSIST)?,
+            tables: take(&mut ebpf, maps::TABLES)?,
         };
         // An adopted dataplane keeps its timeouts; a new one holds zeros until the first plan.
         let settings = maps.settings.get(&0, 0).unwrap_or_default();
@@ -256,6 +268,7 @@ impl Dataplane {
             layout: take(&mut ebpf, maps::LAYOUT)?,
             maps,
             conns: take(&mut ebpf, maps::CONNS)?,
+            service_state: take(&mut ebpf, maps::SERVICE_STATE)?,
             sync_events: Some(take(&mut ebpf, maps::SYNC_EVENTS)?),
             embryos: take(&mut ebpf, maps::EMBRYOS)?,
             settings,
@@ -403,6 +416,25 @@ impl Dataplane {
                 }
                 Write::Real(id, r) => self.maps.reals.set(*id, r, 0)?,
                 Write::RealSet(i, s) => self.maps.realsets.set(*i, s.as_ref(), 0)?,
+                Write::Table(first, entries) => {
+                    for (i, chunk) in entries.chunks(TABLE_BLOCK).enumerate() {
+                        let mut b = TableBlock::default();
+                        b.e[..chunk.len()].copy_from_slice(chunk);
+                        self.maps.tables.set(first + i as u32, b, 0)?;
+                    }
+                }
+                Write::WrrChanged { service, di, mw } => {
+                    let cur = self.service_state.get(service, 0)?;
+                    let mark = xdpvs_common::sched::WrrMark::unpack(cur.rr_cursor);
+                    let next = xdpvs_common::sched::wrr_changed(mark, *di, *mw);
+                    let st = ServiceState {
+                        rr_cursor: next.pack(),
+                    };
+                    self.service_state.set(*service, st, 0)?;
+                }
+                Write::ResetServiceState(id) => {
+                    self.service_state.set(*id, ServiceState::default(), 0)?
+                }
                 Write::Service(k, s) => self.maps.services.insert(k, s, 0)?,
                 Write::DeleteService(k) => match self.maps.services.remove(k) {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -613,6 +645,7 @@ fn check_layout(dir: &Path, tables: Tables) -> Result<LayoutCheck> {
         let want_entries = match name {
             maps::CONNS => conn_table_size,
             maps::EMBRYOS => tables.embryos,
+            maps::TABLES => tables.table_pool,
             _ => spec.max_entries(),
         };
         match MapInfo::from_pin(&path) {
@@ -635,6 +668,14 @@ fn check_layout(dir: &Path, tables: Tables) -> Result<LayoutCheck> {
                         "the pinned embryonic table holds {n} entries but [director] \
                          embryonic_table_size is {} (set it back to {n} to adopt)",
                         tables.embryos
+                    ));
+                } else if n != want_entries && name == maps::TABLES {
+                    diffs.push(format!(
+                        "the pinned lookup-table pool holds {} entries but [director] \
+                         table_pool_size is {} (set it back to {} to adopt)",
+                        n as u64 * TABLE_BLOCK as u64,
+                        tables.table_pool as u64 * TABLE_BLOCK as u64,
+                        n as u64 * TABLE_BLOCK as u64
                     ));
                 } else if n != want_entries {
                     diffs.push(format!(
@@ -709,6 +750,7 @@ pub struct Maps {
     settings: Array<MapData, Settings>,
     stats: PerCpuArray<MapData, u64>,
     persist: HashMap<MapData, PersistKey, Template>,
+    tables: Array<MapData, TableBlock>,
 }
 
 impl Maps {
@@ -724,6 +766,7 @@ impl Maps {
             settings: pinned_map(dir, maps::SETTINGS)?,
             stats: pinned_map(dir, maps::STATS)?,
             persist: pinned_map(dir, maps::PERSIST)?,
+            tables: pinned_map(dir, maps::TABLES)?,
         })
     }
 
@@ -739,6 +782,7 @@ impl Maps {
             settings: dup(self.settings.map())?,
             stats: dup(self.stats.map())?,
             persist: dup(self.persist.map())?,
+            tables: dup(self.tables.map())?,
         })
     }
 
@@ -758,6 +802,7 @@ impl Maps {
             }
         }
         view.settings = self.settings.get(&0, 0)?;
+        view.table_pool = self.tables.len();
         Ok(view)
     }
 
@@ -765,6 +810,30 @@ impl Maps {
     /// and the LRU reclaims them).
     pub fn templates(&self) -> Vec<(PersistKey, Template)> {
         self.persist.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Capacity of the lookup-table pool, in blocks.
+    pub fn table_pool(&self) -> u32 {
+        self.tables.len()
+    }
+
+    /// `n` entries of the lookup-table pool from block `first` on (what a real set's
+    /// `table_block` and `table_size` name).
+    pub fn table(&self, first: u32, n: u32) -> Result<Vec<u8>> {
+        let mut v = Vec::with_capacity(n as usize);
+        let mut b = first;
+        while v.len() < n as usize {
+            let block = self.tables.get(&b, 0)?;
+            let take = (n as usize - v.len()).min(TABLE_BLOCK);
+            v.extend_from_slice(&block.e[..take]);
+            b += 1;
+        }
+        Ok(v)
+    }
+
+    /// The real set at `REALSETS[index]`.
+    pub fn realset(&self, index: u32) -> Result<RealSet> {
+        Ok(self.realsets.get(&index, 0)?)
     }
 
     /// What `REALS` holds for an id (family `FAMILY_NONE`: no real).

@@ -9,13 +9,21 @@
 //!   is pointed at it, so the XDP program never reads a half-written set;
 //! - a real's id is freed only once no connection counts against it, so a tracked flow can never
 //!   be delivered to a different real that reused the id.
+//!
+//! The hashing schedulers' lookup tables follow the real sets: a service using `sh` or `mh`
+//! owns a region of the `TABLES` pool holding two tables, one per real-set buffer; the table
+//! for a new set is written into the idle buffer's half before the set (which names it) and
+//! the service flip, so a packet reads a set and its table as one. Tables hold slot indexes
+//! computed only from the config's addresses and weights, so every director with the same
+//! config holds the same bytes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 
 use xdpvs_common::{
-    Real, RealSet, RealSlot, Service, ServiceKey, Settings, MAX_REALS, MAX_REALS_PER_SERVICE,
-    MAX_SERVICES, NO_REAL, REAL_F_VALID, SVC_F_DRAINING, SVC_F_STANDBY,
+    sched, sched_kind, Real, RealSet, RealSlot, Service, ServiceKey, Settings, MAX_REALS,
+    MAX_REALS_PER_SERVICE, MAX_SERVICES, NO_REAL, REAL_F_VALID, SVC_F_DRAINING, SVC_F_SH_FALLBACK,
+    SVC_F_SH_PORT, SVC_F_STANDBY, TABLE_BLOCK,
 };
 
 use crate::config::Timeouts;
@@ -28,7 +36,18 @@ pub enum Write {
     ResetReal(u32),
     Real(u32, Real),
     RealSet(u32, Box<RealSet>),
+    /// A lookup table (slot indexes), written into `TABLES` from block `.0` on.
+    Table(u32, Vec<u8>),
     Service(ServiceKey, Service),
+    /// wrr: IPVS's `dest_changed` on the service's mark (`sched::wrr_changed` with the new
+    /// set's `di` and `mw`), after the service points at the new set.
+    WrrChanged {
+        service: u32,
+        di: u32,
+        mw: u32,
+    },
+    /// A new service id's scheduler state starts from zero (IPVS's initial wrr mark).
+    ResetServiceState(u32),
     DeleteService(ServiceKey),
     Settings(Settings),
 }
@@ -39,6 +58,31 @@ pub enum PlanError {
     TooManyServices,
     #[error("too many real servers (the dataplane holds {MAX_REALS} over all services)")]
     TooManyReals,
+    #[error(
+        "the lookup-table pool is full: service {service} needs {need} blocks of {TABLE_BLOCK} \
+         entries and the largest free run is {free} of {pool} (raise [director] table_pool_size; \
+         a pinned pool keeps its size until a `--fresh` start)"
+    )]
+    TablePoolFull {
+        service: String,
+        need: u32,
+        free: u32,
+        pool: u32,
+    },
+    #[error("service {0}: {1}")]
+    Table(String, String),
+}
+
+/// A service's region of the table pool: two tables of `blocks` blocks each, from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Region {
+    start: u32,
+    blocks: u32,
+}
+
+/// Blocks a table of `size` entries takes.
+fn blocks_for(size: u32) -> u32 {
+    size.div_ceil(TABLE_BLOCK as u32)
 }
 
 /// Identifies a real's dataplane id: (service key, real address).
@@ -54,6 +98,8 @@ struct SvcEntry {
     cut_on_remove: bool,
     /// Removed from the config; kept until its reals' connections end.
     draining: bool,
+    /// Its part of the table pool (hashing schedulers only).
+    region: Option<Region>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +121,8 @@ pub struct Planner {
     free_real_ids: VecDeque<u32>,
     next_real_id: u32,
     settings: Option<Settings>,
+    /// Capacity of `TABLES` in blocks; 0 means the default.
+    table_pool: u32,
 }
 
 /// A real kept after leaving every real set, until its connections end.
@@ -90,6 +138,58 @@ pub struct Draining {
 impl Planner {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the capacity of the table pool the maps were created with (in blocks).
+    pub fn set_table_pool(&mut self, blocks: u32) {
+        self.table_pool = blocks;
+    }
+
+    fn pool_blocks(&self) -> u32 {
+        if self.table_pool == 0 {
+            xdpvs_common::DEFAULT_TABLE_POOL_BLOCKS
+        } else {
+            self.table_pool
+        }
+    }
+
+    /// First fit of `2 * blocks` in the pool, around the regions services hold.
+    fn alloc_region(&self, name: &str, blocks: u32) -> Result<Region, PlanError> {
+        let need = 2 * blocks;
+        let mut held: Vec<Region> = self.services.values().filter_map(|e| e.region).collect();
+        held.sort_by_key(|r| r.start);
+        let mut at = 0u32;
+        let mut largest = 0u32;
+        let pool = self.pool_blocks();
+        for r in held.iter().chain(std::iter::once(&Region {
+            start: pool,
+            blocks: 0,
+        })) {
+            let gap = r.start.saturating_sub(at);
+            if gap >= need {
+                return Ok(Region { start: at, blocks });
+            }
+            largest = largest.max(gap);
+            at = at.max(r.start + 2 * r.blocks);
+        }
+        Err(PlanError::TablePoolFull {
+            service: name.to_string(),
+            need,
+            free: largest,
+            pool,
+        })
+    }
+
+    /// Every table block a service holds, by service name order: for tests and for comparing
+    /// directors. (start, blocks per table) by service key.
+    pub fn table_regions(&self) -> Vec<(ServiceKey, u32, u32)> {
+        let mut v: Vec<_> = self
+            .services
+            .iter()
+            .filter_map(|(k, e)| e.region.map(|r| (*k, r.start, r.blocks)))
+            .collect();
+        v.sort_by_key(|x| x.1);
+        v
     }
 
     /// The dataplane id of a real of a service, if it holds one.
@@ -260,10 +360,11 @@ impl Planner {
             seen_services.insert(ds.key);
             // The service's id first: every real records whose it is.
             let (id, buffer, old) = match self.services.get(&ds.key) {
-                Some(e) => (e.id, e.buffer, Some((e.service, e.set))),
+                Some(e) => (e.id, e.buffer, Some((e.service, e.set, e.region))),
                 None => (self.alloc_service()?, 1, None),
             };
             let mut set = RealSet::default();
+            let mut addresses = Vec::new();
             for r in ds.reals.iter().take(MAX_REALS_PER_SERVICE) {
                 let key = (ds.key, r.address);
                 seen_reals.insert(key);
@@ -278,7 +379,12 @@ impl Planner {
                 };
                 set.count += 1;
                 set.total_weight = set.total_weight.saturating_add(r.weight);
+                addresses.push(r.address);
             }
+            let (di, mw) =
+                sched::wrr_params(set.slots[..set.count as usize].iter().map(|s| s.weight));
+            set.wrr_di = di;
+            set.wrr_mw = mw;
             let fallback = match ds.fallback {
                 Some(f) => {
                     let key = (ds.key, f);
@@ -287,11 +393,44 @@ impl Planner {
                 }
                 None => NO_REAL,
             };
+            // The lookup table, for the hashing schedulers: its region of the pool (kept while
+            // its size is), and its entries for this set.
+            let hashing = matches!(ds.sched, sched_kind::SH | sched_kind::MH) && ds.table_size > 0;
+            let old_region = old.and_then(|(_, _, r)| r);
+            let region = if !hashing {
+                None
+            } else {
+                let blocks = blocks_for(ds.table_size);
+                match old_region {
+                    Some(r) if r.blocks == blocks => Some(r),
+                    _ => Some(self.alloc_region(&ds.name, blocks)?),
+                }
+            };
+            if hashing {
+                set.table_size = ds.table_size;
+            }
+            let sched_flags = ds.sched_flags & (SVC_F_SH_PORT | SVC_F_SH_FALLBACK);
             let mut buffer = buffer;
-            let set_changed = old.map(|(_, s)| s != set).unwrap_or(true);
+            let set_changed = match old {
+                None => true,
+                Some((old_svc, old_set, _)) => {
+                    let mut a = old_set;
+                    a.table_block = 0;
+                    a != set
+                        || old_region != region
+                        || (old_svc.flags ^ sched_flags) & SVC_F_SH_FALLBACK != 0
+                }
+            };
             if set_changed {
                 buffer ^= 1;
+                if let Some(r) = region {
+                    set.table_block = r.start + buffer * r.blocks;
+                    let table = table_entries(ds, &set, &addresses)?;
+                    writes.push(Write::Table(set.table_block, table));
+                }
                 writes.push(Write::RealSet(id * 2 + buffer, Box::new(set)));
+            } else if let Some((_, old_set, _)) = old {
+                set.table_block = old_set.table_block;
             }
             let service = Service {
                 id,
@@ -299,13 +438,25 @@ impl Planner {
                 fallback,
                 sched: ds.sched,
                 fwd: ds.fwd,
-                flags: if ds.standby { SVC_F_STANDBY } else { 0 },
+                flags: if ds.standby { SVC_F_STANDBY } else { 0 } | sched_flags,
                 persist_timeout_s: ds.persist.map_or(0, |p| p.0),
                 persist_prefix: ds.persist.map_or(0, |p| p.1),
                 ..Service::default()
             };
-            if old.map(|(s, _)| s != service).unwrap_or(true) {
+            let wrr = ds.sched == sched_kind::WRR;
+            if wrr && old.is_none() {
+                writes.push(Write::ResetServiceState(id));
+            }
+            if old.map(|(s, _, _)| s != service).unwrap_or(true) {
                 writes.push(Write::Service(ds.key, service));
+            }
+            let was_wrr = old.map(|(s, _, _)| s.sched == sched_kind::WRR);
+            if wrr && was_wrr.is_some() && (set_changed || was_wrr == Some(false)) {
+                writes.push(Write::WrrChanged {
+                    service: id,
+                    di,
+                    mw,
+                });
             }
             self.services.insert(
                 ds.key,
@@ -316,6 +467,7 @@ impl Planner {
                     set,
                     cut_on_remove: ds.cut_on_remove,
                     draining: false,
+                    region,
                 },
             );
         }
@@ -409,6 +561,49 @@ impl Planner {
     }
 }
 
+/// The entries of a hashing scheduler's table for `set` (whose reals have `addresses`, in slot
+/// order): slot indexes, `ds.table_size` of them.
+fn table_entries(
+    ds: &crate::state::DesiredService,
+    set: &RealSet,
+    addresses: &[SocketAddr],
+) -> Result<Vec<u8>, PlanError> {
+    let weights: Vec<u32> = set.slots[..set.count as usize]
+        .iter()
+        .map(|s| s.weight)
+        .collect();
+    let size = ds.table_size as usize;
+    if ds.sched == sched_kind::SH {
+        let fallback = ds.sched_flags & SVC_F_SH_FALLBACK != 0;
+        // An empty set gets zeros: slot 0 is beyond its count, so no real.
+        let t = sched::sh_table(&weights, fallback).unwrap_or([0; 256]);
+        let mut v = t.to_vec();
+        v.resize(size, 0);
+        return Ok(v);
+    }
+    let backends: Vec<crate::maglev::Backend> = addresses
+        .iter()
+        .zip(&weights)
+        .map(|(a, w)| crate::maglev::Backend {
+            address: *a,
+            weight: *w,
+        })
+        .collect();
+    let t = crate::maglev::table(&backends, ds.table_size)
+        .map_err(|e| PlanError::Table(ds.name.clone(), e))?;
+    // No real with a weight: every entry names slot 0, which has weight 0 (or is beyond an
+    // empty set), so the program finds no real.
+    Ok(t.iter()
+        .map(|e| {
+            if *e == crate::maglev::EMPTY {
+                0
+            } else {
+                *e as u8
+            }
+        })
+        .collect())
+}
+
 /// What the maps hold, read back by a daemon adopting a pinned dataplane.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MapsView {
@@ -418,6 +613,8 @@ pub struct MapsView {
     /// Every `REALS` slot that holds a real (family set), by id.
     pub reals: Vec<(u32, Real)>,
     pub settings: Settings,
+    /// Capacity of the lookup-table pool, in blocks.
+    pub table_pool: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -458,6 +655,20 @@ impl Planner {
             if key_of.insert(svc.id, *key).is_some() {
                 return bad(format!("service id {} is used twice", svc.id));
             }
+            let region = if set.table_size == 0 {
+                None
+            } else {
+                let blocks = blocks_for(set.table_size);
+                match set.table_block.checked_sub(buffer * blocks) {
+                    Some(start) => Some(Region { start, blocks }),
+                    None => {
+                        return bad(format!(
+                            "real set {} names table block {}, below its service's region",
+                            svc.realset, set.table_block
+                        ))
+                    }
+                }
+            };
             p.services.insert(
                 *key,
                 SvcEntry {
@@ -468,6 +679,7 @@ impl Planner {
                     // Decided again by the first plan for every configured service.
                     cut_on_remove: false,
                     draining: svc.flags & SVC_F_DRAINING != 0,
+                    region,
                 },
             );
         }
@@ -516,6 +728,7 @@ impl Planner {
             .filter(|i| !service_ids.contains(i))
             .collect();
         p.settings = Some(view.settings);
+        p.table_pool = view.table_pool;
         Ok(p)
     }
 }
@@ -568,6 +781,8 @@ mod tests {
                 .collect(),
             cut_on_remove: false,
             standby: false,
+            table_size: 0,
+            sched_flags: 0,
         }
     }
 
@@ -776,6 +991,7 @@ mod tests {
         realsets: HashMap<u32, RealSet>,
         reals: HashMap<u32, Real>,
         settings: Settings,
+        tables: HashMap<u32, Vec<u8>>,
     }
 
     impl FakeMaps {
@@ -796,6 +1012,10 @@ mod tests {
                         self.services.remove(k);
                     }
                     Write::Settings(st) => self.settings = *st,
+                    Write::Table(first, t) => {
+                        self.tables.insert(*first, t.clone());
+                    }
+                    Write::WrrChanged { .. } | Write::ResetServiceState(_) => {}
                 }
             }
         }
@@ -817,6 +1037,7 @@ mod tests {
                     .collect(),
                 reals,
                 settings: self.settings,
+                table_pool: xdpvs_common::DEFAULT_TABLE_POOL_BLOCKS,
             }
         }
     }
@@ -850,6 +1071,187 @@ mod tests {
                 assert_eq!(q.real_id(&s.key, r.address), p.real_id(&s.key, r.address));
             }
         }
+    }
+
+    fn hashed(
+        name: &str,
+        vip: &str,
+        sched: u8,
+        size: u32,
+        reals: &[(&str, u32)],
+    ) -> DesiredService {
+        let mut s = svc(name, vip, reals);
+        s.sched = sched;
+        s.table_size = size;
+        s
+    }
+
+    /// (first block, entries) of every table write, in order, with the index of the write.
+    fn table_writes(w: &[Write]) -> Vec<(usize, u32, usize)> {
+        w.iter()
+            .enumerate()
+            .filter_map(|(i, w)| match w {
+                Write::Table(b, t) => Some((i, *b, t.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hashing_tables_are_written_aside_before_their_set_and_regions_never_overlap() {
+        let mut p = Planner::new();
+        let mh = hashed(
+            "mh",
+            "198.18.0.100:80",
+            sched_kind::MH,
+            65_537,
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 2)],
+        );
+        let sh = hashed(
+            "sh",
+            "198.18.0.101:80",
+            sched_kind::SH,
+            256,
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 0)],
+        );
+        let w = p.plan(&desired(vec![mh.clone(), sh.clone()])).unwrap();
+        let t = table_writes(&w);
+        assert_eq!(t.len(), 2);
+        // Each table before the real set naming it, which comes before the service flip.
+        for (i, block, len) in &t {
+            match &w[i + 1] {
+                Write::RealSet(_, set) => {
+                    assert_eq!((set.table_block, set.table_size as usize), (*block, *len))
+                }
+                other => panic!("{other:?} after a table"),
+            }
+        }
+        // mh: 257 blocks per table, in buffer 0 of region 0..514; sh's region after it.
+        assert_eq!((t[0].1, t[0].2), (0, 65_537));
+        assert_eq!((t[1].1, t[1].2), (514, 256));
+        // A reweight writes the other half, then flips.
+        let mut mh2 = mh.clone();
+        mh2.reals[0].weight = 3;
+        let w = p.plan(&desired(vec![mh2.clone(), sh.clone()])).unwrap();
+        assert_eq!(
+            table_writes(&w).iter().map(|x| x.1).collect::<Vec<_>>(),
+            [257]
+        );
+        // Nothing changed: nothing written.
+        assert_eq!(
+            p.plan(&desired(vec![mh2.clone(), sh.clone()])).unwrap(),
+            vec![]
+        );
+        // sh_fallback changes the table, not the set.
+        let mut sh2 = sh.clone();
+        sh2.sched_flags = SVC_F_SH_FALLBACK;
+        let w = p.plan(&desired(vec![mh2.clone(), sh2.clone()])).unwrap();
+        assert_eq!(
+            table_writes(&w).iter().map(|x| x.1).collect::<Vec<_>>(),
+            [515]
+        );
+        // A smaller mh table needs a new region: taken where no live table is.
+        let mut mh3 = mh2.clone();
+        mh3.table_size = 251;
+        let w = p.plan(&desired(vec![mh3.clone(), sh2.clone()])).unwrap();
+        let t = table_writes(&w);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].1 >= 516, "not over the live tables: {t:?}");
+        let regions = p.table_regions();
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                assert!(a.1 + 2 * a.2 <= b.1, "overlap: {regions:?}");
+            }
+        }
+        // Leaving the hashing schedulers frees the region.
+        let mut plain = mh3.clone();
+        plain.sched = sched_kind::WLC;
+        plain.table_size = 0;
+        p.plan(&desired(vec![plain, sh2])).unwrap();
+        assert_eq!(p.table_regions().len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_pool_is_an_error_that_changes_nothing() {
+        let mut p = Planner::new();
+        p.set_table_pool(600);
+        let a = hashed(
+            "a",
+            "198.18.0.100:80",
+            sched_kind::MH,
+            65_537,
+            &[("198.18.0.11:80", 1)],
+        );
+        let b = hashed(
+            "b",
+            "198.18.0.101:80",
+            sched_kind::MH,
+            65_537,
+            &[("198.18.0.11:80", 1)],
+        );
+        p.plan(&desired(vec![a.clone()])).unwrap();
+        let e = p.plan(&desired(vec![a.clone(), b])).unwrap_err();
+        assert!(
+            matches!(&e, PlanError::TablePoolFull { service, need: 514, free: 86, pool: 600 } if service == "b"),
+            "{e}"
+        );
+        assert_eq!(p.plan(&desired(vec![a])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn wrr_marks_are_reset_for_new_services_and_realigned_on_changes() {
+        let mut p = Planner::new();
+        let mut s = two_reals();
+        s.sched = sched_kind::WRR;
+        let w = p.plan(&desired(vec![s.clone()])).unwrap();
+        assert!(w.contains(&Write::ResetServiceState(0)));
+        s.reals[0].weight = 4;
+        let w = p.plan(&desired(vec![s.clone()])).unwrap();
+        let at = |x: &Write| w.iter().position(|y| y == x);
+        let changed = Write::WrrChanged {
+            service: 0,
+            di: 1,
+            mw: 4,
+        };
+        assert!(
+            at(&changed).unwrap()
+                > w.iter()
+                    .position(|y| matches!(y, Write::Service(..)))
+                    .unwrap()
+        );
+    }
+
+    #[test]
+    fn adopted_planner_with_hashing_services_writes_nothing_for_the_same_config() {
+        let mut p = Planner::new();
+        let mut maps = FakeMaps::default();
+        let mh = hashed(
+            "mh",
+            "198.18.0.100:80",
+            sched_kind::MH,
+            4093,
+            &[("198.18.0.11:80", 1), ("198.18.0.12:80", 2)],
+        );
+        let mut sh = hashed(
+            "sh",
+            "198.18.0.101:80",
+            sched_kind::SH,
+            256,
+            &[("198.18.0.11:80", 1)],
+        );
+        sh.sched_flags = SVC_F_SH_PORT | SVC_F_SH_FALLBACK;
+        let d = desired(vec![mh.clone(), sh.clone()]);
+        apply(&mut p, &mut maps, &d);
+        let mut d2 = d.clone();
+        d2.services[0].reals[1].weight = 5;
+        apply(&mut p, &mut maps, &d2);
+        let mut q = Planner::adopt(&maps.view()).unwrap();
+        assert_eq!(q.table_regions(), p.table_regions());
+        assert_eq!(q.plan(&d2).unwrap(), vec![]);
+        // And the next change lands where the original planner would put it.
+        let mut d3 = d2.clone();
+        d3.services[0].reals[0].weight = 7;
+        assert_eq!(q.plan(&d3).unwrap(), p.plan(&d3).unwrap());
     }
 
     #[test]

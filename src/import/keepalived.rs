@@ -34,6 +34,11 @@ impl Node {
     }
 }
 
+/// Said wherever an `mh` service is imported: IPVS's mh hashes the source address only unless
+/// `mh-port` is set; xdpvs's hashes the whole 5-tuple.
+pub(crate) const MH_NOTE: &str = "mh: xdpvs's Maglev hashes the whole 5-tuple (IPVS's `mh-port`); \
+     without `mh-port`, IPVS keeps each client on one real, xdpvs spreads its connections";
+
 fn tokens(line: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
@@ -438,7 +443,13 @@ pub fn translate(text: &str, file: &str) -> Import {
                     quote(&addr.to_string())
                 );
                 let sched = match n.arg("lb_algo").or(n.arg("lvs_sched")) {
-                    Some(s @ ("rr" | "wrr" | "lc" | "wlc")) => s.to_string(),
+                    Some(s @ ("rr" | "wrr" | "lc" | "wlc" | "sh")) => s.to_string(),
+                    Some("mh") => {
+                        if let Some(c) = n.child("lb_algo").or(n.child("lvs_sched")) {
+                            warn(c, MH_NOTE.into());
+                        }
+                        "mh".into()
+                    }
                     Some(s) => {
                         if let Some(c) = n.child("lb_algo").or(n.child("lvs_sched")) {
                             warn(
@@ -451,6 +462,15 @@ pub fn translate(text: &str, file: &str) -> Import {
                     None => "wlc".into(),
                 };
                 let _ = writeln!(services, "scheduler = \"{sched}\"");
+                // IPVS's scheduler flags: sh's carry over; mh's are what xdpvs's mh does anyway
+                // (the ports are hashed, weight-0 reals hold no entry).
+                if sched == "sh" {
+                    for (flag, key) in [("sh-port", "sh_port"), ("sh-fallback", "sh_fallback")] {
+                        if n.child(flag).is_some() {
+                            let _ = writeln!(services, "{key} = true");
+                        }
+                    }
+                }
                 let fwd = match n
                     .arg("lb_kind")
                     .or(n.arg("lvs_method"))
@@ -494,6 +514,8 @@ pub fn translate(text: &str, file: &str) -> Import {
                     match c.key.as_str() {
                         "real_server" | "protocol" | "lb_algo" | "lvs_sched" | "lb_kind"
                         | "lvs_method" | "sorry_server" | "delay_loop" | "virtualhost" => {}
+                        "sh-port" | "sh-fallback" if sched == "sh" => {}
+                        "mh-port" | "mh-fallback" if sched == "mh" => {}
                         "persistence_timeout" => {
                             // keepalived's default when the value is left out: 6 minutes.
                             let t = c.args.first().map(String::as_str).unwrap_or("360");

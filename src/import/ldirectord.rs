@@ -272,7 +272,11 @@ pub fn translate(text: &str, file: &str) -> Import {
         names.push(name.clone());
         let _ = writeln!(svc, "protocol = \"{protocol}\"");
         let scheduler = match get("scheduler") {
-            Some((s, _)) if ["rr", "wrr", "lc", "wlc"].contains(&s) => s.to_string(),
+            Some((s, _)) if ["rr", "wrr", "lc", "wlc", "sh"].contains(&s) => s.to_string(),
+            Some(("mh", l)) => {
+                warn(l, super::keepalived::MH_NOTE.into());
+                "mh".into()
+            }
             Some((s, l)) => {
                 warn(
                     l,

@@ -187,6 +187,8 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
             .collect(),
         cut_on_remove: false,
         standby: false,
+        table_size: 0,
+        sched_flags: 0,
     }
 }
 

@@ -32,6 +32,9 @@ pub struct Frame {
     pub l4_csum: bool,
     /// 4-byte words of IPv4 options (NOPs ending in an EOL) after the fixed header.
     pub ip_option_words: usize,
+    /// TCP sequence and acknowledgment numbers.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Frame {
@@ -50,7 +53,16 @@ impl Frame {
             frag: 0x4000, // DF
             l4_csum: false,
             ip_option_words: 0,
+            seq: 1000,
+            ack: 0,
         }
+    }
+
+    /// With these TCP sequence and acknowledgment numbers.
+    pub fn seq_ack(mut self, seq: u32, ack: u32) -> Frame {
+        self.seq = seq;
+        self.ack = ack;
+        self
     }
 
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame {
@@ -112,8 +124,8 @@ impl Frame {
         f.extend_from_slice(&self.sport.to_be_bytes());
         f.extend_from_slice(&self.dport.to_be_bytes());
         if self.proto == 6 {
-            f.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            f.extend_from_slice(&0u32.to_be_bytes()); // ack
+            f.extend_from_slice(&self.seq.to_be_bytes());
+            f.extend_from_slice(&self.ack.to_be_bytes());
             f.extend_from_slice(&[0x50, self.flags]);
             f.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urg
         } else {
@@ -215,6 +227,77 @@ fn checksum(b: &[u8]) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     !(s as u16)
+}
+
+/// Whether `out` is the RST that RFC 793 (3.4, reset generation for a connection that does not
+/// exist) answers the TCP segment `inp` with, sent back to its sender: MACs, addresses and
+/// ports swapped; with an ACK in `inp`, sequence number = its ACK and flags RST; without, seq 0
+/// and ACK = seq + segment length (SYN and FIN one each), flags RST|ACK; a 20-byte header and
+/// no payload; both checksums right (recomputed here). Read with its own parser.
+pub fn check_reset(inp: &[u8], out: &[u8]) -> Result<(), String> {
+    let l3 = if inp[12..14] == [0x81, 0x00] { 18 } else { 14 };
+    if out.len() < l3 + 40 || out[l3 - 2..l3] != [0x08, 0x00] {
+        return Err(format!("not an IPv4 frame of 40 bytes: {out:02x?}"));
+    }
+    let (i, o) = (&inp[l3..], &out[l3..]);
+    let ihl = ((i[0] & 0x0f) as usize) * 4;
+    let tot = u16::from_be_bytes([i[2], i[3]]) as usize;
+    let seg = &i[ihl..tot];
+    let flags = seg[13];
+    let doff = ((seg[12] >> 4) as usize) * 4;
+    let seq = u32::from_be_bytes(seg[4..8].try_into().unwrap());
+    let ack = u32::from_be_bytes(seg[8..12].try_into().unwrap());
+    let (want_seq, want_ack, want_flags) = if flags & ACK != 0 {
+        (ack, 0, RST)
+    } else {
+        let len =
+            (seg.len() - doff) as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+        (0, seq.wrapping_add(len), RST | ACK)
+    };
+    let mut errs = vec![];
+    let mut want = |what: &str, ok: bool| {
+        if !ok {
+            errs.push(what.to_string());
+        }
+    };
+    want("frame ends after the TCP header", out.len() == l3 + 40);
+    want("dst MAC is the sender's", out[0..6] == inp[6..12]);
+    want("src MAC is the one it was sent to", out[6..12] == inp[0..6]);
+    want("a VLAN tag kept", out[12..l3] == inp[12..l3]);
+    want("IPv4, no options", o[0] == 0x45);
+    want("total length 40", u16::from_be_bytes([o[2], o[3]]) == 40);
+    want("protocol TCP", o[9] == 6);
+    want("TTL set", o[8] > 0);
+    want(
+        "addresses swapped",
+        o[12..16] == i[16..20] && o[16..20] == i[12..16],
+    );
+    want("IP checksum", checksum(&o[..20]) == 0);
+    let t = &o[20..40];
+    want(
+        "ports swapped",
+        t[0..2] == seg[2..4] && t[2..4] == seg[0..2],
+    );
+    want(
+        "sequence number",
+        u32::from_be_bytes(t[4..8].try_into().unwrap()) == want_seq,
+    );
+    want(
+        "acknowledgment number",
+        u32::from_be_bytes(t[8..12].try_into().unwrap()) == want_ack,
+    );
+    want("header 20 bytes", t[12] >> 4 == 5);
+    want("flags", t[13] == want_flags);
+    let (src, dst): ([u8; 4], [u8; 4]) =
+        (o[12..16].try_into().unwrap(), o[16..20].try_into().unwrap());
+    want("TCP checksum", l4_checksum(&src, &dst, 6, t) == 0);
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "not the RST for the segment: {errs:?}; out {out:02x?}"
+        ))
+    }
 }
 
 /// An ARP request frame (not IP: must be passed).

@@ -15,13 +15,13 @@ use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
     state, Conn, ConnKey, PersistKey, Real, RealConns, RealSet, RealSlot, RealStats, Service,
-    ServiceKey, ServiceState, Settings, Template, MAX_REALS, MAX_REALSETS, MAX_REALS_PER_SERVICE,
-    MAX_SERVICES, PERSIST_TABLE_SIZE,
+    ServiceKey, ServiceState, Settings, TableBlock, Template, MAX_REALS, MAX_REALSETS,
+    MAX_REALS_PER_SERVICE, MAX_SERVICES, PERSIST_TABLE_SIZE,
 };
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -66,7 +66,7 @@ const fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 /// Every number that decides a map's bytes, in a fixed order.
-const SHAPE: [usize; 82] = [
+const SHAPE: [usize; 90] = [
     // ServiceKey
     size_of::<ServiceKey>(),
     align_of::<ServiceKey>(),
@@ -92,7 +92,12 @@ const SHAPE: [usize; 82] = [
     size_of::<RealSet>(),
     offset_of!(RealSet, count),
     offset_of!(RealSet, total_weight),
+    offset_of!(RealSet, wrr_mw),
+    offset_of!(RealSet, wrr_di),
+    offset_of!(RealSet, table_block),
+    offset_of!(RealSet, table_size),
     offset_of!(RealSet, slots),
+    size_of::<TableBlock>(),
     // Real
     size_of::<Real>(),
     align_of::<Real>(),
@@ -159,6 +164,9 @@ const SHAPE: [usize; 82] = [
     crate::CONN_F_REPLY as usize,
     crate::CONN_F_NAT as usize,
     crate::SETTINGS_F_NAT as usize,
+    crate::SVC_F_SH_PORT as usize,
+    crate::SVC_F_SH_FALLBACK as usize,
+    crate::SH_TABLE_SIZE as usize,
     state::CLOSE_WAIT as usize,
 ];
 
@@ -193,6 +201,8 @@ mod tests {
         (3, 0x80e0_77ba_eefb_953f),
         (4, 0x0df8_350f_430d_8b15),
         (7, 0x6a0e_dd17_98a6_f8c9),
+        // 5 and 6 were branch-only layouts, never released.
+        (8, 0x9c6e_250e_67fd_d65f),
     ];
 
     #[test]

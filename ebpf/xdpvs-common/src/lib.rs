@@ -12,6 +12,9 @@
 //! tests exercise the very code the XDP program runs.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
 pub mod layout;
 pub mod sched;
 pub mod state;
@@ -27,6 +30,14 @@ pub const MAX_REALS_PER_SERVICE: usize = 256;
 /// Real sets are double-buffered: the control plane writes the idle copy, then flips the
 /// service's `realset` index, so the XDP program never sees a half-written set.
 pub const MAX_REALSETS: u32 = MAX_SERVICES * 2;
+/// Entries in one block of the lookup-table pool (`TABLES`): hashing schedulers' tables are
+/// runs of whole blocks, so a table of `n` entries takes `ceil(n / 256)` blocks.
+pub const TABLE_BLOCK: usize = 256;
+/// Default capacity of the lookup-table pool in blocks (8 MiB): 63 services with `mh` tables
+/// of the default 65,537 entries (both buffers), or 1,024 with 4,093-entry tables.
+pub const DEFAULT_TABLE_POOL_BLOCKS: u32 = 32_768;
+/// Entries of an `sh` table: IPVS's `IP_VS_SH_TAB_SIZE` (`CONFIG_IP_VS_SH_TAB_BITS` = 8).
+pub const SH_TABLE_SIZE: u32 = 256;
 /// Default size of the connection table (the control plane may resize it at load time).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default size of the embryonic table (half-open TCP, UDP seen once); resizable at load time.
@@ -60,6 +71,8 @@ pub mod maps {
     pub const TALLY: &str = "TALLY";
     pub const SETTINGS: &str = "SETTINGS";
     pub const STATS: &str = "STATS";
+    /// The lookup-table pool of the hashing schedulers (`sh`, `mh`).
+    pub const TABLES: &str = "TABLES";
     pub const LAYOUT: &str = "LAYOUT";
     /// Ring buffer of connection events for the sync peer. Not pinned: each loaded program
     /// gets its own, read by the daemon that loaded it.
@@ -67,7 +80,7 @@ pub mod maps {
 
     /// The maps pinned in bpffs, outliving the daemon: everything but per-CPU caches that a
     /// new program may start empty.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 13] = [
         LAYOUT,
         SERVICES,
         REALSETS,
@@ -80,6 +93,7 @@ pub mod maps {
         PERSIST,
         SETTINGS,
         STATS,
+        TABLES,
     ];
 }
 
@@ -165,6 +179,14 @@ pub const SVC_F_DRAINING: u8 = 1;
 /// current) so that a takeover continues them.
 pub const SVC_F_STANDBY: u8 = 2;
 
+/// Service flag (`sh` only): the source port is hashed with the source address (IPVS's
+/// `sh-port`), so one client's connections spread over the reals.
+pub const SVC_F_SH_PORT: u8 = 4;
+/// Service flag (`sh` only): buckets of weight-0 reals were filled by IPVS's `sh-fallback`
+/// search when the table was built. The program does not read it; it records how the service's
+/// table was made, so a daemon adopting the maps knows whether the config changed it.
+pub const SVC_F_SH_FALLBACK: u8 = 8;
+
 /// One entry of a real set: which real, with which effective weight.
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
@@ -175,13 +197,23 @@ pub struct RealSlot {
     pub weight: u32,
 }
 
-/// Value of `REALSETS`: the reals a service schedules over, in configuration order.
+/// Value of `REALSETS`: the reals a service schedules over, in configuration order, with what
+/// its scheduler derives from them. Everything here is written before the service points at
+/// the set, so a packet sees the set and its table (and its wrr steps) change together.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct RealSet {
     pub count: u32,
-    /// Sum of the slots' weights (for weighted round robin), kept by the control plane.
+    /// Sum of the slots' weights, kept by the control plane.
     pub total_weight: u32,
+    /// IPVS wrr's `mw` (largest weight minus `di - 1`; 0: no real has a weight) and `di` (gcd
+    /// of the weights above 0), see `sched::wrr_params`.
+    pub wrr_mw: u32,
+    pub wrr_di: u32,
+    /// Hashing schedulers: the set's lookup table, `table_size` entries from the start of
+    /// block `table_block` of `TABLES`, each the index of a slot of this set. 0 entries: none.
+    pub table_block: u32,
+    pub table_size: u32,
     pub slots: [RealSlot; MAX_REALS_PER_SERVICE],
 }
 
@@ -190,7 +222,27 @@ impl Default for RealSet {
         RealSet {
             count: 0,
             total_weight: 0,
+            wrr_mw: 0,
+            wrr_di: 0,
+            table_block: 0,
+            table_size: 0,
             slots: [RealSlot::default(); MAX_REALS_PER_SERVICE],
+        }
+    }
+}
+
+/// Value of `TABLES`: one block of a lookup table, each entry a slot index of the real set
+/// that owns the table.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TableBlock {
+    pub e: [u8; TABLE_BLOCK],
+}
+
+impl Default for TableBlock {
+    fn default() -> Self {
+        TableBlock {
+            e: [0; TABLE_BLOCK],
         }
     }
 }
@@ -245,7 +297,8 @@ pub struct RealStats {
 #[repr(C)]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
 pub struct ServiceState {
-    /// Round-robin cursor (rr/wrr), advanced atomically.
+    /// rr: the turn counter, advanced atomically. wrr: IPVS's mark, `sched::WrrMark` packed
+    /// (current real and current weight), replaced by compare-and-swap.
     pub rr_cursor: u64,
 }
 
@@ -464,7 +517,9 @@ pub mod stat {
     pub const CONNTRACK_FULL: u32 = 8;
     /// New connections scheduled.
     pub const NEW_CONN: u32 = 9;
-    /// Mid-flow TCP packet with no connection entry: dropped (never guessed to a real).
+    /// Mid-flow TCP packet with no connection entry, dropped: an RST (never answered), IP
+    /// options or IPv6 (not answered yet), or an entry being retired this very moment. Other
+    /// misses are answered (`MISS_RESET`) or recovered (`HASH_RECOVERED`).
     pub const DROP_NO_CONN: u32 = 10;
     /// Packet of a connection whose real was removed: dropped, entry retired.
     pub const DROP_REAL_GONE: u32 = 11;
@@ -508,9 +563,17 @@ pub mod stat {
     /// Any other ICMP (echo, errors about no tracked flow, quotes too short to read): passed
     /// to the kernel untouched.
     pub const PASS_ICMP: u32 = 27;
+    /// A mid-flow TCP segment that missed the connection table, under a hashing scheduler
+    /// (`sh`, `mh`): sent to the real the hash picks (the one the flow had while the set is
+    /// unchanged) and its entry recreated. Counted on top of `TX`/`REDIRECT`.
+    pub const HASH_RECOVERED: u32 = 28;
+    /// A mid-flow TCP segment that missed the connection table under a load-based scheduler
+    /// (or a hashing one with no real): answered with a RST to the client (XDP_TX), so it
+    /// fails at once instead of retransmitting for minutes. Counted on top of `TX`.
+    pub const MISS_RESET: u32 = 29;
     /// A new connection sent to its client's real by a persistence template (not scheduled).
     pub const PERSIST_HIT: u32 = 31;
-    /// Slots 18, 19 and 28..31 are reserved (named `unused_N`), so a new counter does not change the
+    /// Slots 18, 19 and 30 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -545,8 +608,8 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "drop_reply_no_conn",
     "icmp_to_real",
     "pass_icmp",
-    "unused_28",
-    "unused_29",
+    "hash_recovered",
+    "miss_reset",
     "unused_30",
     "persist_hit",
 ];
@@ -559,6 +622,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for RealSet {}
+    unsafe impl aya::Pod for TableBlock {}
     unsafe impl aya::Pod for Real {}
     unsafe impl aya::Pod for RealConns {}
     unsafe impl aya::Pod for RealStats {}
@@ -585,4 +649,7 @@ const _: () = assert!(core::mem::size_of::<Layout>() == 16);
 const _: () = assert!(core::mem::size_of::<SyncEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<RealConns>() == 24);
 const _: () = assert!(core::mem::size_of::<SweepResult>() == 48);
-const _: () = assert!(core::mem::size_of::<RealSet>() == 8 + 8 * MAX_REALS_PER_SERVICE);
+const _: () = assert!(core::mem::size_of::<RealSet>() == 24 + 8 * MAX_REALS_PER_SERVICE);
+const _: () = assert!(core::mem::size_of::<TableBlock>() == TABLE_BLOCK);
+// Slot indexes are stored in one byte.
+const _: () = assert!(MAX_REALS_PER_SERVICE <= 256);

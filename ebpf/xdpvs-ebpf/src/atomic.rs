@@ -26,3 +26,9 @@ pub unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
 pub unsafe fn cas_u32(p: *mut u32, old: u32, new: u32) -> bool {
     atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
 }
+
+/// Sets `*p` to `new` if it holds `old`; true if this call made the change.
+#[inline(always)]
+pub unsafe fn cas_u64(p: *mut u64, old: u64, new: u64) -> bool {
+    atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+}

@@ -377,6 +377,64 @@ fn promote(key: &ConnKey, e: *mut Conn, real: u32, from: u32, to: u32, now: u64)
     }
 }
 
+/// Recreates the entry of a TCP flow that missed the table mid-flow, under a hashing
+/// scheduler: straight into `CONNS` (the client's segment shows the handshake is long done), in
+/// the state the segment leads an established connection to, counted and reported to the sync
+/// peer like a promotion. Returns the real that owns the flow (another CPU may have recreated
+/// it first), or `NO_REAL` if the table is full (counted `conntrack_full`). (At most five
+/// arguments: BPF passes no more in registers.)
+#[inline(never)]
+pub fn recreate(
+    key: &ConnKey,
+    svc: &Service,
+    real: u32,
+    nat: Option<(Addr, u16)>,
+    tcp_flags: u8,
+) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let st = state::tcp_next(state::ESTABLISHED, tcp_flags);
+    let (flags, (nat_addr, nat_port)) = match nat {
+        Some(n) => (CONN_F_NAT, n),
+        None => (0, (Addr::default(), 0)),
+    };
+    let conn = Conn {
+        real,
+        service: svc.id,
+        state: st,
+        flags,
+        created_ns: now,
+        last_seen_ns: now,
+        nat_addr,
+        nat_port,
+        ..Conn::default()
+    };
+    if nat.is_some() && !insert_reply(key, &conn, false) {
+        count(stat::CONNTRACK_FULL);
+        return NO_REAL;
+    }
+    account(real, st, false, true);
+    match CONNS.insert(key, &conn, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count(stat::HASH_RECOVERED);
+            crate::sync::emit(key, real, svc.id, st, sync_kind::NEW);
+            real
+        }
+        Err(_) => {
+            account(real, st, false, false);
+            match CONNS.get_ptr(key) {
+                Some(c) => unsafe { (*c).real },
+                None => {
+                    if nat.is_some() {
+                        remove_reply(key, &conn, IN_CONNS);
+                    }
+                    count(stat::CONNTRACK_FULL);
+                    NO_REAL
+                }
+            }
+        }
+    }
+}
+
 /// Tracks a new flow to `real` in `EMBRYOS` and returns the real that owns the flow (another
 /// CPU may have tracked the same flow first), or `NO_REAL` if the table refused the entry (an
 /// untracked flow's later packets would find no entry and be dropped, so the first packet is

@@ -21,6 +21,7 @@ mod maps;
 mod nat;
 mod parse;
 mod persist;
+mod reset;
 mod schedule;
 mod sweep;
 mod sync;
@@ -29,8 +30,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use xdpvs_common::{
-    fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_ICMP,
-    PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
+    fwd_kind, sched_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL,
+    PROTO_ICMP, PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
 use crate::conntrack::{Lookup, Reply};
@@ -45,7 +46,10 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
         parse::Parsed::Packet(pkt) if pkt.proto == PROTO_ICMP => icmp::handle(&ctx, &pkt),
         parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
-            Some(svc) => handle(&ctx, &pkt, svc),
+            Some(svc) => match handle(&ctx, &pkt, svc) {
+                MISS => miss(&ctx, &pkt, svc, svc.fwd == fwd_kind::NAT),
+                verdict => verdict,
+            },
             None => not_a_service(&ctx, &pkt),
         },
         parse::Parsed::Pass(reason) => {
@@ -58,6 +62,10 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
         }
     }
 }
+
+/// What [`handle`] returns (instead of an XDP action) for a mid-flow TCP segment of no flow:
+/// [`miss`] takes it, called by the entry point so that its frame and `handle`'s never add up.
+const MISS: u32 = 0xffff;
 
 /// A packet to a virtual service. Not inlined, and a sibling of [`not_a_service`]: the
 /// verifier bounds the stack of the deepest call chain at 512 bytes, so the two paths' frames
@@ -89,10 +97,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
                 return xdp_action::XDP_PASS;
             }
             if pkt.proto == PROTO_TCP && !pkt.is_syn() {
-                // Never guess a real for a mid-flow packet: it would reach a server that
-                // knows nothing of the connection.
-                count(stat::DROP_NO_CONN);
-                return xdp_action::XDP_DROP;
+                return MISS;
             }
             let persistent = svc.persist_timeout_s != 0;
             let mut real = NO_REAL;
@@ -136,6 +141,43 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
             xdp_action::XDP_DROP
         }
     }
+}
+
+/// A mid-flow TCP segment whose flow is not in the table. Under a hashing scheduler the hash
+/// names the flow's real (the same on every director, and across a `--fresh` restart, while
+/// the set is unchanged): the segment goes there and the entry is recreated. Under a load-based
+/// one nothing can name it (a guess would reach a server that knows nothing of the
+/// connection): the client gets a RST ([`reset`]). Not inlined, a sibling of [`handle`].
+#[inline(never)]
+fn miss(ctx: &XdpContext, pkt: &Packet, svc: &Service, nat: bool) -> u32 {
+    if matches!(svc.sched, sched_kind::SH | sched_kind::MH) {
+        let key = pkt.conn_key();
+        let now = unsafe { bpf_ktime_get_ns() };
+        let real = schedule::pick(svc, pkt);
+        if let Some(r) = maps::REALS.get(real) {
+            let r = *r;
+            // An RST needs no entry: it ends the connection (the real is told).
+            let mut owner = real;
+            if pkt.tcp_flags & xdpvs_common::state::TCP_RST == 0 {
+                let dnat = if nat { Some((r.addr, r.port)) } else { None };
+                owner = conntrack::recreate(&key, svc, real, dnat, pkt.tcp_flags);
+                if owner == NO_REAL {
+                    return xdp_action::XDP_DROP;
+                }
+            }
+            if owner == real {
+                return to_real(ctx, pkt, real, &r, nat, now);
+            }
+            return match maps::REALS.get(owner) {
+                Some(o) => to_real(ctx, pkt, owner, o, nat, now),
+                None => {
+                    count(stat::DROP_NO_REAL);
+                    xdp_action::XDP_DROP
+                }
+            };
+        }
+    }
+    reset::reset(ctx, pkt)
 }
 
 /// Forwards to the real, its address and port as the destination for NAT.

@@ -5,8 +5,9 @@ use aya_ebpf::{
 };
 use xdpvs_common::{
     Conn, ConnKey, Layout, PersistKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey,
-    ServiceState, Settings, Template, DEFAULT_CONN_TABLE_SIZE, DEFAULT_EMBRYONIC_TABLE_SIZE,
-    MAX_REALS, MAX_REALSETS, MAX_SERVICES, PERSIST_TABLE_SIZE,
+    ServiceState, Settings, TableBlock, Template, DEFAULT_CONN_TABLE_SIZE,
+    DEFAULT_EMBRYONIC_TABLE_SIZE, DEFAULT_TABLE_POOL_BLOCKS, MAX_REALS, MAX_REALSETS,
+    MAX_SERVICES, PERSIST_TABLE_SIZE,
 };
 
 #[map(name = "SERVICES")]
@@ -44,6 +45,12 @@ pub static PERSIST: LruHashMap<PersistKey, Template> =
 /// The sweep's per-real recount of `EMBRYOS` (scratch of `xdpvs_sweep`; zeroed as it is read).
 #[map(name = "TALLY")]
 pub static TALLY: Array<u64> = Array::with_max_entries(MAX_REALS, 0);
+
+/// The lookup-table pool of the hashing schedulers: each real set of an `sh` or `mh` service
+/// owns a run of blocks (`RealSet::table_block`, `table_size`), written by the control plane
+/// before the service points at the set. Sized at load time (`[director] table_pool_size`).
+#[map(name = "TABLES")]
+pub static TABLES: Array<TableBlock> = Array::with_max_entries(DEFAULT_TABLE_POOL_BLOCKS, 0);
 
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -4,24 +4,29 @@
 //! `REAL_CONNS` holds their live counts. The least-connection schedulers are one scan of the set
 //! that keeps the candidate with the lowest score per weight, compared by cross-multiplication
 //! (`xdpvs_common::sched`), so no division happens on the packet path; the round-robin ones walk
-//! a per-service cursor over the reals' shares:
+//! a per-service cursor; the hashing ones read the set's lookup table:
 //! - `wlc` (default): score = `active*256 + inactive` (embryonic entries count as inactive),
 //!   divided by the weight (IPVS's WLC);
 //! - `lc`: the same score, every weight counted as 1;
 //! - `rr`: every real with weight > 0 takes one turn per cycle;
-//! - `wrr`: the cursor walks the sum of the weights, each real owning `weight` consecutive turns
-//!   per cycle (the same shares as IPVS's wrr, not its interleaving).
+//! - `wrr`: IPVS's sequence exactly (`ip_vs_wrr.c`: passes with a falling current weight, each
+//!   listing the reals that weigh at least that much), its mark kept packed in
+//!   `SERVICE_STATE.rr_cursor` and advanced by compare-and-swap (`sched::wrr_next` is the
+//!   reference; the walk is at most `2n + 2` steps);
+//! - `sh`: IPVS's source hash into the set's 256-bucket table; `mh`: the flow's 5-tuple hash
+//!   into the set's Maglev table (`TABLES`, built by the control plane).
 //!
 //! Reals with weight 0 are never candidates.
 use xdpvs_common::{
-    sched::{clamp_counter, overhead, wlc_better},
-    sched_kind, RealSet, RealSlot, Service, MAX_REALS_PER_SERVICE, NO_REAL,
+    sched::{clamp_counter, flow_hash, overhead, sh_hash, wlc_better, wrr_max_steps, WrrMark},
+    sched_kind, RealSet, RealSlot, Service, MAX_REALS_PER_SERVICE, NO_REAL, SVC_F_SH_PORT,
+    TABLE_BLOCK,
 };
 
 use core::ptr::{read_volatile, write_volatile};
 
 use crate::atomic;
-use crate::maps::{REALSETS, REAL_CONNS, SCRATCH, SERVICE_STATE};
+use crate::maps::{REALSETS, REAL_CONNS, SCRATCH, SERVICE_STATE, TABLES};
 use crate::parse::Packet;
 
 /// The best candidate so far, kept in per-CPU map memory rather than registers: the verifier
@@ -38,8 +43,20 @@ const MODE_WLC: u32 = 0;
 const MODE_LC: u32 = 1;
 
 #[inline(always)]
-pub fn pick(svc: &Service, _pkt: &Packet) -> u32 {
-    xdpvs_pick(svc.realset, svc.sched as u32, svc.id)
+pub fn pick(svc: &Service, pkt: &Packet) -> u32 {
+    let hash = match svc.sched {
+        sched_kind::SH => {
+            let port = if svc.flags & SVC_F_SH_PORT != 0 {
+                pkt.sport
+            } else {
+                0
+            };
+            sh_hash(&pkt.src, port)
+        }
+        sched_kind::MH => flow_hash(&pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto),
+        _ => 0,
+    };
+    xdpvs_pick(svc.realset, svc.sched as u32, svc.id, hash)
 }
 
 /// The scheduler proper, as a global BPF function: the verifier checks it once, on its own,
@@ -48,7 +65,7 @@ pub fn pick(svc: &Service, _pkt: &Packet) -> u32 {
 /// (`--export`, see build.rs) so it stays global.
 #[no_mangle]
 #[inline(never)]
-pub extern "C" fn xdpvs_pick(realset: u32, sched: u32, svc_id: u32) -> u32 {
+pub extern "C" fn xdpvs_pick(realset: u32, sched: u32, svc_id: u32, hash: u32) -> u32 {
     let set = match REALSETS.get(realset) {
         Some(s) => s,
         None => return NO_REAL,
@@ -65,19 +82,10 @@ pub extern "C" fn xdpvs_pick(realset: u32, sched: u32, svc_id: u32) -> u32 {
                 Some(s) => unsafe { atomic::fetch_add(&raw mut (*s).rr_cursor, 1) },
                 None => 0,
             };
-            weighted_turn(set, cursor % live, true)
+            nth_live(set, cursor % live)
         }
-        sched_kind::WRR => {
-            let total = set.total_weight as u64;
-            if total == 0 {
-                return NO_REAL;
-            }
-            let cursor = match SERVICE_STATE.get_ptr_mut(svc_id) {
-                Some(s) => unsafe { atomic::fetch_add(&raw mut (*s).rr_cursor, 1) },
-                None => 0,
-            };
-            weighted_turn(set, cursor % total, false)
-        }
+        sched_kind::WRR => wrr(set, svc_id),
+        sched_kind::SH | sched_kind::MH => hashed(set, hash),
         sched_kind::LC => scan(set, MODE_LC),
         _ => scan(set, MODE_WLC),
     }
@@ -130,18 +138,121 @@ fn scan(set: &RealSet, mode: u32) -> u32 {
     unsafe { read_volatile(&raw const (*best).real) }
 }
 
-/// Round robin: the real whose share of `0..total` (in slot order) holds `pos`; a share is the
-/// slot's weight, or 1 with `unit` (plain rr). Weight-0 slots have no share. The running sum
-/// lives in scratch map memory for the same reason as the scan's best.
+/// The real of the set's lookup table at `hash` (modulo the table's size): the entry is a slot
+/// index of this very set. A slot of weight 0 (an `sh` bucket of a quiesced real without
+/// `sh_fallback`) gives no real, as in IPVS.
 #[inline(always)]
-fn weighted_turn(set: &RealSet, pos: u64, unit: bool) -> u32 {
+fn hashed(set: &RealSet, hash: u32) -> u32 {
+    let size = set.table_size;
+    if size == 0 {
+        return NO_REAL;
+    }
+    let e = hash % size;
+    let block = set.table_block.wrapping_add(e / TABLE_BLOCK as u32);
+    let Some(b) = TABLES.get(block) else {
+        return NO_REAL;
+    };
+    let idx = b.e[(e as usize) & (TABLE_BLOCK - 1)] as usize;
+    if idx as u32 >= set.count || idx >= MAX_REALS_PER_SERVICE {
+        return NO_REAL;
+    }
+    let slot = set.slots[idx];
+    if slot.weight == 0 {
+        return NO_REAL;
+    }
+    slot.real
+}
+
+/// IPVS's wrr (`sched::wrr_next`, which the tests hold this to): from the service's mark, walk
+/// to the next slot whose weight is at least the current weight `cw`, lowering `cw` by `di` at
+/// the end of each pass (back to `mw` below 1). The new mark replaces the old one by
+/// compare-and-swap; if another CPU moved the mark meanwhile, the walk is redone once from
+/// the new mark, and a second loss takes its choice anyway (a packet is never held up: under
+/// such contention two connections may get the same turn). The walk state lives in scratch
+/// map memory (see `Best`): `load` = cw, `real` = the slot index, `weight` = found.
+#[inline(always)]
+fn wrr(set: &RealSet, svc_id: u32) -> u32 {
+    let mw = set.wrr_mw as u64;
+    let di = set.wrr_di as u64;
+    let n = set.count;
+    if mw == 0 || n == 0 {
+        return NO_REAL;
+    }
+    let Some(st) = SERVICE_STATE.get_ptr_mut(svc_id) else {
+        return NO_REAL;
+    };
+    let Some(acc) = scratch() else {
+        return NO_REAL;
+    };
+    let mut chosen = NO_REAL;
+    for _attempt in 0..2 {
+        let old = unsafe { read_volatile(&raw const (*st).rr_cursor) };
+        let mark = WrrMark::unpack(old);
+        let start = if mark.next > n { 0 } else { mark.next };
+        let cw = if mark.cw == 0 || mark.cw as u64 > mw {
+            mw
+        } else {
+            mark.cw as u64
+        };
+        unsafe {
+            write_volatile(&raw mut (*acc).real, start);
+            write_volatile(&raw mut (*acc).load, cw);
+            write_volatile(&raw mut (*acc).weight, 0);
+        }
+        for _ in 0..wrr_max_steps(MAX_REALS_PER_SERVICE) {
+            let i = unsafe { read_volatile(&raw const (*acc).real) };
+            let cw = unsafe { read_volatile(&raw const (*acc).load) };
+            if i >= n {
+                let next = if cw <= di { mw } else { cw - di };
+                unsafe {
+                    write_volatile(&raw mut (*acc).load, next);
+                    write_volatile(&raw mut (*acc).real, 0);
+                }
+                continue;
+            }
+            if i as usize >= MAX_REALS_PER_SERVICE {
+                break;
+            }
+            if set.slots[i as usize].weight as u64 >= cw {
+                unsafe { write_volatile(&raw mut (*acc).weight, 1) };
+                break;
+            }
+            unsafe { write_volatile(&raw mut (*acc).real, i + 1) };
+        }
+        let (found, i, cw) = unsafe {
+            (
+                read_volatile(&raw const (*acc).weight),
+                read_volatile(&raw const (*acc).real),
+                read_volatile(&raw const (*acc).load),
+            )
+        };
+        if found == 0 || i as usize >= MAX_REALS_PER_SERVICE {
+            return NO_REAL;
+        }
+        chosen = set.slots[i as usize].real;
+        let new = WrrMark {
+            next: i + 1,
+            cw: cw as u32,
+        }
+        .pack();
+        if unsafe { atomic::cas_u64(&raw mut (*st).rr_cursor, old, new) } {
+            return chosen;
+        }
+    }
+    chosen
+}
+
+/// Round robin: the `pos`-th slot (from 0) with a weight above 0. The running count lives in
+/// scratch map memory for the same reason as the scan's best.
+#[inline(always)]
+fn nth_live(set: &RealSet, pos: u64) -> u32 {
     let Some(acc) = scratch() else {
         return NO_REAL;
     };
     for_each_candidate(set, |slot| unsafe {
         let below = read_volatile(&raw const (*acc).load);
         let found = read_volatile(&raw const (*acc).weight);
-        let above = below + if unit { 1 } else { slot.weight as u64 };
+        let above = below + 1;
         if found == 0 && pos < above {
             write_volatile(&raw mut (*acc).real, slot.real);
             write_volatile(&raw mut (*acc).weight, 1);
