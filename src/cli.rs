@@ -93,6 +93,9 @@ pub enum Cmd {
         /// only one under /sys/fs/bpf/xdpvs).
         #[arg(long, value_name = "DIR")]
         pin_path: Option<PathBuf>,
+        /// Also list the persistence templates (client -> real, time left), like `ipvsadm -Lnc`.
+        #[arg(long)]
+        persistence: bool,
     },
     /// Take the director out of service: detach the XDP program and remove its pins (refused
     /// while a daemon runs on it). Every open connection through the director is lost.

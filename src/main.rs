@@ -142,11 +142,15 @@ fn main() -> ExitCode {
             socket,
             json,
             pin_path,
+            persistence,
         } => list_status(&socket, pin_path).and_then(|status| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", admin::render(&status));
+                if persistence {
+                    print!("{}", admin::render_templates(&status));
+                }
             }
             Ok(())
         }),

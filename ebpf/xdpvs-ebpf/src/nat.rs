@@ -9,8 +9,9 @@
 //!
 //! What is rewritten lies at fixed offsets of the IPv4 header and at the L4 header found past
 //! any IP options, so options are carried through untouched; the packet's size never changes,
-//! so NAT needs no more MTU than DR. A header the linear part of the frame does not hold whole
-//! (a split multi-buffer frame) is never half-written: the packet is dropped and counted.
+//! so NAT needs no more MTU than DR. `parse` hands on only frames whose IP and L4 headers (up to
+//! the checksum) lie whole in the linear part; a split multi-buffer frame is passed untouched
+//! (`pass_split_headers`), and the check here stays as a guard: nothing is ever half-written.
 use aya_ebpf::programs::XdpContext;
 use xdpvs_common::{Addr, PROTO_TCP};
 

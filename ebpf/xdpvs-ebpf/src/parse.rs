@@ -142,6 +142,10 @@ struct L4Hdr {
     ack: u32,
     doff: u8,
     flags: u8,
+    _window: u16,
+    /// Read by nobody here, but NAT rewrites it: requiring it in the linear part means a frame
+    /// that parses is one NAT can translate (never a half-written split frame).
+    _csum: u16,
 }
 
 pub fn parse(ctx: &XdpContext) -> Parsed {
@@ -226,9 +230,9 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     }
     let l4 = match at::<L4Hdr>(ctx, l3 + ihl) {
         Some(p) => unsafe { &*p },
-        // A UDP datagram shorter than a TCP header is fine: re-read just its ports.
+        // A UDP datagram shorter than a TCP header is fine: re-read its 8-byte header.
         None if proto == PROTO_UDP => {
-            return match at::<[u16; 2]>(ctx, l3 + ihl) {
+            return match at::<[u16; 4]>(ctx, l3 + ihl) {
                 Some(p) => {
                     let ports = unsafe { *p };
                     packet(
@@ -245,7 +249,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
                         l3 + ihl,
                     )
                 }
-                None => short(ctx, l3 + ihl + 4),
+                None => short(ctx, l3 + ihl + 8),
             };
         }
         None => return short(ctx, l3 + ihl + core::mem::size_of::<L4Hdr>()),
