@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent machine setup for building and testing xdpvs (Debian 12, root).
 # Installs the Debian toolchain used for the eBPF crate (see shared/TOOLCHAIN.md),
-# the lab's tools, and bpf-linker. Safe to run repeatedly: it only installs what is missing.
+# the lab's tools, bpf-linker, and cargo-deb with what tests/deb.rs uses to check the package
+# (dpkg-dev, man-db, systemd's systemd-analyze). Safe to run repeatedly: it only installs what is missing.
 set -euo pipefail
 
 PKGS=(ca-certificates rustc-web cargo-web rust-web-src llvm-22-dev clang-19 bpftool iproute2 ethtool keepalived
       nginx-light wrk haproxy curl procps psmisc nftables prometheus netsniff-ng iperf3
-      dnsmasq-base bind9-dnsutils chromium)
+      dnsmasq-base bind9-dnsutils chromium dpkg-dev man-db systemd)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -28,5 +29,9 @@ if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linke
     echo "setup: building bpf-linker 0.13.0 against LLVM 22 (a few minutes, once)"
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --locked \
         --no-default-features --features llvm-22
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "setup: building cargo-deb 3.8.0 (about 2 minutes, once)"
+    cargo install cargo-deb --version 3.8.0 --locked
 fi
 echo "setup: ok"

@@ -6,7 +6,8 @@
 #
 # Steps: scripts/setup.sh (idempotent installer), cargo fmt --check, cargo clippy (all targets,
 # warnings are errors), cargo test --workspace --all-targets (unit, dataplane through
-# BPF_PROG_TEST_RUN, end-to-end in netns labs), cargo test -p xdpvs-common (the shared map
+# BPF_PROG_TEST_RUN, end-to-end in netns labs, tests/deb.rs: the release .deb built by
+# scripts/deb.sh and installed into a scratch root), cargo test -p xdpvs-common (the shared map
 # types built alone, without the `user` feature, as the XDP program sees them).
 # Root-only tests carry `#[ignore = "needs root"]`: a plain `cargo test` without root lists them as
 # ignored; this script asks for them with `--include-ignored` (and their guard panics without root).

@@ -32,8 +32,13 @@
 //! The director's interface going away (`ip link del`) takes the XDP program with it: the sweep
 //! notices within a second, logs it once, and re-attaches the program when an interface of
 //! that name is back (the maps, and so the connection table, are kept meanwhile).
+//!
+//! Under systemd (`Type=notify`) each of these steps is reported through [`crate::notify`]:
+//! READY=1 once the dataplane holds the configuration, RELOADING=1 ... READY=1 around every
+//! reload, STOPPING=1 at stop, and a STATUS= line ([`Shared::status_line`]) that follows the
+//! reals' health, the VRRP roles, the interface and the last rejected reload.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -54,6 +59,7 @@ use crate::ha::director::Vrrp;
 use crate::ha::vrrp::io::Transition;
 use crate::health::flap::{Due, Flaps};
 use crate::health::{HealthChecker, HealthEvent, Target};
+use crate::notify::Notifier;
 use crate::state::{self, Health, Override, Runtime};
 use crate::status::{DaemonStats, ReadModel, Sources};
 
@@ -79,6 +85,21 @@ pub struct Shared {
     /// Counters of the connection-state sync (none without `[sync]`).
     pub sync: Mutex<Option<Arc<crate::ha::sync::service::SyncStats>>>,
     reload: mpsc::UnboundedSender<ReloadTrigger>,
+    /// sd_notify to the service manager (a no-op outside systemd).
+    notify: Notifier,
+    /// What the STATUS= line says besides the reals' health.
+    notes: Mutex<StatusNotes>,
+}
+
+/// The parts of the STATUS= line that are events rather than state the daemon keeps anyway.
+#[derive(Default)]
+struct StatusNotes {
+    /// VRRP instance name -> its state ("master", "backup", ...).
+    vrrp: BTreeMap<String, String>,
+    /// The director's interface is gone (the XDP program with it).
+    interface_gone: bool,
+    /// Why the last reload was rejected, until one is accepted.
+    reload_rejected: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,12 +143,50 @@ impl Shared {
         self.send_apply().await
     }
 
+    /// One line for `systemctl status`: the services, how many reals are up, and what else
+    /// an operator should know (VRRP roles, a lost interface, a rejected reload).
+    fn status_line(&self) -> String {
+        let cfg = self.config.load();
+        let reals: usize = cfg.services.iter().map(|s| s.reals.len()).sum();
+        let up = lock(&self.runtime).health.values().filter(|h| h.up).count();
+        let services = cfg.services.len();
+        let mut line = format!(
+            "{services} service{}, {up}/{reals} reals up, interface {}",
+            if services == 1 { "" } else { "s" },
+            cfg.director.interface
+        );
+        let notes = lock(&self.notes);
+        if notes.interface_gone {
+            line.push_str(" (GONE: nothing is forwarded until it is back)");
+        }
+        for (name, state) in &notes.vrrp {
+            line.push_str(&format!("; vrrp {name}: {state}"));
+        }
+        if let Some(why) = &notes.reload_rejected {
+            line.push_str(&format!(
+                "; last reload rejected, the previous configuration keeps serving: {why}"
+            ));
+        }
+        line
+    }
+
+    /// Sends the STATUS= line if it changed.
+    fn notify_status(&self) {
+        if self.notify.enabled() {
+            self.notify.status(&self.status_line());
+        }
+    }
+
     /// A VRRP instance changed state: the VIPs this director owns change with it.
     fn on_vrrp(&self, t: &Transition) {
         let standby = match lock(&self.vrrp).as_ref() {
             Some(v) => v.standby_vips(),
             None => return,
         };
+        lock(&self.notes)
+            .vrrp
+            .insert(t.name.clone(), t.to.as_str().to_string());
+        self.notify_status();
         let changed = {
             let mut rt = lock(&self.runtime);
             let changed = rt.standby_vips != standby;
@@ -414,6 +473,8 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
         vrrp: Mutex::new(None),
         sync: Mutex::new(None),
         reload: reload_tx.clone(),
+        notify: Notifier::from_env(),
+        notes: Mutex::new(StatusNotes::default()),
     });
     let first = shared.apply().await.context("programming the dataplane")?;
     if origin == Origin::Adopted {
@@ -482,10 +543,11 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
     let mut flap_tick = tokio::time::interval(Duration::from_secs(1));
     flap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("ready");
-    loop {
+    shared.notify.ready(&shared.status_line());
+    let stop_reason = loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break "SIGTERM"; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break "SIGINT"; }
             _ = sighup.recv() => { asked.get_or_insert_with(Vec::new); }
             Some(trigger) = reload_rx.recv() => {
                 let waiting = asked.get_or_insert_with(Vec::new);
@@ -521,6 +583,12 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
                         Err(format!("the reload task failed: {e}"))
                     }
                 };
+                lock(&shared.notes).reload_rejected = outcome.clone().err();
+                let status = match &outcome {
+                    Ok(()) => format!("reloaded; {}", shared.status_line()),
+                    Err(_) => shared.status_line(),
+                };
+                shared.notify.ready(&status);
                 for reply in answering.drain(..) {
                     let _ = reply.send(outcome.clone());
                 }
@@ -533,17 +601,30 @@ pub async fn run(config_path: &Path, opts: RunOptions) -> Result<()> {
                     batch.push(ev);
                 }
                 on_health(&shared, batch, &mut flaps);
+                shared.notify_status();
             }
             Some(t) = vrrp_rx.recv() => shared.on_vrrp(&t),
-            _ = flap_tick.tick() => on_flap_tick(&shared, &mut flaps),
+            _ = flap_tick.tick() => {
+                on_flap_tick(&shared, &mut flaps);
+                shared.notify_status();
+            }
         }
         if reloading.is_none() && debounce.is_none() && asked.is_some() {
             if let Some(c) = checker.take() {
                 answering = asked.take().unwrap_or_default();
+                shared
+                    .notify
+                    .reloading(&format!("reloading {}", shared.config_path.display()));
                 reloading = Some(tokio::spawn(reload(shared.clone(), c)));
             }
         }
-    }
+    };
+    shared.notify.stopping(&match director.on_exit {
+        OnExit::Keep => {
+            format!("stopping ({stop_reason}); the dataplane stays pinned and forwarding")
+        }
+        OnExit::Detach => format!("stopping ({stop_reason}); detaching the dataplane"),
+    });
     if let Some(h) = reloading.take() {
         // Let the reload finish (its apply is with the owner anyway), to stop its checks.
         match tokio::time::timeout(Duration::from_secs(30), h).await {
@@ -896,6 +977,10 @@ async fn sweep_loop(shared: Arc<Shared>, mode: XdpMode) {
                 }
             }
         }
+        let gone = !link.forwarding();
+        if std::mem::replace(&mut lock(&shared.notes).interface_gone, gone) != gone {
+            shared.notify_status();
+        }
         if n.is_multiple_of(5) {
             prime_neighbours(&shared);
         }
@@ -943,6 +1028,11 @@ impl LinkWatch {
 
     fn attached(&mut self) {
         self.attached = self.seen;
+    }
+
+    /// The program is attached to the interface of that name as it is now.
+    fn forwarding(&self) -> bool {
+        self.seen.is_some() && self.seen == self.attached
     }
 }
 

@@ -10,6 +10,7 @@
 //! the [`status`] read model, which reads the maps without waiting for a write.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
@@ -18,6 +19,7 @@ pub mod health;
 pub mod import;
 pub mod maglev;
 pub mod metrics;
+pub mod notify;
 pub mod offline;
 pub mod preflight;
 pub mod state;

@@ -1,140 +1,15 @@
 //! The `xdpvs` command: the daemon (`run`), config validation (`check`), and the admin client
-//! (`list`, `weight`, `drain`, `enable`, `reload`).
+//! (`list`, `weight`, `drain`, `enable`, `reload`). The command line itself is defined in
+//! [`xdpvs::cli`], where the manual pages are generated from it.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use xdpvs::admin::{self, Request};
+use xdpvs::cli::{Cli, Cmd, ImportFrom, LogFormat, SocketArg};
 use xdpvs::config::{Config, DEFAULT_ADMIN_SOCKET};
 use xdpvs::offline;
-
-#[derive(Parser)]
-#[command(
-    name = "xdpvs",
-    version,
-    about = "Layer-4 load-balancing director with an XDP dataplane (an LVS/ldirectord replacement)",
-    after_help = "Runtime changes (weight, drain, enable) last until the next reload or restart; \
-                  to make them permanent, edit the config file and reload."
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(clap::Args)]
-struct SocketArg {
-    /// Admin socket of the running daemon.
-    #[arg(long, value_name = "PATH", conflicts_with = "config")]
-    socket: Option<PathBuf>,
-    /// Read the admin socket path from this config file.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-}
-
-/// `xdpvs import FROM`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ImportFrom {
-    /// ldirectord.cf (ldirectord(8))
-    Ldirectord,
-    /// keepalived.conf (keepalived.conf(5)): virtual_server and vrrp_instance blocks
-    Keepalived,
-}
-
-/// `xdpvs run --log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the director in the foreground (SIGHUP reloads; SIGINT/SIGTERM detach and exit).
-    ///
-    /// A dataplane pinned by an earlier daemon on the same interface is adopted: its
-    /// connections, counters and ids carry on. At stop the dataplane stays pinned and
-    /// forwarding (`on_exit = "detach"` or `xdpvs detach` remove it).
-    Run {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
-        /// Discard a pinned dataplane instead of adopting it: starts with an empty connection
-        /// table, so every open connection through the director is lost.
-        #[arg(long)]
-        fresh: bool,
-        /// Log lines as text (for a terminal, journald) or as one JSON object per line (for log
-        /// shippers: timestamp, level, target, message and the event's fields at top level).
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
-    /// Validate a config file and exit (0 = valid).
-    Check {
-        #[arg(long, short, value_name = "FILE")]
-        config: PathBuf,
-    },
-    /// Translate an existing LVS configuration to xdpvs TOML (printed on stdout). Whatever
-    /// cannot be translated is listed on stderr with its file and line; the output passes
-    /// `xdpvs check`.
-    Import {
-        #[arg(value_enum)]
-        from: ImportFrom,
-        file: PathBuf,
-    },
-    /// Show the live table, like `ipvsadm -Ln`. With no daemon running, it is read from the
-    /// pinned dataplane (marked as such).
-    List {
-        #[command(flatten)]
-        socket: SocketArg,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-        /// Pinned dataplane to read when no daemon answers (default: from --config, or the
-        /// only one under /sys/fs/bpf/xdpvs).
-        #[arg(long, value_name = "DIR")]
-        pin_path: Option<PathBuf>,
-        /// Also list the persistence templates (client -> real, time left), like `ipvsadm -Lnc`.
-        #[arg(long)]
-        persistence: bool,
-    },
-    /// Take the director out of service: detach the XDP program and remove its pins (refused
-    /// while a daemon runs on it). Every open connection through the director is lost.
-    Detach {
-        /// The config whose dataplane to detach.
-        #[arg(long, short, value_name = "FILE", required_unless_present = "pin_path")]
-        config: Option<PathBuf>,
-        /// The pinned dataplane's directory instead.
-        #[arg(long, value_name = "DIR", conflicts_with = "config")]
-        pin_path: Option<PathBuf>,
-    },
-    /// Set a real's weight at runtime (until the next reload or restart).
-    Weight {
-        service: String,
-        /// The real's address (ip:port, or ip for the service's port).
-        real: String,
-        weight: u32,
-        #[command(flatten)]
-        socket: SocketArg,
-    },
-    /// Stop new connections to a real; open ones continue (until `enable`, reload or restart).
-    Drain {
-        service: String,
-        real: String,
-        #[command(flatten)]
-        socket: SocketArg,
-    },
-    /// Undo `weight`/`drain`: the real goes back to its configured weight.
-    Enable {
-        service: String,
-        real: String,
-        #[command(flatten)]
-        socket: SocketArg,
-    },
-    /// Ask the daemon to reload its config file (like SIGHUP), and report the result.
-    Reload {
-        #[command(flatten)]
-        socket: SocketArg,
-    },
-}
 
 fn socket_path(s: &SocketArg) -> anyhow::Result<PathBuf> {
     if let Some(p) = &s.socket {
@@ -305,6 +180,13 @@ fn main() -> ExitCode {
         } => call(&socket, Request::Enable { service, real }).map(print_message),
         Cmd::Reload { socket } => call(&socket, Request::Reload).map(print_message),
         Cmd::Detach { config, pin_path } => detach(config, pin_path),
+        Cmd::Man { dir } => xdpvs::cli::write_man_pages(&dir)
+            .map(|written| {
+                for p in written {
+                    println!("{}", p.display());
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("writing manual pages into {}: {e}", dir.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -661,12 +661,47 @@ pub fn spawn_director(
     spawn_in(lab, host, &bin, config_toml, run_args)
 }
 
+/// How [`spawn_launch`] starts the daemon, beyond [`spawn_xdpvs_with`]'s defaults.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Extra arguments to `xdpvs run`.
+    pub run_args: &'a [&'a str],
+    /// Extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
+    /// A command run between `nsenter` and the binary, which must exec it (e.g. `setpriv ...`),
+    /// so that the child's pid stays the daemon's.
+    pub wrapper: Vec<String>,
+    /// Return once the process is spawned, without waiting for the admin socket (then
+    /// [`Daemon::wait_ready`]).
+    pub no_wait: bool,
+}
+
+/// [`spawn_xdpvs`] as `launch` says.
+pub fn spawn_launch(lab: &Lab, config_toml: &str, launch: &Launch) -> Result<Daemon> {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_xdpvs"));
+    spawn_in_launch(lab, "dir", &bin, config_toml, launch)
+}
+
 fn spawn_in(
     lab: &Lab,
     host: &str,
     bin: &Path,
     config_toml: &str,
     run_args: &[&str],
+) -> Result<Daemon> {
+    let launch = Launch {
+        run_args,
+        ..Launch::default()
+    };
+    spawn_in_launch(lab, host, bin, config_toml, &launch)
+}
+
+fn spawn_in_launch(
+    lab: &Lab,
+    host: &str,
+    bin: &Path,
+    config_toml: &str,
+    launch: &Launch,
 ) -> Result<Daemon> {
     let bin = bin.to_path_buf();
     std::fs::create_dir_all(&lab.dir)?;
@@ -688,12 +723,14 @@ fn spawn_in(
     // nsenter execs the binary: the child's pid is the daemon's.
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
+        .args(&launch.wrapper)
         .arg(&bin)
         .arg("run")
         .arg("--config")
         .arg(&config_path)
-        .args(run_args)
+        .args(launch.run_args)
         .env("RUST_LOG", "info")
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -707,29 +744,10 @@ fn spawn_in(
         admin_socket: admin_socket_of(config_toml),
         log_path,
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(st) = d.child.try_wait()? {
-            bail!("xdpvs exited early ({st}); log:\n{}", d.log());
-        }
-        // Ready: the admin socket exists, `list` answers, and the daemon still runs.
-        let r = if d.admin_socket.exists() {
-            d.list()
-        } else {
-            Err(anyhow!("no admin socket yet"))
-        };
-        match r {
-            Ok(_) if d.child.try_wait()?.is_none() => return Ok(d),
-            Ok(_) => continue,
-            Err(e) if Instant::now() >= deadline => {
-                bail!(
-                    "xdpvs not ready after 10 s (last `list`: {e:#}); log:\n{}",
-                    d.log()
-                )
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
+    if !launch.no_wait {
+        d.wait_ready()?;
     }
+    Ok(d)
 }
 
 /// Runs `xdpvs ARGS...` in the director's network namespace (`nsenter --net`, so it sees the
@@ -747,6 +765,34 @@ pub fn xdpvs_in(lab: &Lab, args: &[&str]) -> Result<Output> {
 impl Daemon {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Waits (10 s at most) until the admin socket exists and `xdpvs list` answers on it.
+    /// Fails with the log if the daemon exits or never becomes ready.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                bail!("xdpvs exited early ({st}); log:\n{}", self.log());
+            }
+            // Ready: the admin socket exists, `list` answers, and the daemon still runs.
+            let r = if self.admin_socket.exists() {
+                self.list()
+            } else {
+                Err(anyhow!("no admin socket yet"))
+            };
+            match r {
+                Ok(_) if self.child.try_wait()?.is_none() => return Ok(()),
+                Ok(_) => continue,
+                Err(e) if Instant::now() >= deadline => {
+                    bail!(
+                        "xdpvs not ready after 10 s (last `list`: {e:#}); log:\n{}",
+                        self.log()
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
 
     /// `xdpvs list --socket <admin socket>` run in the director's namespace: its stdout.
