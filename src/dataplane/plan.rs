@@ -302,6 +302,7 @@ impl Planner {
                 flags: if ds.standby { SVC_F_STANDBY } else { 0 },
                 persist_timeout_s: ds.persist.map_or(0, |p| p.0),
                 persist_prefix: ds.persist.map_or(0, |p| p.1),
+                tunnel_port: ds.tunnel_port.to_be(),
                 ..Service::default()
             };
             if old.map(|(s, _)| s != service).unwrap_or(true) {
@@ -557,6 +558,7 @@ mod tests {
             sched: 0,
             fwd: 0,
             fallback: None,
+            tunnel_port: 0,
             persist: None,
             reals: reals
                 .iter()

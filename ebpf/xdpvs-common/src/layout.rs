@@ -21,7 +21,7 @@ use crate::{
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -66,7 +66,7 @@ const fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 /// Every number that decides a map's bytes, in a fixed order.
-const SHAPE: [usize; 82] = [
+const SHAPE: [usize; 84] = [
     // ServiceKey
     size_of::<ServiceKey>(),
     align_of::<ServiceKey>(),
@@ -85,6 +85,8 @@ const SHAPE: [usize; 82] = [
     offset_of!(Service, flags),
     offset_of!(Service, persist_timeout_s),
     offset_of!(Service, persist_prefix),
+    offset_of!(Service, tunnel_port),
+    crate::fwd_kind::GUE as usize,
     // RealSlot, RealSet
     size_of::<RealSlot>(),
     offset_of!(RealSlot, real),
@@ -193,6 +195,7 @@ mod tests {
         (3, 0x80e0_77ba_eefb_953f),
         (4, 0x0df8_350f_430d_8b15),
         (7, 0x6a0e_dd17_98a6_f8c9),
+        (8, 0x4b75_f0eb_ccf8_0390),
     ];
 
     #[test]

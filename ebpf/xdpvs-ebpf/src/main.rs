@@ -24,6 +24,7 @@ mod persist;
 mod schedule;
 mod sweep;
 mod sync;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
@@ -78,7 +79,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let nat = svc.fwd == fwd_kind::NAT;
     let real = match conntrack::lookup(&key, pkt, now) {
-        Lookup::Existing(id, real) => return to_real(ctx, pkt, id, &real, nat, now),
+        Lookup::Existing(id, real) => return to_real(ctx, pkt, id, &real, svc, now),
         Lookup::Drop(reason) => {
             count(reason);
             return xdp_action::XDP_DROP;
@@ -130,7 +131,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
         }
     };
     match maps::REALS.get(real) {
-        Some(r) => to_real(ctx, pkt, real, r, nat, now),
+        Some(r) => to_real(ctx, pkt, real, r, svc, now),
         None => {
             count(stat::DROP_NO_REAL);
             xdp_action::XDP_DROP
@@ -138,12 +139,32 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
     }
 }
 
-/// Forwards to the real, its address and port as the destination for NAT.
+/// Forwards to the real: as it is (DR), its address and port as the destination (NAT), or
+/// encapsulated to it (tunnel).
 #[inline(always)]
-fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, nat: bool, now: u64) -> u32 {
-    if nat && !nat::rewrite(ctx, pkt, real.addr, real.port, true) {
-        count(stat::PASS_SPLIT_HEADERS);
-        return xdp_action::XDP_DROP;
+fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, svc: &Service, now: u64) -> u32 {
+    match svc.fwd {
+        fwd_kind::NAT => {
+            if !nat::rewrite(ctx, pkt, real.addr, real.port, true) {
+                count(stat::PASS_SPLIT_HEADERS);
+                return xdp_action::XDP_DROP;
+            }
+        }
+        fwd_kind::TUNNEL | fwd_kind::GUE => {
+            let port = if svc.fwd == fwd_kind::GUE { svc.tunnel_port } else { 0 };
+            let rc = tunnel::route(ctx, pkt, real, port);
+            if rc & tunnel::TOO_BIG != 0 {
+                return tunnel::too_big(ctx, pkt, rc as u16);
+            }
+            if rc != 0 {
+                return xdp_action::XDP_DROP;
+            }
+            return match tunnel::encap(ctx, pkt, id, real, port) {
+                0 => xdp_action::XDP_DROP,
+                egress => forward::send(ctx, pkt, egress, unsafe { (*ctx.ctx).ingress_ifindex }),
+            };
+        }
+        _ => {}
     }
     forward::to_real(ctx, pkt, id, real, now)
 }
