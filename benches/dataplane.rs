@@ -66,7 +66,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
 use dpnet::{nat_service_on, service_on, DpNet, Harness, VIP, XDP_DROP, XDP_PASS, XDP_TX};
 use packet::{Frame, ACK, SYN};
-use xdpvs_common::stat;
+use xdpvs_common::{fwd_kind, stat};
 
 const CLIENT: &str = "198.18.0.1";
 /// The director's own address on `dpa`: not a service.
@@ -82,6 +82,9 @@ const MH_PORT: u16 = 84;
 const WRR_PORT: u16 = 85;
 /// The persistent service's port (64 reals, 300 s templates).
 const PERSIST_PORT: u16 = 86;
+/// The IPIP and GUE tunnel services' ports (4 reals each).
+const TUN_PORT: u16 = 87;
+const GUE_PORT: u16 = 88;
 /// The connection table's size in `Harness::new`.
 const CONN_TABLE: usize = 65536;
 
@@ -592,6 +595,13 @@ fn measure(p: &Params) -> Result<Report> {
         let mut persistent = service_on(PERSIST_PORT, &(1..=64).map(|i| (i, 1)).collect::<Vec<_>>());
         persistent.persist = Some((300, 32));
         with_nat.push(persistent);
+        // Tunnels: IPIP and GUE services of 4 reals.
+        for (port, fwd, tport) in [(TUN_PORT, fwd_kind::TUNNEL, 0), (GUE_PORT, fwd_kind::GUE, 6080)] {
+            let mut t = service_on(port, &[(1, 1), (2, 1), (3, 1), (4, 1)]);
+            t.fwd = fwd;
+            t.tunnel_port = tport;
+            with_nat.push(t);
+        }
         h.apply(with_nat);
         // Re-borrowed: the closure above held `h` until the NAT service was applied.
         let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
@@ -622,6 +632,15 @@ fn measure(p: &Params) -> Result<Report> {
         let icmp_dr = quote(80, icmp_sport);
         let icmp_nat = quote(NAT_PORT, EST_SPORT);
         let icmp_echo = packet::icmp_frame(CLIENT, VIP, 8, 0, 1, &[7; 56]);
+        let mut tunnel_est = Vec::new();
+        for port in [TUN_PORT, GUE_PORT] {
+            for f in [SYN, ACK] {
+                if h.run(&Frame::tcp(CLIENT, EST_SPORT, VIP, port, f).build()).action != XDP_TX {
+                    bail!("could not set up the tunnel flow on port {port}");
+                }
+            }
+            tunnel_est.push(Frame::tcp(CLIENT, EST_SPORT, VIP, port, ACK).build());
+        }
         let nat_cases = [
             ("NAT: non-VIP packet while a service uses NAT (reply lookup misses, XDP_PASS)", &non_vip, XDP_PASS),
             ("NAT: established flow (conntrack hit, DNAT + checksums, cached FIB, XDP_TX)", &nat_est, XDP_TX),
@@ -629,6 +648,8 @@ fn measure(p: &Params) -> Result<Report> {
             ("ICMP: frag needed about a DR flow (quote read, flow lookup, cached FIB, XDP_TX)", &icmp_dr, XDP_TX),
             ("ICMP: frag needed about a NAT flow (+ outer and quoted headers translated)", &icmp_nat, XDP_TX),
             ("ICMP: echo request to the VIP (not an error: XDP_PASS)", &icmp_echo, XDP_PASS),
+            ("tunnel IPIP: established flow (conntrack hit, FIB lookup with source, outer IPv4, XDP_TX)", &tunnel_est[0], XDP_TX),
+            ("tunnel GUE: established flow (+ UDP and GUE headers)", &tunnel_est[1], XDP_TX),
         ];
         for (name, frame, expect) in nat_cases {
             eprintln!("dataplane bench: {name}");

@@ -146,7 +146,7 @@ pub fn status(dir: &Path, cfg: Option<&Config>) -> Result<Status> {
             scheduler: state::sched_name(svc.sched).into(),
             forwarding: match svc.fwd {
                 fwd_kind::NAT => "nat",
-                fwd_kind::TUNNEL => "tunnel",
+                fwd_kind::TUNNEL | fwd_kind::GUE => "tunnel",
                 _ => "dr",
             }
             .into(),

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 
 use xdpvs_common::{fwd_kind, sched_kind, Addr, ServiceKey, FAMILY_V4, FAMILY_V6};
 
-use crate::config::{Config, Forwarding, OnFailure, OnRemove, Protocol, Scheduler, Timeouts};
+use crate::config::{
+    Config, Encap, Forwarding, OnFailure, OnRemove, Protocol, Scheduler, Timeouts,
+};
 
 /// Identifies a real within a service: (service name, real address).
 pub type RealId = (String, SocketAddr);
@@ -57,6 +59,8 @@ pub struct DesiredService {
     pub key: ServiceKey,
     pub sched: u8,
     pub fwd: u8,
+    /// GUE's UDP port on the reals (`fwd_kind::GUE`); 0 otherwise.
+    pub tunnel_port: u16,
     pub fallback: Option<SocketAddr>,
     /// Persistence: (template timeout in seconds, client prefix length); `None` = off.
     pub persist: Option<(u32, u8)>,
@@ -136,6 +140,12 @@ pub fn desired(config: &Config, rt: &Runtime) -> Desired {
                 fwd: match s.forwarding {
                     Forwarding::Dr => fwd_kind::DR,
                     Forwarding::Nat => fwd_kind::NAT,
+                    Forwarding::Tunnel(Encap::Ipip) => fwd_kind::TUNNEL,
+                    Forwarding::Tunnel(Encap::Gue { .. }) => fwd_kind::GUE,
+                },
+                tunnel_port: match s.forwarding {
+                    Forwarding::Tunnel(Encap::Gue { port }) => port,
+                    _ => 0,
                 },
                 fallback: s.fallback,
                 persist: s

@@ -147,6 +147,7 @@ pub fn build(src: Sources<'_>) -> Result<Status> {
             forwarding: match sc.forwarding {
                 Forwarding::Dr => "dr",
                 Forwarding::Nat => "nat",
+                Forwarding::Tunnel(_) => "tunnel",
             }
             .into(),
             fallback: sc.fallback.map(|f| f.to_string()),

@@ -518,3 +518,26 @@ fn keepalived_sh_with_its_flags_and_mh_translate() {
         out.warnings
     );
 }
+
+#[test]
+fn ipip_reals_and_lb_kind_tun_become_tunnel_services() {
+    let ld = "virtual=198.18.0.100:80\n\treal=198.18.0.11:80 ipip 2\n\treal=198.18.0.12 ipip\n\tservice=http\n\tchecktype=connect\n";
+    let out = translate(ld, "ldirectord.cf");
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    assert_eq!(
+        cfg.services[0].forwarding,
+        Forwarding::Tunnel(xdpvs::config::Encap::Ipip)
+    );
+    assert_eq!(cfg.services[0].reals.len(), 2);
+    let ka = "virtual_server 198.18.0.100 80 {\n  lb_kind TUN\n  protocol TCP\n  real_server 198.18.0.11 80 {\n    TCP_CHECK {\n      connect_timeout 3\n    }\n  }\n}\n";
+    let out = xdpvs::import::keepalived::translate(ka, "keepalived.conf");
+    let cfg = out
+        .validate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+    assert_eq!(
+        cfg.services[0].forwarding,
+        Forwarding::Tunnel(xdpvs::config::Encap::Ipip)
+    );
+}

@@ -135,6 +135,17 @@ pub enum Forwarding {
     /// Direct routing: the real holds the VIP and answers the client itself.
     Dr,
     Nat,
+    /// LVS-TUN: the packet encapsulated to the real, which holds the VIP and answers itself.
+    Tunnel(Encap),
+}
+
+/// A tunnel's encapsulation (`tunnel` and `tunnel_port` of a service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// IPv4 in IPv4 (protocol 4): an `ipip` device on the real.
+    Ipip,
+    /// GUE in UDP to this port: `ip fou add port PORT gue` on the real.
+    Gue { port: u16 },
 }
 
 /// What a failed health check does to a real (ldirectord's `quiescent`).

@@ -7,9 +7,9 @@
 //! than anything else here: on reload the error message is all an operator gets.
 
 use super::{
-    CheckConfig, CheckKind, Config, Director, Forwarding, Initially, OnExit, OnFailure, OnRemove,
-    Persistence, Protocol, RealConfig, Scheduler, ServiceConfig, SyncConfig, Timeouts, XdpMode,
-    DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS, DEFAULT_SYNC_REFRESH,
+    CheckConfig, CheckKind, Config, Director, Encap, Forwarding, Initially, OnExit, OnFailure,
+    OnRemove, Persistence, Protocol, RealConfig, Scheduler, ServiceConfig, SyncConfig, Timeouts,
+    XdpMode, DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS, DEFAULT_SYNC_REFRESH,
 };
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -159,6 +159,8 @@ struct RawService {
     sh_port: Option<Spanned<bool>>,
     sh_fallback: Option<Spanned<bool>>,
     forwarding: Option<Spanned<String>>,
+    tunnel: Option<Spanned<String>>,
+    tunnel_port: Option<Spanned<i64>>,
     on_failure: Option<Spanned<String>>,
     on_remove: Option<Spanned<String>>,
     fallback: Option<Spanned<String>>,
@@ -829,9 +831,14 @@ impl Validator<'_> {
                 v,
                 &key("forwarding"),
                 "forwarding method",
-                &[("dr", Forwarding::Dr), ("nat", Forwarding::Nat)],
+                &[
+                    ("dr", Forwarding::Dr),
+                    ("nat", Forwarding::Nat),
+                    ("tunnel", Forwarding::Tunnel(Encap::Ipip)),
+                ],
             )?,
         };
+        let forwarding = self.encap(&raw, forwarding, prefix)?;
         let on_failure = match &raw.on_failure {
             None => OnFailure::Quiesce,
             Some(v) => self.choice(
@@ -1005,6 +1012,62 @@ impl Validator<'_> {
         }))
     }
 
+    /// `tunnel` (`ipip`, the default, or `gue`) and `tunnel_port` (GUE's UDP port, required
+    /// with it), for `forwarding = "tunnel"` only.
+    fn encap(
+        &self,
+        raw: &RawService,
+        forwarding: Forwarding,
+        prefix: &str,
+    ) -> Result<Forwarding, ConfigError> {
+        if !matches!(forwarding, Forwarding::Tunnel(_)) {
+            if let Some(t) = &raw.tunnel {
+                return Err(self.at(
+                    t,
+                    &format!("{prefix}.tunnel"),
+                    "tunnel needs forwarding = \"tunnel\"".to_string(),
+                ));
+            }
+            if let Some(p) = &raw.tunnel_port {
+                return Err(self.at(
+                    p,
+                    &format!("{prefix}.tunnel_port"),
+                    "tunnel_port needs forwarding = \"tunnel\" and tunnel = \"gue\"".to_string(),
+                ));
+            }
+            return Ok(forwarding);
+        }
+        let gue = match &raw.tunnel {
+            None => None,
+            Some(t) => self
+                .choice(
+                    t,
+                    &format!("{prefix}.tunnel"),
+                    "tunnel type",
+                    &[("ipip", false), ("gue", true)],
+                )?
+                .then_some(t),
+        };
+        match (gue, &raw.tunnel_port) {
+            (None, None) => Ok(Forwarding::Tunnel(Encap::Ipip)),
+            (None, Some(p)) => Err(self.at(
+                p,
+                &format!("{prefix}.tunnel_port"),
+                "tunnel_port is GUE's UDP port; set tunnel = \"gue\" or remove it".to_string(),
+            )),
+            (Some(_), Some(p)) => {
+                let port = self.int(p, &format!("{prefix}.tunnel_port"), 1, 65_535)? as u16;
+                Ok(Forwarding::Tunnel(Encap::Gue { port }))
+            }
+            (Some(t), None) => Err(self.at(
+                t,
+                &format!("{prefix}.tunnel_port"),
+                "tunnel = \"gue\" needs tunnel_port (the UDP port the reals' fou listens on)"
+                    .to_string(),
+            )),
+        }
+    }
+
     /// The hashing schedulers' keys: `mh_table_size` (mh: a prime above the number of reals,
     /// at most 131,071 like IPVS's largest), `sh_port` and `sh_fallback` (sh). Each is refused
     /// with another scheduler, where it would silently mean nothing.
@@ -1127,12 +1190,17 @@ impl Validator<'_> {
         if addr == vip {
             return Err(self.at(v, key, format!("{what} {addr} is the VIP itself")));
         }
-        if forwarding == Forwarding::Dr && addr.port() != vip.port() {
+        if forwarding != Forwarding::Nat && addr.port() != vip.port() {
+            let method = if forwarding == Forwarding::Dr {
+                "dr"
+            } else {
+                "tunnel"
+            };
             return Err(self.at(
                 v,
                 key,
                 format!(
-                    "dr forwarding cannot change the port; {what} port {} differs from the VIP port {} (omit the port or use {})",
+                    "{method} forwarding cannot change the port; {what} port {} differs from the VIP port {} (omit the port or use {})",
                     addr.port(),
                     vip.port(),
                     vip.port()
@@ -1892,6 +1960,51 @@ scheduler = "rr"
             ("metrics", 0),
             "director.metrics",
             "nor \"off\"",
+        );
+    }
+
+    #[test]
+    fn tunnels() {
+        let real = "[[service.real]]\naddress = \"198.18.0.11:80\"\n";
+        let cfg = parse_str(&svc(&format!("forwarding = \"tunnel\"\n{real}"))).unwrap();
+        assert_eq!(cfg.services[0].forwarding, Forwarding::Tunnel(Encap::Ipip));
+        let cfg = parse_str(&svc(&format!(
+            "forwarding = \"tunnel\"\ntunnel = \"gue\"\ntunnel_port = 6080\n{real}"
+        )))
+        .unwrap();
+        assert_eq!(
+            cfg.services[0].forwarding,
+            Forwarding::Tunnel(Encap::Gue { port: 6080 })
+        );
+        expect_err(
+            &svc("forwarding = \"tunnel\"\ntunnel = \"gue\"\n"),
+            ("tunnel = ", 0),
+            "service[0].tunnel_port",
+            "needs tunnel_port",
+        );
+        expect_err(
+            &svc("forwarding = \"tunnel\"\ntunnel = \"gre\"\n"),
+            ("tunnel = ", 0),
+            "service[0].tunnel",
+            "expected one of ipip, gue",
+        );
+        expect_err(
+            &svc("tunnel = \"gue\"\n"),
+            ("tunnel = ", 0),
+            "service[0].tunnel",
+            "needs forwarding = \"tunnel\"",
+        );
+        expect_err(
+            &svc("forwarding = \"tunnel\"\ntunnel_port = 6080\n"),
+            ("tunnel_port", 0),
+            "service[0].tunnel_port",
+            "set tunnel = \"gue\"",
+        );
+        expect_err(
+            &svc("forwarding = \"tunnel\"\n[[service.real]]\naddress = \"198.18.0.11:8080\"\n"),
+            ("8080", 0),
+            "service[0].real[0].address",
+            "tunnel forwarding cannot change the port",
         );
     }
 

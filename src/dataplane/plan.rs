@@ -441,6 +441,7 @@ impl Planner {
                 flags: if ds.standby { SVC_F_STANDBY } else { 0 } | sched_flags,
                 persist_timeout_s: ds.persist.map_or(0, |p| p.0),
                 persist_prefix: ds.persist.map_or(0, |p| p.1),
+                tunnel_port: ds.tunnel_port.to_be(),
                 ..Service::default()
             };
             let wrr = ds.sched == sched_kind::WRR;
@@ -770,6 +771,7 @@ mod tests {
             sched: 0,
             fwd: 0,
             fallback: None,
+            tunnel_port: 0,
             persist: None,
             reals: reals
                 .iter()

@@ -478,6 +478,7 @@ pub fn translate(text: &str, file: &str) -> Import {
                     .as_deref()
                 {
                     Some("NAT") => "nat",
+                    Some("TUN") => "tunnel",
                     Some("DR") | None => "dr",
                     Some(k) => {
                         warn(n, format!("lb_kind {k}: not supported; left out"));
@@ -559,7 +560,7 @@ pub fn translate(text: &str, file: &str) -> Import {
                         continue;
                     }
                     let mut port = port;
-                    if fwd == "dr" && port != addr.port() {
+                    if fwd != "nat" && port != addr.port() {
                         warn(r, format!("real_server port {port}: direct routing cannot change the port, {} used", addr.port()));
                         port = addr.port();
                     }

@@ -338,6 +338,7 @@ pub fn translate(text: &str, file: &str) -> Import {
             let fwd = match method.as_str() {
                 "gate" => "dr",
                 "masq" => "nat",
+                "ipip" => "tunnel",
                 m => {
                     warn(
                         *l,
@@ -357,7 +358,7 @@ pub fn translate(text: &str, file: &str) -> Import {
             match reals_of(spec, vs.address.port()) {
                 Ok(addrs) => {
                     for mut a in addrs {
-                        if fwd == "dr" && a.port() != vs.address.port() {
+                        if fwd != "nat" && a.port() != vs.address.port() {
                             warn(
                                 *l,
                                 format!(
@@ -397,7 +398,7 @@ pub fn translate(text: &str, file: &str) -> Import {
                     l,
                     format!("fallback={spec}: a loopback sorry server cannot be forwarded to by XDP, left out (use a real host)"),
                 ),
-                Some(a) if fwd == "dr" && a.port() != vs.address.port() => warn(
+                Some(a) if fwd != "nat" && a.port() != vs.address.port() => warn(
                     l,
                     format!("fallback={spec}: direct routing cannot change the port, left out"),
                 ),

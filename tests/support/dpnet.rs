@@ -176,6 +176,7 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
         sched: xdpvs_common::sched_kind::WLC,
         fwd: xdpvs_common::fwd_kind::DR,
         fallback: None,
+        tunnel_port: 0,
         persist: None,
         reals: reals
             .iter()

@@ -218,7 +218,7 @@ pub fn parse4(f: &[u8]) -> Parsed4 {
     }
 }
 
-fn checksum(b: &[u8]) -> u16 {
+pub fn checksum(b: &[u8]) -> u16 {
     let mut s: u32 = 0;
     for c in b.chunks(2) {
         s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));

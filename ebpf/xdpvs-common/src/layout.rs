@@ -21,7 +21,7 @@ use crate::{
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -66,7 +66,7 @@ const fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 /// Every number that decides a map's bytes, in a fixed order.
-const SHAPE: [usize; 90] = [
+const SHAPE: [usize; 92] = [
     // ServiceKey
     size_of::<ServiceKey>(),
     align_of::<ServiceKey>(),
@@ -85,6 +85,8 @@ const SHAPE: [usize; 90] = [
     offset_of!(Service, flags),
     offset_of!(Service, persist_timeout_s),
     offset_of!(Service, persist_prefix),
+    offset_of!(Service, tunnel_port),
+    crate::fwd_kind::GUE as usize,
     // RealSlot, RealSet
     size_of::<RealSlot>(),
     offset_of!(RealSlot, real),
@@ -203,6 +205,7 @@ mod tests {
         (7, 0x6a0e_dd17_98a6_f8c9),
         // 5 and 6 were branch-only layouts, never released.
         (8, 0x9c6e_250e_67fd_d65f),
+        (9, 0x1944_4cf4_9a60_d6ce),
     ];
 
     #[test]

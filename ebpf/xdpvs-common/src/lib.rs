@@ -145,7 +145,11 @@ pub mod fwd_kind {
     /// Direct routing: rewrite MACs only; the real answers the client itself.
     pub const DR: u8 = 0;
     pub const NAT: u8 = 1;
+    /// IPIP: the packet in an outer IPv4 header to the real.
     pub const TUNNEL: u8 = 2;
+    /// GUE: the packet in UDP (to the service's `tunnel_port`) and a GUE header, in an outer
+    /// IPv4 header to the real.
+    pub const GUE: u8 = 3;
 }
 
 /// Value of `SERVICES`.
@@ -168,7 +172,9 @@ pub struct Service {
     /// Persistence granularity: the prefix length of the client address a template is keyed
     /// by (32 or 128 = one client; 24 = its /24, as IPVS's `-M 255.255.255.0`).
     pub persist_prefix: u8,
-    pub _pad1: [u8; 3],
+    pub _pad1: u8,
+    /// GUE tunnels (`fwd_kind::GUE`): the reals' UDP port, network byte order.
+    pub tunnel_port: u16,
 }
 
 /// Service flag: removed from the configuration, kept only so its open connections can finish;
@@ -573,9 +579,15 @@ pub mod stat {
     pub const MISS_RESET: u32 = 29;
     /// A new connection sent to its client's real by a persistence template (not scheduled).
     pub const PERSIST_HIT: u32 = 31;
-    /// Slots 18, 19 and 30 are reserved (named `unused_N`), so a new counter does not change the
-    /// map layout of pinned maps.
-    pub const COUNT: u32 = 32;
+    /// A client's packet too big for a tunnel to its real (outer header + packet above the
+    /// path MTU) with DF set: answered with ICMP "fragmentation needed" (the MTU less the
+    /// tunnel's overhead), so the client's TCP shrinks its segments.
+    pub const TUNNEL_FRAG_NEEDED: u32 = 32;
+    /// The same without DF (XDP cannot fragment), or a tagged one: dropped.
+    pub const DROP_TUNNEL_MTU: u32 = 33;
+    /// Slots 18, 19, 30 and 34..40 are reserved (named `unused_N`), so a new counter does not
+    /// change the map layout of pinned maps.
+    pub const COUNT: u32 = 40;
 }
 
 /// Human names for `stat::*`, in index order (labels of `xdpvs_dataplane_packets_total`).
@@ -612,6 +624,14 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "miss_reset",
     "unused_30",
     "persist_hit",
+    "tunnel_frag_needed",
+    "drop_tunnel_mtu",
+    "unused_34",
+    "unused_35",
+    "unused_36",
+    "unused_37",
+    "unused_38",
+    "unused_39",
 ];
 
 #[cfg(feature = "user")]

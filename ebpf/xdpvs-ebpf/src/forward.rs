@@ -148,7 +148,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> u32 {
 
 /// Sends the rewritten frame out of `egress` (back out of `ingress` by XDP_TX).
 #[inline(always)]
-fn send(ctx: &XdpContext, pkt: &Packet, egress: u32, ingress: u32) -> u32 {
+pub(crate) fn send(ctx: &XdpContext, pkt: &Packet, egress: u32, ingress: u32) -> u32 {
     if pkt.ip_len > ETH_DATA_LEN && over_mtu(ctx, egress, pkt.ip_len) {
         count(stat::OVER_MTU);
     }

@@ -25,6 +25,7 @@ mod reset;
 mod schedule;
 mod sweep;
 mod sync;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
@@ -46,10 +47,16 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
     match parse::parse(&ctx) {
         parse::Parsed::Packet(pkt) if pkt.proto == PROTO_ICMP => icmp::handle(&ctx, &pkt),
         parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
-            Some(svc) => match handle(&ctx, &pkt, svc) {
-                MISS => miss(&ctx, &pkt, svc, svc.fwd == fwd_kind::NAT),
-                verdict => verdict,
-            },
+            Some(svc) => {
+                let mut verdict = handle(&ctx, &pkt, svc);
+                if verdict == MISS {
+                    verdict = miss(&ctx, &pkt, svc, svc.fwd == fwd_kind::NAT);
+                }
+                if verdict & TUNNEL != 0 {
+                    verdict = tunnel_send(&ctx, &pkt, svc, verdict & !TUNNEL);
+                }
+                verdict
+            }
             None => not_a_service(&ctx, &pkt),
         },
         parse::Parsed::Pass(reason) => {
@@ -66,6 +73,10 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
 /// What [`handle`] returns (instead of an XDP action) for a mid-flow TCP segment of no flow:
 /// [`miss`] takes it, called by the entry point so that its frame and `handle`'s never add up.
 const MISS: u32 = 0xffff;
+
+/// What [`handle`] and [`miss`] return for a packet to tunnel to real `id`: `TUNNEL | id`.
+/// [`tunnel_send`] takes it, called by the entry point for the same reason as `miss`.
+const TUNNEL: u32 = 1 << 20;
 
 /// A packet to a virtual service. Not inlined, and a sibling of [`not_a_service`]: the
 /// verifier bounds the stack of the deepest call chain at 512 bytes, so the two paths' frames
@@ -86,7 +97,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let nat = svc.fwd == fwd_kind::NAT;
     let real = match conntrack::lookup(&key, pkt, now) {
-        Lookup::Existing(id, real) => return to_real(ctx, pkt, id, &real, nat, now),
+        Lookup::Existing(id, real) => return to_real(ctx, pkt, id, &real, svc, now),
         Lookup::Drop(reason) => {
             count(reason);
             return xdp_action::XDP_DROP;
@@ -135,7 +146,7 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
         }
     };
     match maps::REALS.get(real) {
-        Some(r) => to_real(ctx, pkt, real, r, nat, now),
+        Some(r) => to_real(ctx, pkt, real, r, svc, now),
         None => {
             count(stat::DROP_NO_REAL);
             xdp_action::XDP_DROP
@@ -166,10 +177,10 @@ fn miss(ctx: &XdpContext, pkt: &Packet, svc: &Service, nat: bool) -> u32 {
                 }
             }
             if owner == real {
-                return to_real(ctx, pkt, real, &r, nat, now);
+                return to_real(ctx, pkt, real, &r, svc, now);
             }
             return match maps::REALS.get(owner) {
-                Some(o) => to_real(ctx, pkt, owner, o, nat, now),
+                Some(o) => to_real(ctx, pkt, owner, o, svc, now),
                 None => {
                     count(stat::DROP_NO_REAL);
                     xdp_action::XDP_DROP
@@ -180,14 +191,48 @@ fn miss(ctx: &XdpContext, pkt: &Packet, svc: &Service, nat: bool) -> u32 {
     reset::reset(ctx, pkt)
 }
 
-/// Forwards to the real, its address and port as the destination for NAT.
+/// Forwards to the real: as it is (DR), its address and port as the destination (NAT), or
+/// encapsulated to it (tunnel).
 #[inline(always)]
-fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, nat: bool, now: u64) -> u32 {
-    if nat && !nat::rewrite(ctx, pkt, real.addr, real.port, true) {
-        count(stat::PASS_SPLIT_HEADERS);
-        return xdp_action::XDP_DROP;
+fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, svc: &Service, now: u64) -> u32 {
+    match svc.fwd {
+        fwd_kind::NAT => {
+            if !nat::rewrite(ctx, pkt, real.addr, real.port, true) {
+                count(stat::PASS_SPLIT_HEADERS);
+                return xdp_action::XDP_DROP;
+            }
+        }
+        fwd_kind::TUNNEL | fwd_kind::GUE => return TUNNEL | id,
+        _ => {}
     }
     forward::to_real(ctx, pkt, id, real, now)
+}
+
+/// Encapsulates a packet to real `id` ([`TUNNEL`]) and sends it, or answers it with ICMP
+/// "fragmentation needed" when the tunnel's overhead pushes it past the path MTU: three calls,
+/// siblings of one another, at the least depth (see `tunnel`).
+#[inline(never)]
+fn tunnel_send(ctx: &XdpContext, pkt: &Packet, svc: &Service, id: u32) -> u32 {
+    let Some(real) = maps::REALS.get(id) else {
+        count(stat::DROP_NO_REAL);
+        return xdp_action::XDP_DROP;
+    };
+    let port = if svc.fwd == fwd_kind::GUE {
+        svc.tunnel_port
+    } else {
+        0
+    };
+    let rc = tunnel::route(ctx, pkt, real, port);
+    if rc & tunnel::TOO_BIG != 0 {
+        return tunnel::too_big(ctx, pkt, rc as u16);
+    }
+    if rc != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    match tunnel::encap(ctx, pkt, id, real, port) {
+        0 => xdp_action::XDP_DROP,
+        egress => forward::send(ctx, pkt, egress, unsafe { (*ctx.ctx).ingress_ifindex }),
+    }
 }
 
 /// A packet to no service: the director's own traffic (passed), or, while some service uses

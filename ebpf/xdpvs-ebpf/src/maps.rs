@@ -111,5 +111,10 @@ pub struct NatScratch {
 pub static PERSIST_SCRATCH: PerCpuArray<crate::persist::PersistScratch> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// An ICMP error being built for a packet too big for its tunnel (kernel-private).
+#[map(name = "TUNNEL_SCRATCH")]
+pub static TUNNEL_SCRATCH: PerCpuArray<crate::tunnel::TooBigScratch> =
+    PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "NAT_SCRATCH")]
 pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -97,7 +97,7 @@ fn at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
 
 /// Length of the whole frame: the linear part plus any fragments of a multi-buffer frame.
 #[inline(always)]
-pub fn frame_len(ctx: &XdpContext) -> usize {
+pub(crate) fn frame_len(ctx: &XdpContext) -> usize {
     unsafe { bpf_xdp_get_buff_len(ctx.ctx) as usize }
 }
 
