@@ -4,7 +4,8 @@
 //! to the kernel untouched, so the director host keeps working); find the flow in the
 //! connection table ([`conntrack`]) or, for a new connection, pick a real with the service's
 //! scheduler ([`schedule`]); then send the frame to that real ([`forward`]). ICMP errors about
-//! a tracked flow follow the flow to its real ([`icmp`]).
+//! a tracked flow follow the flow to its real ([`icmp`], [`icmp6`]). IPv4 and IPv6 share
+//! every step but parsing, the NAT rewrite and the ICMP errors.
 //!
 //! Runtime configuration lives in maps written by the control plane, never in compile-time
 //! switches. Map types come from `xdpvs-common`, shared with the control plane.
@@ -17,6 +18,7 @@ mod atomic;
 mod conntrack;
 mod forward;
 mod icmp;
+mod icmp6;
 mod maps;
 mod nat;
 mod parse;
@@ -29,7 +31,7 @@ use aya_ebpf::{
 };
 use xdpvs_common::{
     fwd_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL, PROTO_ICMP,
-    PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
+    PROTO_ICMPV6, PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
 use crate::conntrack::{Lookup, Reply};
@@ -41,20 +43,23 @@ use crate::parse::Packet;
 /// or dropping them; [`parse`] reads headers from the linear part only.
 #[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
-        parse::Parsed::Packet(pkt) if pkt.proto == PROTO_ICMP => icmp::handle(&ctx, &pkt),
-        parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
+    let mut pkt = Packet::default();
+    let verdict = parse::parse(&ctx, &mut pkt);
+    if verdict != parse::PACKET {
+        count(verdict & !parse::DROP);
+        return if verdict & parse::DROP != 0 {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        };
+    }
+    match pkt.proto {
+        PROTO_ICMP => icmp::handle(&ctx, &pkt),
+        PROTO_ICMPV6 => icmp6::handle(&ctx, &pkt),
+        _ => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
             Some(svc) => handle(&ctx, &pkt, svc),
             None => not_a_service(&ctx, &pkt),
         },
-        parse::Parsed::Pass(reason) => {
-            count(reason);
-            xdp_action::XDP_PASS
-        }
-        parse::Parsed::Drop(reason) => {
-            count(reason);
-            xdp_action::XDP_DROP
-        }
     }
 }
 
