@@ -312,9 +312,14 @@ dns_stop() {
 # a real's reply (from the VIP, or translated to it) larger than MTU makes the router send
 # "fragmentation needed" to the VIP: the director must hand it to the real, or the real never
 # learns the path MTU and the transfer stalls.
+#
+# In a dual-stack lab the same for IPv6: the router 2001:2::4 and 2001:2:1::254, the client
+# 2001:2:1::1 (default via the router), 2001:2:1::/64 routed like 198.19.0.0/24 (IPv6 routers never
+# fragment: the router sends Packet Too Big to the VIP; MTU must be >= 1280 then).
 far_up() {
     local p=$1 mtu=$2 ns i
     need_ns "${p}sw"
+    FAMILY=$(lab_family "$p")
     ip netns add "${p}rtr"
     sysctls_host "${p}rtr"
     nsx "${p}rtr" sysctl -qw net.ipv4.conf.all.forwarding=1
@@ -336,22 +341,40 @@ far_up() {
     ip -n "${p}rtr" addr add 198.19.0.254/24 dev far0
     ip -n "${p}far" addr add 198.19.0.1/24 dev eth0
     ip -n "${p}far" route add default via 198.19.0.254
-    for ns in "${p}rtr" "${p}far"; do
-        nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
-    done
+    if [[ $FAMILY == dual ]]; then
+        ((mtu >= 1280)) || die "an IPv6 link needs an MTU of at least 1280 (asked for $mtu)"
+        nsx "${p}rtr" sysctl -qw net.ipv6.conf.all.forwarding=1
+        ip -n "${p}rtr" -6 addr add "$NET6:4/64" dev eth0 nodad
+        ip -n "${p}rtr" -6 addr add 2001:2:1::254/64 dev far0 nodad
+        ip -n "${p}far" -6 addr add 2001:2:1::1/64 dev eth0 nodad
+        ip -n "${p}far" -6 route add default via 2001:2:1::254
+    else
+        for ns in "${p}rtr" "${p}far"; do
+            nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+        done
+    fi
     # NAT reals send their replies to the far client through the director, like the others.
     local via=$NET.4
     [[ $(lab_mode "$p") == nat ]] && via=$DIR_IP
+    local via6=$NET6:4
+    [[ $(lab_mode "$p") == nat ]] && via6=$DIR6
     for ns in $(lab_namespaces "$p"); do
         if [[ $ns == "${p}dir" || $ns == "${p}dir2" ]]; then
             ip -n "$ns" route add 198.19.0.0/24 via "$NET.4"
+            [[ $FAMILY == dual ]] && ip -n "$ns" -6 route add 2001:2:1::/64 via "$NET6:4"
         elif [[ $ns =~ ^${p}r[0-9]+$ ]]; then
             ip -n "$ns" route add 198.19.0.0/24 via "$via"
+            [[ $FAMILY == dual ]] && ip -n "$ns" -6 route add 2001:2:1::/64 via "$via6"
         fi
     done
     # through the router both ways: real 1's nginx answers the far client directly
     [[ $(nsx "${p}far" curl -s --max-time 2 "http://$NET.11:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
         || die "the far client does not reach real 1 through the router"
+    if [[ $FAMILY == dual ]]; then
+        [[ $(nsx "${p}far" curl -6 -s --max-time 2 "http://[$NET6:11]:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
+            || die "the far client does not reach real 1 through the router over IPv6"
+    fi
+    return 0
 }
 
 # ----------------------------------------------------------------------------------------- down

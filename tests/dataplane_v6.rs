@@ -337,6 +337,11 @@ fn unknown_extension_headers_and_long_chains_are_passed_and_counted() {
             f[18..20].copy_from_slice(&0u16.to_be_bytes());
             cases.push(("no next header".into(), f));
         }
+        let mut f = from_client(6, 44004, 80, SYN, 0);
+        let mut routed = ext_routing(2);
+        routed.1[3] = 1; // one segment left: the VIP is a waypoint
+        f.ext = vec![routed];
+        cases.push(("a routing header with a segment left".into(), f.build()));
         let mut f = from_client(6, 44002, 80, SYN, 0);
         f.ext = (0..7).map(|_| ext_opts(60, 1)).collect();
         cases.push(("7 destination-options headers".into(), f.build()));

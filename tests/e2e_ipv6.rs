@@ -201,3 +201,105 @@ fn ipv6_nat_spreads_by_weight_to_reals_on_another_port() {
     );
     println!("{}", d.list().expect("xdpvs list"));
 }
+
+/// A client behind a router whose link to it has the IPv6 minimum MTU (1280, `lab.sh far-up`
+/// in a dual-stack lab) downloads 4 MiB from a real through the director. The real's 1500-byte
+/// packets are too big for the router, which (an IPv6 router never fragments) sends Packet Too
+/// Big to their source, the VIP, so to the director, which must hand it to the real (translated
+/// for NAT). Without that the download stalls.
+fn pmtu_download(lab: &Lab, nat: bool) {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+    const PORT: u16 = 9000;
+    const SIZE: usize = 4 << 20;
+    const PATH_MTU: u32 = 1280;
+    lab.far_up(PATH_MTU).expect("far client behind a router");
+    let real_port = if nat { PORT + 1 } else { PORT };
+    let listener = lab.in_ns("r1", || {
+        TcpListener::bind(("::", real_port)).expect("bind [::]")
+    });
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let _ = c.write_all(&vec![0x5a; SIZE]);
+            });
+        }
+    });
+    let config = format!(
+        "[director]\ninterface = \"d0\"\nmetrics = \"off\"\nadmin_socket = \"{}\"\n\n\
+         [[service]]\nname = \"big6\"\naddress = \"[{VIP6}]:{PORT}\"\nforwarding = \"{}\"\n\
+         [service.check]\ntype = \"none\"\n\n[[service.real]]\naddress = \"[{}]:{real_port}\"\n",
+        lab.dir.join("admin.sock").display(),
+        if nat { "nat" } else { "dr" },
+        real_ip6(1)
+    );
+    let d = spawn_xdpvs(lab, &config).expect("xdpvs starts");
+    let t = Instant::now();
+    let got = common::in_netns(&lab.ns("far"), || -> std::io::Result<usize> {
+        let vip = SocketAddr::new(VIP6.into(), PORT);
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut n = 0;
+        while n < SIZE {
+            match s.read(&mut buf)? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    });
+    let elapsed = t.elapsed();
+    let from = if nat {
+        real_ip6(1).to_string()
+    } else {
+        VIP6.to_string()
+    };
+    let st = status(&d);
+    let icmp = st.dataplane.get("icmp_to_real").copied().unwrap_or(0);
+    let route = lab
+        .exec_ok(
+            "r1",
+            &["ip", "-6", "route", "get", "2001:2:1::1", "from", &from],
+        )
+        .unwrap_or_default();
+    println!(
+        "IPv6 download ({}) through a {PATH_MTU}-byte path: {got:?} bytes in {elapsed:?}; \
+         icmp_to_real {icmp}; the real's route: {}",
+        if nat { "nat" } else { "dr" },
+        route.trim()
+    );
+    assert_eq!(
+        got.expect("the download completes (no PMTU black hole)"),
+        SIZE
+    );
+    assert!(icmp >= 1, "the router's Packet Too Big reached the real");
+    assert!(
+        route.contains(&format!("mtu {PATH_MTU}")),
+        "the real learnt the path MTU: {route}"
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_client_behind_a_small_path_mtu_completes_a_large_download() {
+    if !common::require_root("ipv6_client_behind_a_small_path_mtu_completes_a_large_download") {
+        return;
+    }
+    let lab = Lab::up_dual("x6p1", 1, "dr").expect("dual-stack lab up");
+    pmtu_download(&lab, false);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_client_behind_a_small_path_mtu_completes_a_large_download_through_nat() {
+    if !common::require_root(
+        "ipv6_client_behind_a_small_path_mtu_completes_a_large_download_through_nat",
+    ) {
+        return;
+    }
+    let lab = Lab::up_dual("x6p2", 1, "nat").expect("dual-stack NAT lab up");
+    pmtu_download(&lab, true);
+}

@@ -1556,7 +1556,10 @@ scheduler = "rr"
     fn example_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let example = Config::load(&dir.join("example.toml")).unwrap();
-        assert_eq!(example.services.len(), 2);
+        assert_eq!(example.services.len(), 3);
+        let web6 = example.service("web6").unwrap();
+        assert_eq!(web6.address, sa("[2001:db8::100]:80"));
+        assert_eq!(web6.reals[1].address, sa("[2001:db8::12]:80"));
         let lab = Config::load(&dir.join("lab.toml")).unwrap();
         assert_eq!(lab.director.interface, "d0");
         assert_eq!(lab.director.metrics, Some(sa("127.0.0.1:9469")));

@@ -456,7 +456,8 @@ pub mod stat {
     /// or no daemon runs): the peer misses it until the next refresh or dump.
     pub const SYNC_EVENTS_LOST: u32 = 17;
     /// IPv6 packet whose header chain the program does not follow (AH, ESP, no next header,
-    /// mobility/HIP/shim6/experimental headers, or more extension headers than it skips):
+    /// mobility/HIP/shim6/experimental headers, a routing header with segments left, or more
+    /// extension headers than it skips):
     /// passed to the kernel untouched. Hop-by-hop, routing and destination options are skipped;
     /// a fragment header is handled like IPv4 fragmentation.
     pub const PASS_IPV6_EXT: u32 = 18;

@@ -6,8 +6,9 @@
 //! most [`MAX_EXT`] headers, ending within [`MAX_L4_OFF`] bytes of the frame start: a bounded
 //! loop, for the verifier); a fragment header is treated as IPv4 fragmentation is (a first
 //! fragment to a VIP is dropped and counted, a later one, without ports, passed). AH, ESP, "no
-//! next header" and the rarer extension headers, or a chain longer than we follow, are the
-//! kernel's, untouched (`PASS_IPV6_EXT`). A payload length that overruns the frame, an extension
+//! next header" and the rarer extension headers, a chain longer than we follow, or a routing
+//! header with segments left (the VIP is only a waypoint) are the kernel's, untouched
+//! (`PASS_IPV6_EXT`). A payload length that overruns the frame, an extension
 //! header that overruns the payload, or a truncated header is malformed and dropped, as for IPv4.
 //!
 //! Every read is bounds-checked against the end of the frame's linear part (the verifier insists,
@@ -413,6 +414,7 @@ const WALK_OK: u32 = 0;
 const WALK_MALFORMED: u32 = 1;
 const WALK_LATER_FRAGMENT: u32 = 2;
 const WALK_TOO_LONG: u32 = 3;
+const WALK_ROUTED: u32 = 4;
 /// [`skip_ext`]: a fragment header said more fragments follow (a first fragment).
 const WALK_F_FRAGMENT: u32 = 1 << 24;
 
@@ -433,7 +435,11 @@ fn skip_ext(ctx: &XdpContext, off: u32, ip_end: u32, next: u32) -> u32 {
             return (WALK_OK << 28) | flags | ((next as u32) << 16) | off;
         }
         let mut h = [0u8; 4];
-        let n = if next == NH_FRAGMENT { 4 } else { 2 };
+        let n = if next == NH_FRAGMENT || next == NH_ROUTING {
+            4
+        } else {
+            2
+        };
         // The header's first bytes must lie in the packet, not just in the frame's padding.
         if off + n > ip_end {
             return WALK_MALFORMED << 28;
@@ -455,6 +461,11 @@ fn skip_ext(ctx: &XdpContext, off: u32, ip_end: u32, next: u32) -> u32 {
             }
             8
         } else {
+            if next == NH_ROUTING && h[3] != 0 {
+                // Segments left: the VIP is a waypoint, not the packet's destination (and the
+                // L4 checksum is over the final one, RFC 8200 8.1). The kernel's to route.
+                return WALK_ROUTED << 28;
+            }
             // Length in 8-octet units, not counting the first 8.
             (h[1] as u32 + 1) * 8
         };
