@@ -38,11 +38,12 @@
 # FAMILY=dual (IPv6 beside IPv4, from the benchmarking prefix 2001:2::/48 of RFC 5180, the IPv6
 # twin of 198.18.0.0/15; every address nodad, so usable at once; no router advertisements,
 # autoconfiguration or solicitations): client 2001:2::1, director 2001:2::2 (forwarding on) with
-# the VIP 2001:2::100/128 on d0, real I 2001:2::(10+I) (written like its IPv4 last octet:
-# 2001:2::11, ::12, ...), nginx also on [::]. DR reals hold the VIP on lo, where the kernel never
-# answers neighbour solicitations for it (it answers only for addresses of the receiving
-# interface), as arp_ignore does for IPv4; NAT reals route 2001:2::1/128 via 2001:2::2 and
-# ignore redirects. FAMILY=v4 (the default) keeps IPv6 off on every host.
+# the VIP 2001:2::100/128 on d0 (deprecated, preferred_lft 0: never a source address), real I
+# 2001:2::(10+I) (written like its IPv4 last octet: 2001:2::11, ::12, ...), nginx also on [::].
+# DR reals hold the VIP on lo, where the kernel never answers neighbour solicitations for it (it
+# answers only for addresses of the receiving interface), as arp_ignore does for IPv4; NAT reals
+# route 2001:2::1/128 via 2001:2::2 and ignore redirects. FAMILY=v4 (the default) keeps IPv6 off
+# on every host.
 #
 # Everything lives in namespaces created here, addresses only from 198.18.0.0/15 (and
 # 2001:2::/48); the root
@@ -543,7 +544,10 @@ lab_up() {
     if ((DIRS == 1)); then
         ip -n "${p}dir" addr add "$VIP/32" dev d0
         if [[ $FAMILY == dual ]]; then
-            ip -n "${p}dir" -6 addr add "$VIP6/128" dev d0 nodad
+            # Deprecated (preferred_lft 0), as xdpvs's VRRP adds IPv6 VIPs: answered in ND,
+            # never the source of the director's own packets (else its health checks would
+            # leave from the VIP, and DR reals, holding it, would answer themselves).
+            ip -n "${p}dir" -6 addr add "$VIP6/128" dev d0 nodad preferred_lft 0
         fi
     fi
 

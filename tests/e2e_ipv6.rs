@@ -303,3 +303,138 @@ fn ipv6_client_behind_a_small_path_mtu_completes_a_large_download_through_nat() 
     let lab = Lab::up_dual("x6p2", 1, "nat").expect("dual-stack NAT lab up");
     pmtu_download(&lab, true);
 }
+
+/// `example.com A IN`, id `id`.
+fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(b"\x07example\x03com\x00");
+    q.extend_from_slice(&[0, 1, 0, 1]);
+    q
+}
+
+/// One query over IPv6 to [VIP6]:53 on a new flow (socket), retried once; the real that
+/// answered (dnsmasq on real i answers with 198.18.0.(10+i)), and the socket (kept by the caller
+/// so that no port, hence no flow, is reused).
+fn dns_ask(id: u16) -> (usize, std::net::UdpSocket) {
+    let s = std::net::UdpSocket::bind("[::]:0").expect("bind [::]");
+    s.connect(std::net::SocketAddr::new(VIP6.into(), 53))
+        .expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 512];
+    for _ in 0..2 {
+        s.send(&dns_query(id)).expect("send");
+        if let Ok(n) = s.recv(&mut buf) {
+            let r = &buf[..n];
+            assert!(
+                n == dns_query(id).len() + 16
+                    && r[..2] == id.to_be_bytes()
+                    && r[n - 6..n - 4] == [0, 4],
+                "answer to {id}: {r:?}"
+            );
+            return (usize::from(r[n - 1]) - 10, s);
+        }
+    }
+    panic!("no answer to query {id} over IPv6");
+}
+
+fn udp6(nat: bool) {
+    use std::time::Duration;
+    common::raise_nofile_limit();
+    let lab = Lab::up_dual(
+        if nat { "x6un" } else { "x6ud" },
+        3,
+        if nat { "nat" } else { "dr" },
+    )
+    .expect("dual-stack lab up");
+    for i in 1..=3 {
+        lab.start_dns(i).expect("dnsmasq on the real");
+    }
+    let mut config = format!(
+        "[director]\ninterface = \"d0\"\nmetrics = \"off\"\nadmin_socket = \"{}\"\n\n\
+         [[service]]\nname = \"dns6\"\naddress = \"[{VIP6}]:53\"\nprotocol = \"udp\"\n\
+         forwarding = \"{}\"\n[service.check]\ntype = \"dns\"\ndns_query = \"example.com\"\n\
+         interval = \"200ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2\n",
+        lab.dir.join("admin.sock").display(),
+        if nat { "nat" } else { "dr" }
+    );
+    for (i, w) in [1, 2, 3].iter().enumerate() {
+        config.push_str(&format!(
+            "\n[[service.real]]\naddress = \"[{}]:53\"\nweight = {w}\n",
+            real_ip6(i + 1)
+        ));
+    }
+    let d = spawn_xdpvs(&lab, &config).expect("xdpvs starts");
+    wait_all_up(&d);
+    let client = lab.ns("client");
+    let n = 300;
+    let (counts, _held) = common::in_netns(&client, || {
+        let mut counts: HashMap<usize, usize> = HashMap::new();
+        let mut held = Vec::new();
+        for i in 0..n {
+            let (r, s) = dns_ask(i as u16);
+            *counts.entry(r).or_default() += 1;
+            held.push(s);
+        }
+        (counts, held)
+    });
+    assert_weights(
+        &format!(
+            "IPv6 UDP ({}), one-query flows",
+            if nat { "nat" } else { "dr" }
+        ),
+        &counts,
+        n,
+    );
+    let st = status(&d);
+    for (i, r) in st.services[0].reals.iter().enumerate() {
+        assert_eq!(
+            (r.active, r.inactive),
+            (0, *counts.get(&(i + 1)).unwrap_or(&0) as u64),
+            "real {} (ActiveConn, InActConn): UDP flows are inactive",
+            i + 1
+        );
+    }
+    if nat {
+        assert!(st.dataplane.get("nat_reply").copied().unwrap_or(0) >= n as u64);
+    }
+    // A real's DNS server stopped: the dns check (over IPv6) takes it out.
+    lab.stop_dns(2).expect("stop dnsmasq on r2");
+    let t = Instant::now();
+    common::wait_for("r2 down", Duration::from_secs(5), || {
+        let r = &status(&d).services[0].reals[1];
+        r.health == "down" && r.weight == 0
+    });
+    println!("r2 down {:?} after its dnsmasq stopped", t.elapsed());
+    let (after, _after_held) = common::in_netns(&client, || {
+        let mut after: HashMap<usize, usize> = HashMap::new();
+        let mut held = Vec::new();
+        for i in 0..60 {
+            let (r, s) = dns_ask(2000 + i);
+            *after.entry(r).or_default() += 1;
+            held.push(s);
+        }
+        (after, held)
+    });
+    assert!(!after.contains_key(&2), "a new flow reached r2: {after:?}");
+    println!("{}", d.list().expect("xdpvs list"));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_udp_dns_service_in_dr_is_spread_counted_and_checked() {
+    if !common::require_root("ipv6_udp_dns_service_in_dr_is_spread_counted_and_checked") {
+        return;
+    }
+    udp6(false);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_udp_dns_service_in_nat_is_spread_counted_and_checked() {
+    if !common::require_root("ipv6_udp_dns_service_in_nat_is_spread_counted_and_checked") {
+        return;
+    }
+    udp6(true);
+}
