@@ -615,3 +615,71 @@ fn ipv6_multi_buffer_frames_are_forwarded_whole_and_counted() {
         assert_eq!(h.dp.stats().unwrap()[stat::MALFORMED as usize], 1);
     });
 }
+
+/// The connection-sync path carries IPv6 end to end: director A's dataplane reports an IPv6 NAT
+/// flow, the event is named for the peer (`to_wire`), sealed and opened as a sync datagram, made
+/// an install request with director B's ids (`to_install`) and installed in B's dataplane; B then
+/// forwards the flow's next packet, translated, to the same real, and the real's reply back.
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_flow_synced_to_the_peer_continues_there() {
+    if !common::require_root("an_ipv6_flow_synced_to_the_peer_continues_there") {
+        return;
+    }
+    use xdpvs::ha::sync::{service, wire};
+    net("v6sync", 3).run(|| {
+        let svc = nat_service6(80, Protocol::Tcp, REAL_PORT, &[(1, 1), (2, 1), (3, 1)]);
+        let mut a = Harness::new();
+        a.apply_synced(vec![svc.clone()]);
+        // B knows the reals in another order, so its ids differ from A's.
+        let mut svc_b = svc.clone();
+        svc_b.reals.reverse();
+        let mut b = Harness::new();
+        b.apply(vec![svc_b.clone()]);
+        let mut rb = a.dp.take_sync_events().expect("ring buffer");
+        let cport = 49000;
+        let syn = from_client(6, cport, 80, SYN, 0).build();
+        let n = Harness::real_of(&a.run(&syn).frame).expect("to a real");
+        let ack = from_client(6, cport, 80, ACK, 0).build();
+        assert_to_real(&a.run(&ack), &ack, n);
+        let mut events = Vec::new();
+        while let Some(item) = rb.next() {
+            let ev: xdpvs_common::SyncEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            events.push(ev);
+        }
+        assert_eq!(events.len(), 1, "one NEW event: {events:?}");
+        let real = a.dp.real(events[0].real).expect("REALS entry");
+        let conn = service::to_wire(&events[0], &real).expect("named for the peer");
+        assert_eq!(conn.client, format!("[{CLIENT}]:{cport}").parse().unwrap());
+        assert_eq!(conn.service, format!("[{VIP6}]:80").parse().unwrap());
+        assert_eq!(
+            conn.real,
+            std::net::SocketAddr::new(real_ip6(n).into(), REAL_PORT)
+        );
+        let key = wire::Key::from_bytes([7; 32]);
+        let mut tx = wire::Sender::new(&key, [1; 16], 1);
+        let datagram = tx.seal(&wire::Message::Events(vec![conn])).expect("sealed");
+        let got = match wire::Receiver::new(&key).open(&datagram).expect("opened") {
+            wire::Message::Events(evs) => evs,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, vec![conn]);
+        let req = service::to_install(
+            &got[0],
+            |k| b.planner.service_id(k),
+            |k, addr| b.planner.real_id(k, addr),
+        )
+        .expect("an install request with B's ids");
+        assert_eq!(
+            b.dp.sync_install(&req).expect("install"),
+            xdpvs_common::install_rc::INSERTED
+        );
+        // B continues the flow: same real, translated, and the reply back from the VIP.
+        let data = from_client(6, cport, 80, ACK | PSH, 100).build();
+        assert_to_real(&b.run(&data), &data, n);
+        let reply = from_real(n, 6, cport, ACK | PSH, 200).build();
+        assert_to_client(&b.run(&reply), &reply, 80);
+        assert_eq!(b.conns(n, &svc_b), (1, 0), "ActiveConn on B");
+    });
+}
