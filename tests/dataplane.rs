@@ -2180,3 +2180,51 @@ fn sync_install_of_a_udp_flow_and_a_full_table() {
         assert_eq!(Harness::real_of(&out.frame), Some(1));
     });
 }
+
+#[test]
+#[ignore = "needs root"]
+fn multi_buffer_frames_with_split_headers_are_passed_untouched_and_counted() {
+    if !common::require_root(
+        "multi_buffer_frames_with_split_headers_are_passed_untouched_and_counted",
+    ) {
+        return;
+    }
+    let net = DpNet::new("mbsplit", 1);
+    net.run(|| {
+        let mut h = Harness::new();
+        let s = service(&[(1, 1)]);
+        h.apply(vec![s.clone()]);
+        let sport = 52200;
+        assert_eq!(h.run(&syn(sport).build()).action, XDP_TX, "SYN forwarded");
+        let input = jumbo(sport, 3000);
+        // Eth 14 + IPv4 20 + TCP 20 (its fixed part, up to the checksum NAT rewrites): below
+        // 54 linear bytes some of it lies in the fragments.
+        for linear in [14, 20, 33, 34, 40, 53] {
+            let out = h.run_linear(&input, linear);
+            assert_eq!(out.action, XDP_PASS, "headers split at {linear}: passed");
+            assert_eq!(out.frame, input, "split at {linear}: untouched, whole");
+        }
+        for linear in [54, 55, 200, 1500] {
+            let out = h.run_linear(&input, linear);
+            assert_eq!(out.action, XDP_TX, "headers whole in {linear} B: forwarded");
+            assert_eq!(Harness::real_of(&out.frame), Some(1));
+            assert_eq!(&out.frame[12..], &input[12..], "{linear}: only MACs change");
+        }
+        let st = h.dp.stats().unwrap();
+        assert_eq!(st[stat::PASS_SPLIT_HEADERS as usize], 6);
+        // Counted once the IPv4 header is read (34 linear bytes on): 3 passed, 4 forwarded.
+        assert_eq!(st[stat::MULTI_BUFFER as usize], 7);
+        assert_eq!(st[stat::MALFORMED as usize], 0, "a split is not malformed");
+        assert_eq!(st[stat::TX as usize], 5);
+        assert_eq!(
+            h.conns(1, &s),
+            (1, 0),
+            "established by the forwarded ones only"
+        );
+        // A frame that really ends inside its IP header is malformed, split or not.
+        let mut cut = input.clone();
+        cut.truncate(30);
+        assert_eq!(h.run_linear(&cut, 20).action, XDP_DROP);
+        assert_eq!(h.dp.stats().unwrap()[stat::MALFORMED as usize], 1);
+    });
+}

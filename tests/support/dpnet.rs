@@ -317,7 +317,18 @@ impl Harness {
 
     /// Runs the packet program; returns the verdict and the average duration per run.
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> (Out, std::time::Duration) {
-        let ctx: [u32; 6] = [0, frame.len() as u32, 0, self.ifindex, 0, 0];
+        self.run_with(frame, frame.len(), repeat)
+    }
+
+    /// Runs the packet program on a frame whose linear part is only its first `linear` bytes
+    /// (the kernel puts the rest in fragments: `xdp_md.data_end` below the data size asks for
+    /// it, as a driver splitting a frame over pages would).
+    pub fn run_linear(&self, frame: &[u8], linear: usize) -> Out {
+        self.run_with(frame, linear, 1).0
+    }
+
+    fn run_with(&self, frame: &[u8], linear: usize, repeat: u32) -> (Out, std::time::Duration) {
+        let ctx: [u32; 6] = [0, linear as u32, 0, self.ifindex, 0, 0];
         let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let mut out = vec![0u8; frame.len() + 256];
         let prog = self.dp.main_program().expect("program");

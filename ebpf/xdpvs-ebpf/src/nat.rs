@@ -12,9 +12,11 @@
 //! left 0 (a computed 0 is sent as 0xffff, RFC 8200 8.1).
 //!
 //! What is rewritten lies at fixed offsets of the IP header and at the L4 header found past
-//! any IPv4 options or IPv6 extension headers, so those are carried through untouched; the packet's size never changes,
-//! so NAT needs no more MTU than DR. A header the linear part of the frame does not hold whole
-//! (a split multi-buffer frame) is never half-written: the packet is dropped and counted.
+//! any IPv4 options or IPv6 extension headers, so those are carried through untouched; the
+//! packet's size never changes, so NAT needs no more MTU than DR. `parse` hands on only frames
+//! whose IP and L4 headers (up to the checksum) lie whole in the linear part; a split
+//! multi-buffer frame is passed untouched (`pass_split_headers`), and the check here stays as a
+//! guard: nothing is ever half-written.
 use aya_ebpf::programs::XdpContext;
 use xdpvs_common::{Addr, FAMILY_V6, PROTO_TCP};
 

@@ -170,6 +170,10 @@ struct L4Hdr {
     ack: u32,
     doff: u8,
     flags: u8,
+    _window: u16,
+    /// Read by nobody here, but NAT rewrites it: requiring it in the linear part means a frame
+    /// that parses is one NAT can translate (never a half-written split frame).
+    _csum: u16,
 }
 
 /// [`parse`]'s verdict for a packet to handle (written to `out`); else a `stat::*` to count,
@@ -303,14 +307,14 @@ fn transport(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Parsed {
     }
     let hdr = match at::<L4Hdr>(ctx, l4) {
         Some(p) => unsafe { &*p },
-        // A UDP datagram shorter than a TCP header is fine: re-read just its ports.
+        // A UDP datagram shorter than a TCP header is fine: re-read its 8-byte header.
         None if proto == PROTO_UDP => {
-            return match at::<[u16; 2]>(ctx, l4) {
+            return match at::<[u16; 4]>(ctx, l4) {
                 Some(p) => {
                     let ports = unsafe { *p };
                     packet(ip, ports[0], ports[1], 0, l4)
                 }
-                None => short(ctx, l4 + 4),
+                None => short(ctx, l4 + 8),
             };
         }
         None => return short(ctx, l4 + core::mem::size_of::<L4Hdr>()),
