@@ -683,3 +683,67 @@ fn an_ipv6_flow_synced_to_the_peer_continues_there() {
         assert_eq!(b.conns(n, &svc_b), (1, 0), "ActiveConn on B");
     });
 }
+
+/// Multi-buffer IPv6 frames whose headers the linear part does not hold whole (the IPv6 header,
+/// an extension header, or the TCP header up to its checksum) are passed untouched and counted
+/// (`pass_split_headers`), in DR and NAT, as IPv4 ones are; extension headers in the fragments
+/// are still walked (they are read with `bpf_xdp_load_bytes`), but the L4 header must be linear.
+#[test]
+#[ignore = "needs root"]
+fn ipv6_frames_with_split_headers_are_passed_untouched_and_counted() {
+    if !common::require_root("ipv6_frames_with_split_headers_are_passed_untouched_and_counted") {
+        return;
+    }
+    net("v6split", 1).run(|| {
+        let mut h = Harness::new();
+        let dr = service6_on(80, Protocol::Tcp, &[(1, 1)]);
+        let nat = nat_service6(81, Protocol::Tcp, REAL_PORT, &[(1, 1)]);
+        h.apply(vec![dr.clone(), nat.clone()]);
+        let mut passed = 0;
+        for (vport, ext) in [(80u16, false), (81, false), (80, true), (81, true)] {
+            let sport = 49100 + vport + if ext { 10 } else { 0 };
+            let mk = |flags, payload| {
+                let mut f = from_client(6, sport, vport, flags, payload);
+                if ext {
+                    f.ext = vec![ext_opts(0, 1)];
+                }
+                f.build()
+            };
+            assert_eq!(h.run(&mk(SYN, 0)).action, XDP_TX, "SYN forwarded");
+            let input = mk(ACK | PSH, 3000);
+            // Eth 14 + IPv6 40 (+ hop-by-hop 8) + TCP 20 (up to its checksum and urgent pointer).
+            let whole = 74 + if ext { 8 } else { 0 };
+            for linear in [14, 20, 53, 54, 58, 60, whole - 1] {
+                let out = h.run_linear(&input, linear);
+                assert_eq!(
+                    out.action, XDP_PASS,
+                    "{vport} ext {ext}: split at {linear}: passed"
+                );
+                assert_eq!(out.frame, input, "split at {linear}: untouched");
+                passed += 1;
+            }
+            for linear in [whole, 200, 1500] {
+                let out = h.run_linear(&input, linear);
+                if vport == 80 {
+                    assert_dr(&out, &input, 1);
+                } else {
+                    assert_to_real(&out, &input, 1);
+                }
+            }
+        }
+        let st = h.dp.stats().unwrap();
+        assert_eq!(st[stat::PASS_SPLIT_HEADERS as usize], passed);
+        assert_eq!(st[stat::MALFORMED as usize], 0, "a split is not malformed");
+        assert_eq!(
+            h.conns(1, &dr),
+            (2, 0),
+            "established by the forwarded ones only"
+        );
+        assert_eq!(h.conns(1, &nat), (2, 0));
+        // A frame that really ends inside its IPv6 header is malformed, split or not.
+        let mut cut = from_client(6, 49999, 80, ACK, 3000).build();
+        cut.truncate(40);
+        assert_eq!(h.run_linear(&cut, 20).action, XDP_DROP);
+        assert_eq!(h.dp.stats().unwrap()[stat::MALFORMED as usize], 1);
+    });
+}
