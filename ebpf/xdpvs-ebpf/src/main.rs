@@ -43,8 +43,9 @@ use crate::parse::Packet;
 /// or dropping them; [`parse`] reads headers from the linear part only.
 #[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
-    let mut pkt = Packet::default();
-    let verdict = parse::parse(&ctx, &mut pkt);
+    // Written whole by `parse` when it returns PACKET, read only then: no zeroing per packet.
+    let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
+    let verdict = parse::parse(&ctx, slot.as_mut_ptr());
     if verdict != parse::PACKET {
         count(verdict & !parse::DROP);
         return if verdict & parse::DROP != 0 {
@@ -53,12 +54,14 @@ pub fn xdpvs(ctx: XdpContext) -> u32 {
             xdp_action::XDP_PASS
         };
     }
+    // SAFETY: PACKET means every field was written (see `parse`).
+    let pkt = unsafe { slot.assume_init_ref() };
     match pkt.proto {
-        PROTO_ICMP => icmp::handle(&ctx, &pkt),
-        PROTO_ICMPV6 => icmp6::handle(&ctx, &pkt),
+        PROTO_ICMP => icmp::handle(&ctx, pkt),
+        PROTO_ICMPV6 => icmp6::handle(&ctx, pkt),
         _ => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
-            Some(svc) => handle(&ctx, &pkt, svc),
-            None => not_a_service(&ctx, &pkt),
+            Some(svc) => handle(&ctx, pkt, svc),
+            None => not_a_service(&ctx, pkt),
         },
     }
 }

@@ -51,7 +51,6 @@ const NH_FRAGMENT: u8 = 44;
 const NH_DSTOPTS: u8 = 60;
 
 /// What the forwarder needs to know about a packet, addresses and ports in network order.
-#[derive(Default)]
 pub struct Packet {
     pub src: Addr,
     pub dst: Addr,
@@ -104,12 +103,21 @@ impl Packet {
     }
 }
 
-pub enum Parsed {
-    Packet(Packet),
-    /// Not ours: hand to the kernel; the `stat::*` to count.
-    Pass(u32),
-    /// Broken: drop; the `stat::*` to count.
-    Drop(u32),
+/// [`parse`]'s verdict for a packet to handle (written to its `out`); else a `stat::*` to
+/// count, with [`DROP`] set if the packet is to be dropped (passed otherwise).
+pub const PACKET: u32 = u32::MAX;
+pub const DROP: u32 = 1 << 16;
+
+/// Not ours: hand to the kernel, counting `reason` (a `stat::*`).
+#[inline(always)]
+const fn pass(reason: u32) -> u32 {
+    reason
+}
+
+/// Broken: drop, counting `reason`.
+#[inline(always)]
+const fn drop(reason: u32) -> u32 {
+    reason | DROP
 }
 
 /// Pointer to a `T` at `off` bytes into the frame, if it lies wholly inside it.
@@ -132,11 +140,11 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
 /// A header that does not fit in the linear part up to `end` bytes: truncated (drop) unless
 /// the frame's fragments hold the rest (pass: the kernel reads split headers, we do not).
 #[inline(never)]
-fn short(ctx: &XdpContext, end: usize) -> Parsed {
+fn short(ctx: &XdpContext, end: usize) -> u32 {
     if frame_len(ctx) >= end {
-        Parsed::Pass(stat::PASS_SPLIT_HEADERS)
+        pass(stat::PASS_SPLIT_HEADERS)
     } else {
-        Parsed::Drop(stat::MALFORMED)
+        drop(stat::MALFORMED)
     }
 }
 
@@ -176,32 +184,16 @@ struct L4Hdr {
     _csum: u16,
 }
 
-/// [`parse`]'s verdict for a packet to handle (written to `out`); else a `stat::*` to count,
-/// with [`DROP`] set if the packet is to be dropped (passed otherwise).
-pub const PACKET: u32 = u32::MAX;
-pub const DROP: u32 = 1 << 16;
-
-/// Parses the frame into `out`. Not inlined, and writing through `out` rather than returning a
-/// `Parsed` (the verifier refuses a returned pointer to the stack): its temporaries (both
-/// families' headers) stay off the program entry's frame, which the verifier adds to the
-/// deepest call chain's (see `handle` in main.rs).
+/// Parses the frame into `out` (written whole when the verdict is [`PACKET`]). Not inlined,
+/// and writing through `out` rather than returning a packet (the verifier refuses a returned
+/// pointer to the stack): its temporaries (both families' headers) stay off the program
+/// entry's frame, which the verifier adds to the deepest call chain's (see `handle` in
+/// main.rs). Fields are written in place, never through an intermediate copy.
 #[inline(never)]
-pub fn parse(ctx: &XdpContext, out: &mut Packet) -> u32 {
-    match parse_frame(ctx) {
-        Parsed::Packet(p) => {
-            *out = p;
-            PACKET
-        }
-        Parsed::Pass(reason) => reason,
-        Parsed::Drop(reason) => reason | DROP,
-    }
-}
-
-#[inline(always)]
-fn parse_frame(ctx: &XdpContext) -> Parsed {
+pub fn parse(ctx: &XdpContext, out: *mut Packet) -> u32 {
     let mut ethertype = match be16(ctx, 12) {
         Some(t) => t,
-        None => return Parsed::Drop(stat::MALFORMED),
+        None => return drop(stat::MALFORMED),
     };
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -212,26 +204,26 @@ fn parse_frame(ctx: &XdpContext) -> Parsed {
         l3 += 4;
     }
     match ethertype {
-        ETH_P_IP => parse_ipv4(ctx, l3),
-        ETH_P_IPV6 => parse_ipv6(ctx, l3),
-        _ => Parsed::Pass(stat::PASS_NOT_IP),
+        ETH_P_IP => parse_ipv4(ctx, l3, out),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3, out),
+        _ => pass(stat::PASS_NOT_IP),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
+fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> u32 {
     let ip = match at::<Ipv4Hdr>(ctx, l3) {
         Some(p) => unsafe { &*p },
         None => return short(ctx, l3 + IPV4_MIN_HLEN),
     };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
-        return Parsed::Drop(stat::MALFORMED);
+        return drop(stat::MALFORMED);
     }
     let tot_len = u16::from_be_bytes(ip.tot_len);
     // The IP length must cover the header and fit in the frame (trailing padding is fine).
     if (tot_len as usize) < ihl {
-        return Parsed::Drop(stat::MALFORMED);
+        return drop(stat::MALFORMED);
     }
     let (src, dst) = (ip.src, ip.dst);
     let mut bytes = (ctx.data_end() - ctx.data()) as u32;
@@ -239,7 +231,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         // Past the linear part: a multi-buffer frame, or a lie.
         let full = frame_len(ctx);
         if l3 + tot_len as usize > full {
-            return Parsed::Drop(stat::MALFORMED);
+            return drop(stat::MALFORMED);
         }
         count(stat::MULTI_BUFFER);
         bytes = full as u32;
@@ -249,61 +241,68 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         if proto == PROTO_ICMP && frag & 0x3fff == 0 {
             // Possibly an error about a tracked flow (see `icmp`); ports 0, L4 = the ICMP header.
-            let ip = Ip {
-                src: Addr { w: [src, 0, 0, 0] },
-                dst: Addr { w: [dst, 0, 0, 0] },
-                family: FAMILY_V4,
-                proto,
-                fragment: false,
-                ip_len: tot_len as u32,
-                frame_len: bytes,
-                l3,
-            };
-            return packet(&ip, 0, 0, 0, l3 + ihl);
+            ip_fields(out, &[src, 0, 0, 0], &[dst, 0, 0, 0], FAMILY_V4, proto, false);
+            lengths(out, tot_len as u32, bytes, l3);
+            return l4_fields(out, 0, 0, 0, l3 + ihl);
         }
-        return Parsed::Pass(stat::PASS_NOT_VIP);
+        return pass(stat::PASS_NOT_VIP);
     }
     if frag & 0x1fff != 0 {
         // A later fragment: no ports to match a service on. The kernel reassembles or drops it.
-        return Parsed::Pass(stat::PASS_NOT_VIP);
+        return pass(stat::PASS_NOT_VIP);
     }
-    let ip = Ip {
-        src: Addr { w: [src, 0, 0, 0] },
-        dst: Addr { w: [dst, 0, 0, 0] },
-        family: FAMILY_V4,
-        proto,
-        fragment: frag & 0x2000 != 0,
-        ip_len: tot_len as u32,
-        frame_len: bytes,
-        l3,
-    };
-    transport(ctx, &ip, l3 + ihl, tot_len as usize - ihl)
+    let fragment = frag & 0x2000 != 0;
+    ip_fields(out, &[src, 0, 0, 0], &[dst, 0, 0, 0], FAMILY_V4, proto, fragment);
+    lengths(out, tot_len as u32, bytes, l3);
+    transport(ctx, out, l3 + ihl, tot_len as usize - ihl)
 }
 
-/// The IP header facts [`transport`] needs, from either family.
-struct Ip {
-    src: Addr,
-    dst: Addr,
-    family: u8,
-    proto: u8,
-    /// First fragment of a fragmented datagram.
-    fragment: bool,
-    ip_len: u32,
-    frame_len: u32,
-    l3: usize,
+/// Writes the IP header's facts into `out`.
+#[inline(always)]
+fn ip_fields(out: *mut Packet, src: &[u32; 4], dst: &[u32; 4], family: u8, proto: u8, frag: bool) {
+    // SAFETY (here and below): `out` points to the caller's Packet slot; plain integer fields
+    // are written without reading what was there.
+    unsafe {
+        (*out).src = Addr { w: *src };
+        (*out).dst = Addr { w: *dst };
+        (*out).family = family;
+        (*out).proto = proto;
+        (*out).fragment = frag;
+    }
+}
+
+#[inline(always)]
+fn lengths(out: *mut Packet, ip_len: u32, frame_len: u32, l3: usize) {
+    unsafe {
+        (*out).ip_len = ip_len;
+        (*out).frame_len = frame_len;
+        (*out).l3 = l3 as u16;
+    }
+}
+
+/// Writes the L4 facts into `out`: the packet is complete.
+#[inline(always)]
+fn l4_fields(out: *mut Packet, sport: u16, dport: u16, tcp_flags: u8, l4: usize) -> u32 {
+    unsafe {
+        (*out).sport = sport;
+        (*out).dport = dport;
+        (*out).tcp_flags = tcp_flags;
+        (*out).l4 = l4 as u16;
+    }
+    PACKET
 }
 
 /// The TCP or UDP header at `l4`, `l4_len` bytes to the end of the IP packet.
 #[inline(always)]
-fn transport(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Parsed {
-    let proto = ip.proto;
+fn transport(ctx: &XdpContext, out: *mut Packet, l4: usize, l4_len: usize) -> u32 {
+    let proto = unsafe { (*out).proto };
     let min_len = if proto == PROTO_TCP {
         TCP_MIN_HLEN
     } else {
         UDP_HLEN
     };
     if l4_len < min_len {
-        return Parsed::Drop(stat::MALFORMED);
+        return drop(stat::MALFORMED);
     }
     let hdr = match at::<L4Hdr>(ctx, l4) {
         Some(p) => unsafe { &*p },
@@ -312,7 +311,7 @@ fn transport(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Parsed {
             return match at::<[u16; 4]>(ctx, l4) {
                 Some(p) => {
                     let ports = unsafe { *p };
-                    packet(ip, ports[0], ports[1], 0, l4)
+                    l4_fields(out, ports[0], ports[1], 0, l4)
                 }
                 None => short(ctx, l4 + 8),
             };
@@ -323,11 +322,11 @@ fn transport(ctx: &XdpContext, ip: &Ip, l4: usize, l4_len: usize) -> Parsed {
     if proto == PROTO_TCP {
         let hlen = ((hdr.doff >> 4) as usize) * 4;
         if hlen < TCP_MIN_HLEN || l4_len < hlen {
-            return Parsed::Drop(stat::MALFORMED);
+            return drop(stat::MALFORMED);
         }
         tcp_flags = hdr.flags;
     }
-    packet(ip, hdr.sport, hdr.dport, tcp_flags, l4)
+    l4_fields(out, hdr.sport, hdr.dport, tcp_flags, l4)
 }
 
 /// The IPv6 header's fixed part, as on the wire.
@@ -342,13 +341,13 @@ struct Ipv6Hdr {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
+fn parse_ipv6(ctx: &XdpContext, l3: usize, out: *mut Packet) -> u32 {
     let ip = match at::<Ipv6Hdr>(ctx, l3) {
         Some(p) => unsafe { &*p },
         None => return short(ctx, l3 + IPV6_HLEN),
     };
     if ip.vtcfl[0] >> 4 != 6 {
-        return Parsed::Drop(stat::MALFORMED);
+        return drop(stat::MALFORMED);
     }
     // No jumbograms (payload length 0 with a hop-by-hop jumbo option): not on Ethernet. A
     // payload length of 0 is fine only with nothing after the header, which the checks below
@@ -361,7 +360,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     if ctx.data() + ip_end > ctx.data_end() {
         let full = frame_len(ctx);
         if ip_end > full {
-            return Parsed::Drop(stat::MALFORMED);
+            return drop(stat::MALFORMED);
         }
         count(stat::MULTI_BUFFER);
         bytes = full as u32;
@@ -372,39 +371,36 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
         let walked = skip_ext(ctx, off as u32, ip_end as u32, next as u32);
         match walked >> 28 {
             WALK_OK => {}
-            WALK_MALFORMED => return Parsed::Drop(stat::MALFORMED),
-            WALK_LATER_FRAGMENT => return Parsed::Pass(stat::PASS_NOT_VIP),
-            _ => return Parsed::Pass(stat::PASS_IPV6_EXT),
+            WALK_MALFORMED => return drop(stat::MALFORMED),
+            WALK_LATER_FRAGMENT => return pass(stat::PASS_NOT_VIP),
+            _ => return pass(stat::PASS_IPV6_EXT),
         }
         off = (walked & 0xffff) as usize;
         next = (walked >> 16) as u8;
         fragment = walked & WALK_F_FRAGMENT != 0;
         // Re-proved here for the verifier, which sees a returned scalar.
         if off > MAX_L4_OFF || off > ip_end {
-            return Parsed::Pass(stat::PASS_IPV6_EXT);
+            return pass(stat::PASS_IPV6_EXT);
         }
     }
-    let ip = Ip {
-        src: Addr { w: src },
-        dst: Addr { w: dst },
-        family: FAMILY_V6,
-        proto: next,
-        fragment,
-        ip_len: ip_len as u32,
-        frame_len: bytes,
-        l3,
-    };
     match next {
-        PROTO_TCP | PROTO_UDP => transport(ctx, &ip, off, ip_end - off),
-        // Possibly an error about a tracked flow (see `icmp6`); ports 0.
-        PROTO_ICMPV6 if !fragment => packet(&ip, 0, 0, 0, off),
-        PROTO_ICMPV6 => Parsed::Pass(stat::PASS_NOT_VIP),
+        PROTO_TCP | PROTO_UDP | PROTO_ICMPV6 => {}
         // Extension headers we do not follow: still a header chain (or too long a one), AH,
         // ESP, no next header, mobility, HIP, shim6, experimental.
         NH_HOP | NH_ROUTING | NH_FRAGMENT | NH_DSTOPTS | 50 | 51 | 59 | 135 | 139 | 140 | 253
-        | 254 => Parsed::Pass(stat::PASS_IPV6_EXT),
-        _ => Parsed::Pass(stat::PASS_NOT_VIP),
+        | 254 => return pass(stat::PASS_IPV6_EXT),
+        _ => return pass(stat::PASS_NOT_VIP),
     }
+    if next == PROTO_ICMPV6 && fragment {
+        return pass(stat::PASS_NOT_VIP);
+    }
+    ip_fields(out, &src, &dst, FAMILY_V6, next, fragment);
+    lengths(out, ip_len as u32, bytes, l3);
+    if next == PROTO_ICMPV6 {
+        // Possibly an error about a tracked flow (see `icmp6`); ports 0.
+        return l4_fields(out, 0, 0, 0, off);
+    }
+    transport(ctx, out, off, ip_end - off)
 }
 
 /// An extension header [`skip_ext`] walks.
@@ -488,20 +484,3 @@ fn skip_ext(ctx: &XdpContext, off: u32, ip_end: u32, next: u32) -> u32 {
     (WALK_OK << 28) | flags | ((next as u32) << 16) | off
 }
 
-#[inline(always)]
-fn packet(ip: &Ip, sport: u16, dport: u16, tcp_flags: u8, l4: usize) -> Parsed {
-    Parsed::Packet(Packet {
-        src: ip.src,
-        dst: ip.dst,
-        sport,
-        dport,
-        proto: ip.proto,
-        family: ip.family,
-        tcp_flags,
-        fragment: ip.fragment,
-        ip_len: ip.ip_len,
-        frame_len: ip.frame_len,
-        l3: ip.l3 as u16,
-        l4: l4 as u16,
-    })
-}
