@@ -241,7 +241,14 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> u32 {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         if proto == PROTO_ICMP && frag & 0x3fff == 0 {
             // Possibly an error about a tracked flow (see `icmp`); ports 0, L4 = the ICMP header.
-            ip_fields(out, &[src, 0, 0, 0], &[dst, 0, 0, 0], FAMILY_V4, proto, false);
+            ip_fields(
+                out,
+                &[src, 0, 0, 0],
+                &[dst, 0, 0, 0],
+                FAMILY_V4,
+                proto,
+                false,
+            );
             lengths(out, tot_len as u32, bytes, l3);
             return l4_fields(out, 0, 0, 0, l3 + ihl);
         }
@@ -252,7 +259,14 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize, out: *mut Packet) -> u32 {
         return pass(stat::PASS_NOT_VIP);
     }
     let fragment = frag & 0x2000 != 0;
-    ip_fields(out, &[src, 0, 0, 0], &[dst, 0, 0, 0], FAMILY_V4, proto, fragment);
+    ip_fields(
+        out,
+        &[src, 0, 0, 0],
+        &[dst, 0, 0, 0],
+        FAMILY_V4,
+        proto,
+        fragment,
+    );
     lengths(out, tot_len as u32, bytes, l3);
     transport(ctx, out, l3 + ihl, tot_len as usize - ihl)
 }
@@ -444,9 +458,7 @@ fn skip_ext(ctx: &XdpContext, off: u32, ip_end: u32, next: u32) -> u32 {
         if off + n > ip_end {
             return WALK_MALFORMED << 28;
         }
-        let rc = unsafe {
-            bpf_xdp_load_bytes(ctx.ctx, off, h.as_mut_ptr() as *mut _, n)
-        };
+        let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx, off, h.as_mut_ptr() as *mut _, n) };
         if rc != 0 {
             return WALK_MALFORMED << 28;
         }
@@ -483,4 +495,3 @@ fn skip_ext(ctx: &XdpContext, off: u32, ip_end: u32, next: u32) -> u32 {
     }
     (WALK_OK << 28) | flags | ((next as u32) << 16) | off
 }
-
