@@ -123,6 +123,7 @@ fn build(ebpf: &Path, target_dir: &Path) -> Result<()> {
             "-Ctarget-cpu=v3",
             // Global BPF functions, verified once each (see ebpf/xdpvs-ebpf/src/schedule.rs).
             "-Clink-arg=--export=xdpvs_pick",
+            "-Clink-arg=--export=xdpvs_persist_usable",
         ]
         .join("\x1f"),
     );

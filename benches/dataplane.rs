@@ -80,6 +80,8 @@ const SERVICES: [(u16, usize); 3] = [(80, 8), (81, 64), (82, 256)];
 const EST_SPORT: u16 = 40000;
 /// VIP port of the NAT service (reals on 8080).
 const NAT_PORT: u16 = 83;
+/// The persistent service's port (64 reals, 300 s templates).
+const PERSIST_PORT: u16 = 84;
 /// The connection table's size in `Harness::new`.
 const CONN_TABLE: usize = 65536;
 
@@ -587,7 +589,11 @@ fn measure(p: &Params) -> Result<Report> {
             .map(|&(port, n)| service_on(port, &(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()))
             .collect();
         with_nat.push(nat_service_on(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
-        h.apply(with_nat);
+        // Persistence: a WLC service over 64 reals whose clients keep their real (300 s, /32).
+        let mut persistent = service_on(PERSIST_PORT, &(1..=64).map(|i| (i, 1)).collect::<Vec<_>>());
+        persistent.persist = Some((300, 32));
+        with_nat.push(persistent);
+        h.apply(with_nat.clone());
         // Re-borrowed: the closure above held `h` until the NAT service was applied.
         let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
             let (out, d) = h.run_repeat(f, r);
@@ -645,11 +651,8 @@ fn measure(p: &Params) -> Result<Report> {
 
         // IPv6 beside them: a DR service of 8 reals on VIP6:80 and a NAT one of 4 on
         // VIP6:NAT_PORT (reals on 8080), the same reals' IPv6 addresses.
-        let mut with_v6: Vec<_> = SERVICES
-            .iter()
-            .map(|&(port, n)| service_on(port, &(1..=n).map(|i| (i, 1)).collect::<Vec<_>>()))
-            .collect();
-        with_v6.push(nat_service_on(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
+        // The services above stay (the persistence rows below use theirs).
+        let mut with_v6 = with_nat;
         with_v6.push(service6_on(80, xdpvs::config::Protocol::Tcp, &(1..=8).map(|i| (i, 1)).collect::<Vec<_>>()));
         with_v6.push(nat_service6(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
         h.apply(with_v6);
@@ -722,6 +725,38 @@ fn measure(p: &Params) -> Result<Report> {
             rep_1: v6_syn,
             target: None,
         });
+
+        // The template hit: every SYN of the client (a new source port each) finds its template,
+        // checks its real's slot and refreshes it, instead of scanning 64 reals.
+        if h.run(&Frame::tcp(CLIENT, 1023, VIP, PERSIST_PORT, SYN).build()).action != XDP_TX {
+            bail!("could not create the persistence template");
+        }
+        let hits_before = h.dp.stats()?[stat::PERSIST_HIT as usize];
+        let name = "new SYN, persistent WLC service of 64 reals, template hit (lookup, slot check, create, FIB, TX)";
+        eprintln!("dataplane bench: {name}");
+        let mut hit_syns = 0u64;
+        rows.push(Row {
+            name: name.into(),
+            kind: Kind::NewSyn,
+            rep_n: None,
+            rep_1: time_single(
+                p,
+                name,
+                XDP_TX,
+                |i| Frame::tcp(CLIENT, 1024 + i as u16, VIP, PERSIST_PORT, SYN).build(),
+                |f| xdpvs(f, 1),
+                |sent| {
+                    hit_syns += sent as u64;
+                    clear(&h)?;
+                    Ok(())
+                },
+            )?,
+            target: None,
+        });
+        let hits = h.dp.stats()?[stat::PERSIST_HIT as usize] - hits_before;
+        if hits < hit_syns {
+            bail!("{name}: {hits} template hits for {hit_syns} SYNs");
+        }
 
         let mut syn_rows = Vec::new();
         for &(port, n) in &SERVICES {

@@ -92,6 +92,9 @@ enum Cmd {
         /// only one under /sys/fs/bpf/xdpvs).
         #[arg(long, value_name = "DIR")]
         pin_path: Option<PathBuf>,
+        /// Also list the persistence templates (client -> real, time left), like `ipvsadm -Lnc`.
+        #[arg(long)]
+        persistence: bool,
     },
     /// Take the director out of service: detach the XDP program and remove its pins (refused
     /// while a daemon runs on it). Every open connection through the director is lost.
@@ -264,11 +267,15 @@ fn main() -> ExitCode {
             socket,
             json,
             pin_path,
+            persistence,
         } => list_status(&socket, pin_path).and_then(|status| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", admin::render(&status));
+                if persistence {
+                    print!("{}", admin::render_templates(&status));
+                }
             }
             Ok(())
         }),

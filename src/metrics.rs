@@ -74,6 +74,8 @@ pub struct RealSnapshot {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub reals: Vec<RealSnapshot>,
+    /// Live persistence templates per persistent service.
+    pub templates: Vec<(String, u64)>,
     /// Dataplane packet counters by action (`STAT_NAMES` without the unused slots).
     pub dataplane: Vec<(String, u64)>,
     pub conntrack_entries: u64,
@@ -107,8 +109,14 @@ impl Snapshot {
                 })
             })
             .collect();
+        let templates = st
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.persistence.as_ref()?.templates)))
+            .collect();
         Ok(Snapshot {
             reals,
+            templates,
             dataplane: st.dataplane.into_iter().collect(),
             conntrack_entries: st.conntrack_entries,
             reloads_ok: shared.daemon_stats().reloads_ok.load(Ordering::SeqCst),
@@ -352,6 +360,14 @@ pub fn families(snap: &Snapshot, mono: &mut Monotonic) -> prometheus::Result<Vec
         "Effective weight of the real (after health and runtime overrides).",
         real_labels,
     )?;
+    let templates = gauge(
+        "xdpvs_service_persistence_templates",
+        "Live persistence templates of the service (clients it sends to their last real).",
+        &["service"],
+    )?;
+    for (service, n) in &snap.templates {
+        templates.with_label_values(&[service]).set(clamp(*n));
+    }
     let dataplane = counter(
         "xdpvs_dataplane_packets_total",
         "Packets seen by the XDP program, by what it did with them.",
@@ -532,6 +548,7 @@ pub fn metric_names() -> prometheus::Result<Vec<String>> {
             real: "r".into(),
             ..Default::default()
         }],
+        templates: vec![("s".into(), 1)],
         dataplane: xdpvs_common::STAT_NAMES
             .iter()
             .map(|n| (n.to_string(), 1))
@@ -736,6 +753,7 @@ mod tests {
 
     fn snapshot(conns: [u64; 2]) -> Snapshot {
         Snapshot {
+            templates: Vec::new(),
             reals: vec![
                 RealSnapshot {
                     service: "web".into(),

@@ -152,6 +152,7 @@ pub fn status(dir: &Path, cfg: Option<&Config>) -> Result<Status> {
             .into(),
             fallback: None,
             reals: rows,
+            persistence: None,
         });
     }
     let counters = maps.stats()?;

@@ -58,6 +58,8 @@ pub struct DesiredService {
     pub sched: u8,
     pub fwd: u8,
     pub fallback: Option<SocketAddr>,
+    /// Persistence: (template timeout in seconds, client prefix length); `None` = off.
+    pub persist: Option<(u32, u8)>,
     /// Reals in configuration order.
     pub reals: Vec<DesiredReal>,
     /// Cut a removed real's connections at once instead of letting them drain.
@@ -131,6 +133,9 @@ pub fn desired(config: &Config, rt: &Runtime) -> Desired {
                     Forwarding::Nat => fwd_kind::NAT,
                 },
                 fallback: s.fallback,
+                persist: s
+                    .persistence
+                    .map(|p| (p.timeout.as_secs().min(u32::MAX as u64) as u32, p.prefix)),
                 reals,
                 cut_on_remove: s.on_remove == OnRemove::Cut,
                 standby: rt.standby_vips.contains(&s.address.ip()),

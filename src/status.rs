@@ -6,14 +6,17 @@
 //! one. The daemon implements [`ReadModel`]; the metrics and the admin server depend on this
 //! module, not on the daemon.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 
 use anyhow::Result;
-use xdpvs_common::STAT_NAMES;
+use xdpvs_common::{PersistKey, Template, STAT_NAMES};
 
-use crate::admin::{RealStatus, ServiceStatus, Status};
+use crate::admin::{
+    PersistenceStatus, RealStatus, ServiceStatus, Status, TemplateStatus, TEMPLATES_LISTED,
+};
 use crate::config::{Config, Forwarding, Protocol};
 use crate::dataplane::owner::Reader;
 use crate::ha::director::VrrpStatus;
@@ -54,6 +57,14 @@ pub fn build(src: Sources<'_>) -> Result<Status> {
     let dp = src.dataplane;
     let index = dp.index();
     let mut services = Vec::new();
+    // One walk of the template table, only if some service uses it.
+    let templates = if cfg.services.iter().any(|s| s.persistence.is_some()) {
+        dp.templates()
+    } else {
+        Vec::new()
+    };
+    let real_addr = index.real_addrs();
+    let now = crate::dataplane::monotonic_ns();
     for (sc, ds) in cfg.services.iter().zip(desired.services.iter()) {
         let mut reals = Vec::new();
         let counters = |addr: SocketAddr| -> Result<(u64, u64, u64, u64, u64)> {
@@ -140,6 +151,16 @@ pub fn build(src: Sources<'_>) -> Result<Status> {
             .into(),
             fallback: sc.fallback.map(|f| f.to_string()),
             reals,
+            persistence: sc.persistence.map(|p| {
+                let sid = index.service_id(&ds.key);
+                persistence_status(
+                    p.timeout.as_secs(),
+                    p.prefix,
+                    templates.iter().filter(|(k, _)| Some(k.service) == sid),
+                    &real_addr,
+                    now,
+                )
+            }),
         });
     }
     let stats = dp.stats()?;
@@ -176,4 +197,47 @@ pub fn build(src: Sources<'_>) -> Result<Status> {
             _ => None,
         },
     })
+}
+
+/// The live templates of one service (those used within `timeout_s`), soonest to expire last.
+fn persistence_status<'a>(
+    timeout_s: u64,
+    prefix: u8,
+    templates: impl Iterator<Item = &'a (PersistKey, Template)>,
+    real_addr: &HashMap<u32, SocketAddr>,
+    now: u64,
+) -> PersistenceStatus {
+    let ttl = timeout_s.saturating_mul(1_000_000_000);
+    let mut live: Vec<(u64, TemplateStatus)> = templates
+        .filter_map(|(k, t)| {
+            let age = now.saturating_sub(t.used_ns);
+            if age >= ttl {
+                return None;
+            }
+            let left = (ttl - age).div_ceil(1_000_000_000);
+            let client = state::ip_of(&k.client, k.family)?;
+            let real = real_addr
+                .get(&t.real)
+                .map_or_else(|| format!("(id {})", t.real), |a| a.to_string());
+            Some((
+                left,
+                TemplateStatus {
+                    client: format!("{client}/{prefix}"),
+                    real,
+                    expires_in_s: left,
+                },
+            ))
+        })
+        .collect();
+    live.sort_by_key(|t| std::cmp::Reverse(t.0));
+    PersistenceStatus {
+        timeout_s: timeout_s.min(u32::MAX as u64) as u32,
+        prefix,
+        templates: live.len() as u64,
+        list: live
+            .into_iter()
+            .take(TEMPLATES_LISTED)
+            .map(|(_, t)| t)
+            .collect(),
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use xdpvs::config::{CheckKind, Forwarding, OnFailure, Protocol, Scheduler};
+use xdpvs::config::{CheckKind, Forwarding, OnFailure, Persistence, Protocol, Scheduler};
 use xdpvs::import::ldirectord::translate;
 
 const MAN_PAGE_STYLE: &str = "\
@@ -27,6 +27,7 @@ virtual=198.18.0.100:80
 \tservice=http
 \tscheduler=wlc
 \tpersistent=600
+\tnetmask=255.255.255.0
 \tprotocol=tcp
 \tchecktype=negotiate
 \trequest=\"health\"
@@ -69,6 +70,14 @@ fn a_man_page_style_config_translates_setting_by_setting() {
     assert_eq!(cfg.services.len(), 3);
 
     let www = cfg.service("www").expect("servicename kept");
+    assert_eq!(
+        www.persistence,
+        Some(Persistence {
+            timeout: std::time::Duration::from_secs(600),
+            prefix: 24
+        }),
+        "persistent=600 with netmask=255.255.255.0"
+    );
     assert_eq!(www.address.to_string(), "198.18.0.100:80");
     assert_eq!(www.scheduler, Scheduler::Wlc);
     assert_eq!(www.forwarding, Forwarding::Dr);
@@ -140,7 +149,6 @@ fn a_man_page_style_config_translates_setting_by_setting() {
             out.warnings
         );
     };
-    warned("persistent=600", "persistence");
     warned("logfile=", "not translated");
     warned("scheduler=sh", "not supported");
     assert!(
@@ -305,7 +313,7 @@ fn the_cli_prints_toml_and_warnings() {
         "{toml}"
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = line_of(MAN_PAGE_STYLE, "persistent=600");
+    let line = line_of(MAN_PAGE_STYLE, "logfile=");
     assert!(
         err.contains(&format!("{}:{line}:", path.display())),
         "warnings name file and line: {err}"
@@ -371,7 +379,11 @@ fn every_sample_of_debians_keepalived_package_translates() {
             assert!(!v.preempt, "nopreempt");
             assert_eq!(v.addresses.len(), 3);
             let persistence = line_of(&text, "persistence_timeout");
-            assert!(out.warnings.iter().any(|w| w.line == persistence));
+            assert!(
+                !out.warnings.iter().any(|w| w.line == persistence),
+                "persistence_timeout is translated"
+            );
+            assert!(s.persistence.is_some(), "persistence_timeout carried over");
         }
         if name.ends_with("keepalived.conf.inhibit") {
             assert_eq!(

@@ -107,6 +107,31 @@ pub struct ServiceStatus {
     pub forwarding: String,
     pub fallback: Option<String>,
     pub reals: Vec<RealStatus>,
+    /// Client affinity, when the service has `persistence`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<PersistenceStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PersistenceStatus {
+    pub timeout_s: u32,
+    /// Client prefix length templates are kept by.
+    pub prefix: u8,
+    /// Live templates.
+    pub templates: u64,
+    /// The live templates, soonest to expire last, at most [`TEMPLATES_LISTED`] of them.
+    pub list: Vec<TemplateStatus>,
+}
+
+/// How many templates a status lists per service (all are counted).
+pub const TEMPLATES_LISTED: usize = 1000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TemplateStatus {
+    /// The client network, `198.18.0.0/24` (or one client, `/32`).
+    pub client: String,
+    pub real: String,
+    pub expires_in_s: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -169,6 +194,37 @@ fn forward_name(f: &str) -> &str {
 }
 
 /// Renders the status like `ipvsadm -Ln`, with health columns added.
+/// The persistence templates, like `ipvsadm -Lnc` lists them (templates only).
+pub fn render_templates(status: &Status) -> String {
+    let mut out = String::from("Persistence templates\n");
+    out.push_str(&format!(
+        "{:<4} {:<28} {:<24} {:<28} {:>8}\n",
+        "Prot", "LocalAddress:Port", "Client", "RealAddress:Port", "Expires"
+    ));
+    for s in &status.services {
+        let Some(p) = &s.persistence else { continue };
+        for t in &p.list {
+            out.push_str(&format!(
+                "{:<4} {:<28} {:<24} {:<28} {:>5}:{:02}\n",
+                proto_upper(&s.protocol),
+                s.address,
+                t.client,
+                t.real,
+                t.expires_in_s / 60,
+                t.expires_in_s % 60
+            ));
+        }
+        if p.templates > p.list.len() as u64 {
+            out.push_str(&format!(
+                "     ({} more templates of {} not listed)\n",
+                p.templates - p.list.len() as u64,
+                s.address
+            ));
+        }
+    }
+    out
+}
+
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
     if let Some(note) = &status.offline {
@@ -184,8 +240,13 @@ pub fn render(status: &Status) -> String {
         "RemoteAddress:Port", "Forward", "Weight", "ActiveConn", "InActConn", "Health", "Note"
     ));
     for s in &status.services {
+        let persistent = s
+            .persistence
+            .as_ref()
+            .map(|p| format!(" persistent {} mask /{}", p.timeout_s, p.prefix))
+            .unwrap_or_default();
         out.push_str(&format!(
-            "{:<4} {} {}\n",
+            "{:<4} {} {}{persistent}\n",
             proto_upper(&s.protocol),
             s.address,
             s.scheduler
@@ -353,6 +414,7 @@ mod tests {
                     inactive: 3,
                     ..Default::default()
                 }],
+                persistence: None,
             }],
             ..Default::default()
         };
@@ -375,5 +437,31 @@ mod tests {
         st.dataplane.insert("malformed".into(), 3);
         st.dataplane.insert("tx".into(), 0);
         assert!(render(&st).contains("Dataplane packets: malformed=3\n"));
+        st.services[0].persistence = Some(PersistenceStatus {
+            timeout_s: 300,
+            prefix: 24,
+            templates: 1,
+            list: vec![TemplateStatus {
+                client: "198.18.0.0/24".into(),
+                real: "198.18.0.11:80".into(),
+                expires_in_s: 299,
+            }],
+        });
+        assert!(
+            render(&st).contains("TCP  198.18.0.100:80 wlc persistent 300 mask /24\n"),
+            "ipvsadm's flags column"
+        );
+        let t = render_templates(&st);
+        let row: Vec<&str> = t.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "TCP",
+                "198.18.0.100:80",
+                "198.18.0.0/24",
+                "198.18.0.11:80",
+                "4:59"
+            ]
+        );
     }
 }

@@ -166,9 +166,20 @@ pub struct ServiceConfig {
     pub on_remove: OnRemove,
     /// Sorry server used only while no real is up.
     pub fallback: Option<SocketAddr>,
+    /// Client affinity (IPVS persistent service); `None` = each connection scheduled alone.
+    pub persistence: Option<Persistence>,
     /// The service's check, with its defaults filled in.
     pub check: CheckConfig,
     pub reals: Vec<RealConfig>,
+}
+
+/// `persistence` and `persistence_mask` of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Persistence {
+    /// How long a client's template outlives the last new connection it placed (whole seconds).
+    pub timeout: Duration,
+    /// Prefix length of the client address templates are kept by (32/128 = per client).
+    pub prefix: u8,
 }
 
 #[derive(Debug, Clone, PartialEq)]

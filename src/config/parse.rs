@@ -8,7 +8,7 @@
 
 use super::{
     CheckConfig, CheckKind, Config, Director, Forwarding, Initially, OnExit, OnFailure, OnRemove,
-    Protocol, RealConfig, Scheduler, ServiceConfig, SyncConfig, Timeouts, XdpMode,
+    Persistence, Protocol, RealConfig, Scheduler, ServiceConfig, SyncConfig, Timeouts, XdpMode,
     DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS, DEFAULT_SYNC_REFRESH,
 };
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -153,6 +153,8 @@ struct RawService {
     on_failure: Option<Spanned<String>>,
     on_remove: Option<Spanned<String>>,
     fallback: Option<Spanned<String>>,
+    persistence: Option<Spanned<DurationText>>,
+    persistence_mask: Option<Spanned<i64>>,
     check: Option<Spanned<RawCheck>>,
     #[serde(default)]
     real: Vec<Spanned<RawReal>>,
@@ -897,6 +899,8 @@ impl Validator<'_> {
             }
         };
 
+        let persistence = self.persistence(&raw, vip, prefix)?;
+
         Ok(ServiceConfig {
             name: n.clone(),
             address: vip,
@@ -906,9 +910,52 @@ impl Validator<'_> {
             on_failure,
             on_remove,
             fallback,
+            persistence,
             check,
             reals,
         })
+    }
+
+    /// `persistence` (whole seconds, up to a week) and `persistence_mask` (a prefix length of
+    /// the VIP's family; only with `persistence`).
+    fn persistence(
+        &self,
+        raw: &RawService,
+        vip: SocketAddr,
+        prefix: &str,
+    ) -> Result<Option<Persistence>, ConfigError> {
+        let max_prefix: i64 = if vip.is_ipv4() { 32 } else { 128 };
+        let Some(t) = &raw.persistence else {
+            if let Some(m) = &raw.persistence_mask {
+                return Err(self.at(
+                    m,
+                    &format!("{prefix}.persistence_mask"),
+                    "persistence_mask needs persistence (the template timeout) to be set"
+                        .to_string(),
+                ));
+            }
+            return Ok(None);
+        };
+        let key = format!("{prefix}.persistence");
+        let timeout = self.duration(t, &key, Duration::from_secs(7 * 86_400), "168h")?;
+        if timeout.subsec_nanos() != 0 {
+            return Err(self.at(
+                t,
+                &key,
+                format!(
+                    "\"{}\" is not a whole number of seconds (templates expire in seconds, as IPVS's)",
+                    t.get_ref().0
+                ),
+            ));
+        }
+        let prefix_len = match &raw.persistence_mask {
+            None => max_prefix,
+            Some(m) => self.int(m, &format!("{prefix}.persistence_mask"), 1, max_prefix)?,
+        };
+        Ok(Some(Persistence {
+            timeout,
+            prefix: prefix_len as u8,
+        }))
     }
 
     /// Options the file format already knows but the dataplane does not do yet; they parse so
@@ -1498,6 +1545,7 @@ scheduler = "rr"
                 on_failure: OnFailure::Remove,
                 on_remove: OnRemove::Cut,
                 fallback: Some(sa("198.18.0.9:80")),
+                persistence: None,
                 check: check.clone(),
                 reals: vec![
                     RealConfig {
@@ -1524,6 +1572,7 @@ scheduler = "rr"
                 on_failure: OnFailure::Quiesce,
                 on_remove: OnRemove::Drain,
                 fallback: None,
+                persistence: None,
                 check: CheckConfig::default_tcp(),
                 reals: vec![],
             }
@@ -1773,6 +1822,49 @@ scheduler = "rr"
             ("metrics", 0),
             "director.metrics",
             "nor \"off\"",
+        );
+    }
+
+    #[test]
+    fn persistence() {
+        let real = "[[service.real]]\naddress = \"198.18.0.11:80\"\n";
+        let cfg = parse_str(&svc(&format!("persistence = \"5m\"\n{real}"))).unwrap();
+        assert_eq!(
+            cfg.services[0].persistence,
+            Some(Persistence {
+                timeout: Duration::from_secs(300),
+                prefix: 32
+            })
+        );
+        let cfg = parse_str(&svc(&format!(
+            "persistence = \"300s\"\npersistence_mask = 24\n{real}"
+        )))
+        .unwrap();
+        assert_eq!(cfg.services[0].persistence.map(|p| p.prefix), Some(24));
+        assert_eq!(parse_str(&svc(real)).unwrap().services[0].persistence, None);
+        expect_err(
+            &svc("persistence_mask = 24\n"),
+            ("persistence_mask", 0),
+            "service[0].persistence_mask",
+            "needs persistence",
+        );
+        expect_err(
+            &svc("persistence = \"300s\"\npersistence_mask = 33\n"),
+            ("persistence_mask", 0),
+            "service[0].persistence_mask",
+            "out of range (1..=32)",
+        );
+        expect_err(
+            &svc("persistence = \"1.5s\"\n"),
+            ("persistence", 0),
+            "service[0].persistence",
+            "not a whole number of seconds",
+        );
+        expect_err(
+            &svc("persistence = \"200h\"\n"),
+            ("persistence", 0),
+            "service[0].persistence",
+            "longer than the maximum of 168h",
         );
     }
 

@@ -30,9 +30,9 @@ use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use xdpvs_common::{
     expire_rc, maps, progs, sched::clamp_counter, stat, state, Conn, ConnKey, ExpireRequest,
-    Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, Settings, SweepResult,
-    SyncEvent, CONN_F_REPLY, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE, FAMILY_NONE, MAX_REALS,
-    REAL_F_VALID,
+    Layout, PersistKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey, Settings,
+    SweepResult, SyncEvent, Template, CONN_F_REPLY, DEFAULT_EMBRYONIC_TABLE_SIZE, EXPIRE_F_FORCE,
+    FAMILY_NONE, MAX_REALS, REAL_F_VALID,
 };
 
 use crate::config::XdpMode as ConfigXdpMode;
@@ -248,6 +248,7 @@ impl Dataplane {
             real_stats: take(&mut ebpf, maps::REAL_STATS)?,
             settings: take(&mut ebpf, maps::SETTINGS)?,
             stats: take(&mut ebpf, maps::STATS)?,
+            persist: take(&mut ebpf, maps::PERSIST)?,
         };
         // An adopted dataplane keeps its timeouts; a new one holds zeros until the first plan.
         let settings = maps.settings.get(&0, 0).unwrap_or_default();
@@ -720,6 +721,7 @@ pub struct Maps {
     real_stats: PerCpuArray<MapData, RealStats>,
     settings: Array<MapData, Settings>,
     stats: PerCpuArray<MapData, u64>,
+    persist: HashMap<MapData, PersistKey, Template>,
 }
 
 impl Maps {
@@ -734,6 +736,7 @@ impl Maps {
             real_stats: pinned_map(dir, maps::REAL_STATS)?,
             settings: pinned_map(dir, maps::SETTINGS)?,
             stats: pinned_map(dir, maps::STATS)?,
+            persist: pinned_map(dir, maps::PERSIST)?,
         })
     }
 
@@ -748,6 +751,7 @@ impl Maps {
             real_stats: dup(self.real_stats.map())?,
             settings: dup(self.settings.map())?,
             stats: dup(self.stats.map())?,
+            persist: dup(self.persist.map())?,
         })
     }
 
@@ -768,6 +772,12 @@ impl Maps {
         }
         view.settings = self.settings.get(&0, 0)?;
         Ok(view)
+    }
+
+    /// The persistence templates (a snapshot; expired ones included: the program ignores them
+    /// and the LRU reclaims them).
+    pub fn templates(&self) -> Vec<(PersistKey, Template)> {
+        self.persist.iter().filter_map(|r| r.ok()).collect()
     }
 
     /// What `REALS` holds for an id (family `FAMILY_NONE`: no real).

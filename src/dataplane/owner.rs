@@ -52,6 +52,7 @@ enum Request {
 #[derive(Debug, Default)]
 pub struct Index {
     reals: HashMap<(ServiceKey, SocketAddr), u32>,
+    services: HashMap<ServiceKey, u32>,
     draining: Vec<Draining>,
 }
 
@@ -59,12 +60,22 @@ impl Index {
     fn of(p: &Programmer) -> Index {
         Index {
             reals: p.planner.real_ids(),
+            services: p.planner.service_ids(),
             draining: p.planner.draining(),
         }
     }
 
     pub fn real_id(&self, service: &ServiceKey, real: SocketAddr) -> Option<u32> {
         self.reals.get(&(*service, real)).copied()
+    }
+
+    pub fn service_id(&self, service: &ServiceKey) -> Option<u32> {
+        self.services.get(service).copied()
+    }
+
+    /// Which (service, real) each real id is.
+    pub fn real_addrs(&self) -> HashMap<u32, SocketAddr> {
+        self.reals.iter().map(|((_, a), id)| (*id, *a)).collect()
     }
 
     /// Every id in use (live and draining).

@@ -102,6 +102,11 @@ impl Planner {
         self.reals.iter().map(|(k, r)| (*k, r.id)).collect()
     }
 
+    /// Every service that holds an id, with its id.
+    pub fn service_ids(&self) -> HashMap<ServiceKey, u32> {
+        self.services.iter().map(|(k, e)| (*k, e.id)).collect()
+    }
+
     /// The dataplane id of a service (live or draining), if it holds one.
     pub fn service_id(&self, service: &ServiceKey) -> Option<u32> {
         self.services.get(service).map(|e| e.id)
@@ -295,6 +300,8 @@ impl Planner {
                 sched: ds.sched,
                 fwd: ds.fwd,
                 flags: if ds.standby { SVC_F_STANDBY } else { 0 },
+                persist_timeout_s: ds.persist.map_or(0, |p| p.0),
+                persist_prefix: ds.persist.map_or(0, |p| p.1),
                 ..Service::default()
             };
             if old.map(|(s, _)| s != service).unwrap_or(true) {
@@ -550,6 +557,7 @@ mod tests {
             sched: 0,
             fwd: 0,
             fallback: None,
+            persist: None,
             reals: reals
                 .iter()
                 .map(|(a, w)| DesiredReal {

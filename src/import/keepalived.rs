@@ -494,12 +494,19 @@ pub fn translate(text: &str, file: &str) -> Import {
                     match c.key.as_str() {
                         "real_server" | "protocol" | "lb_algo" | "lvs_sched" | "lb_kind"
                         | "lvs_method" | "sorry_server" | "delay_loop" | "virtualhost" => {}
-                        "persistence_timeout" | "persistence_granularity" => warn(
+                        "persistence_timeout" => {
+                            // keepalived's default when the value is left out: 6 minutes.
+                            let t = c.args.first().map(String::as_str).unwrap_or("360");
+                            let mask = n.arg("persistence_granularity");
+                            match super::persistence_lines(t, mask, addr.is_ipv6()) {
+                                Ok(lines) => services.push_str(&lines),
+                                Err(why) => warn(c, format!("persistence_timeout: {why}; not translated")),
+                            }
+                        }
+                        "persistence_granularity" if n.child("persistence_timeout").is_some() => {}
+                        "persistence_granularity" => warn(
                             c,
-                            format!(
-                                "{}: persistence is not supported yet, not translated",
-                                c.key
-                            ),
+                            "persistence_granularity without persistence_timeout: nothing to translate".into(),
                         ),
                         other => warn(c, format!("{other}: not translated")),
                     }

@@ -283,13 +283,18 @@ pub fn translate(text: &str, file: &str) -> Import {
             None => "wrr".into(), // ldirectord's default
         };
         let _ = writeln!(svc, "scheduler = \"{scheduler}\"");
-        for key in ["persistent", "netmask"] {
-            if let Some((v, l)) = get(key) {
-                warn(
-                    l,
-                    format!("{key}={v}: persistence is not supported yet, not translated"),
-                );
+        match (get("persistent"), get("netmask")) {
+            (Some((t, l)), mask) => {
+                match super::persistence_lines(t, mask.map(|m| m.0), vs.address.is_ipv6()) {
+                    Ok(lines) => svc.push_str(&lines),
+                    Err(why) => warn(l, format!("persistent={t}: {why}; not translated")),
+                }
             }
+            (None, Some((m, l))) => warn(
+                l,
+                format!("netmask={m} without persistent: nothing to translate"),
+            ),
+            (None, None) => {}
         }
         // Reals (and their forwarding, which xdpvs sets per service).
         let mut reals: Vec<(SocketAddr, u32)> = Vec::new();

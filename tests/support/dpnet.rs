@@ -184,6 +184,7 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
         sched: xdpvs_common::sched_kind::WLC,
         fwd: xdpvs_common::fwd_kind::DR,
         fallback: None,
+        persist: None,
         reals: reals
             .iter()
             .map(|(n, w)| DesiredReal {
@@ -221,6 +222,7 @@ pub fn service6_on(
             .collect(),
         cut_on_remove: false,
         standby: false,
+        persist: None,
     }
 }
 

@@ -14,13 +14,14 @@
 use core::mem::{align_of, offset_of, size_of};
 
 use crate::{
-    state, Conn, ConnKey, Real, RealConns, RealSet, RealSlot, RealStats, Service, ServiceKey,
-    ServiceState, Settings, MAX_REALS, MAX_REALSETS, MAX_REALS_PER_SERVICE, MAX_SERVICES,
+    state, Conn, ConnKey, PersistKey, Real, RealConns, RealSet, RealSlot, RealStats, Service,
+    ServiceKey, ServiceState, Settings, Template, MAX_REALS, MAX_REALSETS, MAX_REALS_PER_SERVICE,
+    MAX_SERVICES, PERSIST_TABLE_SIZE,
 };
 
 /// Bump when the layout or the meaning of any map's bytes changes (and record the new
 /// fingerprint in the test below).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Value of the one-element `LAYOUT` map.
 #[repr(C)]
@@ -65,7 +66,7 @@ const fn mix_str(mut h: u64, s: &str) -> u64 {
 }
 
 /// Every number that decides a map's bytes, in a fixed order.
-const SHAPE: [usize; 74] = [
+const SHAPE: [usize; 82] = [
     // ServiceKey
     size_of::<ServiceKey>(),
     align_of::<ServiceKey>(),
@@ -131,6 +132,15 @@ const SHAPE: [usize; 74] = [
     offset_of!(Conn, last_seen_ns),
     offset_of!(Conn, nat_addr),
     offset_of!(Conn, nat_port),
+    // PersistKey, Template
+    size_of::<PersistKey>(),
+    offset_of!(PersistKey, client),
+    offset_of!(PersistKey, service),
+    offset_of!(PersistKey, family),
+    size_of::<Template>(),
+    offset_of!(Template, real),
+    offset_of!(Template, used_ns),
+    PERSIST_TABLE_SIZE as usize,
     // Settings, Layout
     size_of::<Settings>(),
     offset_of!(Settings, timeout_ns),
@@ -182,6 +192,7 @@ mod tests {
         (2, 0x6a38_7763_08dc_a4c5),
         (3, 0x80e0_77ba_eefb_953f),
         (4, 0x0df8_350f_430d_8b15),
+        (7, 0x6a0e_dd17_98a6_f8c9),
     ];
 
     #[test]

@@ -31,6 +31,9 @@ pub const MAX_REALSETS: u32 = MAX_SERVICES * 2;
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default size of the embryonic table (half-open TCP, UDP seen once); resizable at load time.
 pub const DEFAULT_EMBRYONIC_TABLE_SIZE: u32 = 131_072;
+/// Capacity of the persistence-template table (an LRU: the least recently used template goes
+/// first when it is full, as a client that has not come back for longest can best lose it).
+pub const PERSIST_TABLE_SIZE: u32 = 65_536;
 /// "No real" marker in real-id fields.
 pub const NO_REAL: u32 = u32::MAX;
 
@@ -54,6 +57,7 @@ pub mod maps {
     pub const SERVICE_STATE: &str = "SERVICE_STATE";
     pub const CONNS: &str = "CONNS";
     pub const EMBRYOS: &str = "EMBRYOS";
+    pub const PERSIST: &str = "PERSIST";
     pub const TALLY: &str = "TALLY";
     pub const SETTINGS: &str = "SETTINGS";
     pub const STATS: &str = "STATS";
@@ -64,7 +68,7 @@ pub mod maps {
 
     /// The maps pinned in bpffs, outliving the daemon: everything but per-CPU caches that a
     /// new program may start empty.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 12] = [
         LAYOUT,
         SERVICES,
         REALSETS,
@@ -74,6 +78,7 @@ pub mod maps {
         SERVICE_STATE,
         CONNS,
         EMBRYOS,
+        PERSIST,
         SETTINGS,
         STATS,
     ];
@@ -144,9 +149,11 @@ pub struct Service {
     pub fwd: u8,
     pub flags: u8,
     pub _pad0: u8,
-    /// Persistence (client affinity) timeout in seconds; 0 = off. Reserved for persistence.
+    /// Persistence (client affinity, IPVS's `-p`): how long a template outlives the last new
+    /// connection it placed, in seconds; 0 = off.
     pub persist_timeout_s: u32,
-    /// Persistence netmask (prefix length); reserved.
+    /// Persistence granularity: the prefix length of the client address a template is keyed
+    /// by (32 or 128 = one client; 24 = its /24, as IPVS's `-M 255.255.255.0`).
     pub persist_prefix: u8,
     pub _pad1: [u8; 3],
 }
@@ -260,6 +267,30 @@ pub struct ConnKey {
 
 /// `Conn.flags`: the entry lives in `EMBRYOS` (its count is `RealConns::embryonic`).
 pub const CONN_F_EMBRYO: u32 = 1;
+
+/// Key of `PERSIST`: a persistence template's client (its address masked to the service's
+/// `persist_prefix`) and service, as IPVS keys its templates.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Debug)]
+pub struct PersistKey {
+    pub client: Addr,
+    /// `Service::id`.
+    pub service: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `PERSIST`: the real the template sends its client to.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Template {
+    pub real: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last new connection it placed; the template is used while
+    /// `now - used_ns` is below the service's `persist_timeout_s` (read at each use, so a
+    /// reload's new timeout applies to live templates).
+    pub used_ns: u64,
+}
 
 /// Value of `CONNS` and `EMBRYOS`: one tracked connection.
 #[repr(C)]
@@ -484,7 +515,9 @@ pub mod stat {
     /// Any other ICMP (echo, errors about no tracked flow, quotes too short to read): passed
     /// to the kernel untouched.
     pub const PASS_ICMP: u32 = 27;
-    /// Slots 19 and 28..32 are reserved (named `unused_N`), so a new counter does not change the
+    /// A new connection sent to its client's real by a persistence template (not scheduled).
+    pub const PERSIST_HIT: u32 = 31;
+    /// Slots 19 and 28..31 are reserved (named `unused_N`), so a new counter does not change the
     /// map layout of pinned maps.
     pub const COUNT: u32 = 32;
 }
@@ -522,7 +555,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "unused_28",
     "unused_29",
     "unused_30",
-    "unused_31",
+    "persist_hit",
 ];
 
 #[cfg(feature = "user")]
@@ -539,6 +572,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceState {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for Conn {}
+    unsafe impl aya::Pod for PersistKey {}
+    unsafe impl aya::Pod for Template {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Layout {}
     unsafe impl aya::Pod for SyncEvent {}

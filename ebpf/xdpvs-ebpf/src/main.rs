@@ -22,6 +22,7 @@ mod icmp6;
 mod maps;
 mod nat;
 mod parse;
+mod persist;
 mod schedule;
 mod sweep;
 mod sync;
@@ -101,9 +102,22 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
                 count(stat::DROP_NO_CONN);
                 return xdp_action::XDP_DROP;
             }
-            let mut real = schedule::pick(svc, pkt);
+            let persistent = svc.persist_timeout_s != 0;
+            let mut real = NO_REAL;
+            if persistent {
+                real = persist::lookup(svc, pkt, now);
+                if real != NO_REAL {
+                    count(stat::PERSIST_HIT);
+                }
+            }
+            if real == NO_REAL {
+                real = schedule::pick(svc, pkt);
+            }
+            // The sorry server is never remembered: a template outlives the outage.
+            let mut remember = persistent;
             if real == NO_REAL {
                 real = svc.fallback;
+                remember = false;
             }
             if real == NO_REAL {
                 count(stat::DROP_NO_REAL);
@@ -116,6 +130,9 @@ fn handle(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
             let owner = conntrack::create(&key, svc, real, dnat, pkt, now);
             if owner == NO_REAL {
                 return xdp_action::XDP_DROP;
+            }
+            if remember {
+                persist::remember(svc, pkt, owner, now);
             }
             owner
         }

@@ -4,9 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use xdpvs_common::{
-    Conn, ConnKey, Layout, Real, RealConns, RealSet, RealStats, Service, ServiceKey, ServiceState,
-    Settings, DEFAULT_CONN_TABLE_SIZE, DEFAULT_EMBRYONIC_TABLE_SIZE, MAX_REALS, MAX_REALSETS,
-    MAX_SERVICES,
+    Conn, ConnKey, Layout, PersistKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey,
+    ServiceState, Settings, Template, DEFAULT_CONN_TABLE_SIZE, DEFAULT_EMBRYONIC_TABLE_SIZE,
+    MAX_REALS, MAX_REALSETS, MAX_SERVICES, PERSIST_TABLE_SIZE,
 };
 
 #[map(name = "SERVICES")]
@@ -35,6 +35,11 @@ pub static CONNS: HashMap<ConnKey, Conn> = HashMap::with_max_entries(DEFAULT_CON
 #[map(name = "EMBRYOS")]
 pub static EMBRYOS: LruHashMap<ConnKey, Conn> =
     LruHashMap::with_max_entries(DEFAULT_EMBRYONIC_TABLE_SIZE, 0);
+
+/// Persistence templates (see `persist`).
+#[map(name = "PERSIST")]
+pub static PERSIST: LruHashMap<PersistKey, Template> =
+    LruHashMap::with_max_entries(PERSIST_TABLE_SIZE, 0);
 
 /// The sweep's per-real recount of `EMBRYOS` (scratch of `xdpvs_sweep`; zeroed as it is read).
 #[map(name = "TALLY")]
@@ -93,6 +98,11 @@ pub struct NatScratch {
     pub key: ConnKey,
     pub conn: Conn,
 }
+
+/// A persistence template being looked up or written (kernel-private): see `persist`.
+#[map(name = "PERSIST_SCRATCH")]
+pub static PERSIST_SCRATCH: PerCpuArray<crate::persist::PersistScratch> =
+    PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "NAT_SCRATCH")]
 pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
