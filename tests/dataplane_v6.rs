@@ -747,3 +747,58 @@ fn ipv6_frames_with_split_headers_are_passed_untouched_and_counted() {
         assert_eq!(h.dp.stats().unwrap()[stat::MALFORMED as usize], 1);
     });
 }
+
+/// Persistence over IPv6: the template key is the client's 128-bit address masked to the
+/// service's prefix, so with `/64` every client of a /64 keeps one real and other /64s spread by
+/// weight; with `/128` two addresses of one /64 are two clients.
+#[test]
+#[ignore = "needs root"]
+fn ipv6_persistence_masks_the_whole_address() {
+    if !common::require_root("ipv6_persistence_masks_the_whole_address") {
+        return;
+    }
+    net("v6pers", 3).run(|| {
+        let mut h = Harness::new();
+        let mut by64 = service6_on(80, Protocol::Tcp, &[(1, 1), (2, 2), (3, 3)]);
+        by64.persist = Some((300, 64));
+        let mut by128 = service6_on(81, Protocol::Tcp, &[(1, 1), (2, 1), (3, 1)]);
+        by128.persist = Some((300, 128));
+        h.apply(vec![by64, by128]);
+        let connect = |client: &str, sport: u16, vport: u16| {
+            let f = Frame6::tcp(client, sport, VIP6, vport, SYN).build();
+            let out = h.run(&f);
+            assert_eq!(out.action, XDP_TX, "SYN from [{client}]:{sport}");
+            Harness::real_of(&out.frame).expect("to a real")
+        };
+        // 60 client /64s: spread exactly 1:2:3; then 5 more addresses and ports in each /64
+        // (the host half differs, the /64 is the same) land on that /64's real.
+        let mut per = [0usize; 4];
+        for net64 in 0..60u16 {
+            let r = connect(&format!("2001:db8:0:{net64:x}::1"), 40000, 80);
+            per[r] += 1;
+            for host in 2..7u16 {
+                let again = connect(&format!("2001:db8:0:{net64:x}::{host:x}"), 41000 + host, 80);
+                assert_eq!(again, r, "client /64 {net64:x}: same real");
+            }
+        }
+        assert_eq!(
+            &per[1..],
+            &[10, 20, 30],
+            "one template per /64, spread by weight"
+        );
+        let hits = h.dp.stats().unwrap()[stat::PERSIST_HIT as usize];
+        assert_eq!(
+            hits,
+            60 * 5,
+            "every later connection of a /64 placed by its template"
+        );
+        // /128: the addresses of one /64 are separate clients, spread over the three reals.
+        let reals: std::collections::HashSet<usize> = (1..=30u16)
+            .map(|host| connect(&format!("2001:db8:1::{host:x}"), 42000, 81))
+            .collect();
+        assert_eq!(reals.len(), 3, "/128 keys each address apart: {reals:?}");
+        // And one of them keeps its real.
+        let r = connect("2001:db8:1::1", 42001, 81);
+        assert_eq!(connect("2001:db8:1::1", 42002, 81), r);
+    });
+}
