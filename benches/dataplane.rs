@@ -22,6 +22,8 @@
 //! - `new SYN, mh` / `wrr` over 64 reals: the hashing scheduler's table lookup, wrr's IPVS walk;
 //!   `mh: a lost flow's ACK`: the fallback path (conntrack miss, hash, entry recreated in
 //!   `CONNS`); `wlc: a lost flow's ACK answered with a RST`: the reset path. All repeat=1.
+//! - IPv6 rows beside the IPv4 ones: DR established (both methods), NAT established, NAT reply,
+//!   a packet too big about a NAT flow, and a new SYN over 8 reals (repeat=1 only, as for IPv4).
 //!
 //! Two timing methods, both the kernel's own `duration` (ns, average per iteration):
 //! - `repeat=N`: one BPF_PROG_TEST_RUN call runs the program N times on the frame the previous
@@ -64,11 +66,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
-use dpnet::{nat_service_on, service_on, DpNet, Harness, VIP, XDP_DROP, XDP_PASS, XDP_TX};
-use packet::{Frame, ACK, SYN};
+use dpnet::{
+    nat_service6, nat_service_on, service6_on, service_on, DpNet, Harness, VIP, VIP6, XDP_DROP,
+    XDP_PASS, XDP_TX,
+};
+use packet::{Frame, Frame6, ACK, SYN};
 use xdpvs_common::{fwd_kind, stat};
 
 const CLIENT: &str = "198.18.0.1";
+const CLIENT6: &str = "2001:2::1";
 /// The director's own address on `dpa`: not a service.
 const DIRECTOR: &str = "198.18.0.2";
 /// Services: port -> number of reals (weight 1 each).
@@ -468,6 +474,7 @@ fn measure(p: &Params) -> Result<Report> {
     let net = DpNet::new("benchdp", reals);
     // NAT replies are routed to the client.
     net.client_neighbour(CLIENT);
+    net.client_neighbour(CLIENT6);
     eprintln!("dataplane bench: namespace {} with {reals} reals", net.ns);
     net.run(|| -> Result<Report> {
         if let Some(cpu) = p.cpu {
@@ -602,7 +609,7 @@ fn measure(p: &Params) -> Result<Report> {
             t.tunnel_port = tport;
             with_nat.push(t);
         }
-        h.apply(with_nat);
+        h.apply(with_nat.clone());
         // Re-borrowed: the closure above held `h` until the NAT service was applied.
         let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
             let (out, d) = h.run_repeat(f, r);
@@ -668,7 +675,83 @@ fn measure(p: &Params) -> Result<Report> {
                 target: None,
             });
         }
+
+        // IPv6 beside them: a DR service of 8 reals on VIP6:80 and a NAT one of 4 on
+        // VIP6:NAT_PORT (reals on 8080), the same reals' IPv6 addresses.
+        // The services above stay (the persistence rows below use theirs).
+        let mut with_v6 = with_nat;
+        with_v6.push(service6_on(80, xdpvs::config::Protocol::Tcp, &(1..=8).map(|i| (i, 1)).collect::<Vec<_>>()));
+        with_v6.push(nat_service6(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
+        h.apply(with_v6);
+        let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
+            let (out, d) = h.run_repeat(f, r);
+            Ok((out.action, d))
+        };
+        let v6_est = Frame6::tcp(CLIENT6, EST_SPORT, VIP6, 80, ACK).build();
+        let v6_nat_est = Frame6::tcp(CLIENT6, EST_SPORT, VIP6, NAT_PORT, ACK).build();
+        let mut v6_real = 0;
+        for (est, vport) in [(&v6_est, 80), (&v6_nat_est, NAT_PORT)] {
+            let syn = h.run(&Frame6::tcp(CLIENT6, EST_SPORT, VIP6, vport, SYN).build());
+            v6_real = Harness::real_of(&syn.frame).ok_or_else(|| anyhow!("IPv6 SYN not forwarded"))?;
+            if h.run(est).action != XDP_TX {
+                bail!("could not set up the IPv6 flow to port {vport}");
+            }
+        }
+        let v6_nat_reply = Frame6::tcp(&dpnet::real_ip6(v6_real).to_string(), 8080, CLIENT6, EST_SPORT, ACK)
+            .macs(dpnet::real_mac(v6_real), packet::DIRECTOR_MAC)
+            .build();
+        let q6 = packet::ip6_packet(&Frame6::tcp(VIP6, NAT_PORT, CLIENT6, EST_SPORT, ACK).payload(1400).build());
+        let icmp6_nat = packet::icmp6_frame("2001:2::fe", VIP6, 2, 0, 1280, &q6[..1232]);
+        eprintln!("dataplane bench: IPv6 DR established flow");
+        let name = "IPv6 DR: established flow (ACK: conntrack hit, cached FIB, MAC rewrite, XDP_TX)";
+        rows.push(Row {
+            name: name.into(),
+            kind: Kind::Xdpvs,
+            rep_n: Some(time_repeat(p, name, XDP_TX, |r| xdpvs(&v6_est, r))?),
+            rep_1: time_single(p, name, XDP_TX, |_| v6_est.clone(), |f| xdpvs(f, 1), |_| Ok(()))?,
+            target: None,
+        });
+        let v6_cases = [
+            ("IPv6 NAT: established flow (DNAT, L4 checksum with the v6 pseudo-header, XDP_TX)", &v6_nat_est),
+            ("IPv6 NAT: real's reply (reply entry + flow lookup, SNAT, FIB lookup, XDP_TX)", &v6_nat_reply),
+            ("ICMPv6: packet too big about a NAT flow (quote read, translated, XDP_TX)", &icmp6_nat),
+        ];
+        for (name, frame) in v6_cases {
+            eprintln!("dataplane bench: {name}");
+            rows.push(Row {
+                name: name.into(),
+                kind: Kind::Xdpvs,
+                rep_n: None,
+                rep_1: time_single(p, name, XDP_TX, |_| frame.clone(), |f| xdpvs(f, 1), |_| Ok(()))?,
+                target: None,
+            });
+        }
         clear(&h)?;
+
+        // A new IPv6 connection, WLC over the 8 reals of VIP6:80 (from an empty table each run).
+        eprintln!("dataplane bench: IPv6 new SYN, WLC over 8 reals");
+        let what = "IPv6 new SYN, WLC over 8 reals (conntrack miss, scan, create, FIB, TX)";
+        let v6_syn = time_single(
+            p,
+            what,
+            XDP_TX,
+            |i| Frame6::tcp(CLIENT6, 1024 + i as u16, VIP6, 80, SYN).build(),
+            |f| xdpvs(f, 1),
+            |sent| {
+                let tracked = clear(&h)?;
+                if tracked != sent {
+                    bail!("{what}: {tracked} entries for {sent} SYNs");
+                }
+                Ok(())
+            },
+        )?;
+        rows.push(Row {
+            name: what.into(),
+            kind: Kind::Xdpvs,
+            rep_n: None,
+            rep_1: v6_syn,
+            target: None,
+        });
 
         // The template hit: every SYN of the client (a new source port each) finds its template,
         // checks its real's slot and refreshes it, instead of scanning 64 reals.

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Network-namespace lab for end-to-end tests of xdpvs in DR mode (LVS-style).
 #
-#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1] [MODE=dr]
+#   scripts/lab.sh up PREFIX [NREALS=3] [MTU=1500] [DIRXDP=driver] [DIRS=1] [MODE=dr] [FAMILY=v4]
 #                                         build the lab (runs `down PREFIX` first); DIRXDP is the
 #                                         XDP mode the director will use (driver or skb); DIRS=2
 #                                         adds a second director (an HA pair, VIP held by VRRP);
-#                                         MODE=nat makes LVS-NAT reals (see below)
+#                                         MODE=nat makes LVS-NAT reals (see below); FAMILY=dual
+#                                         adds IPv6 to every host (see below)
 #   scripts/lab.sh down PREFIX            tear it down (never fails)
 #   scripts/lab.sh nginx-stop PREFIX N    stop nginx on real N, wait until its port is closed
 #   scripts/lab.sh nginx-start PREFIX N   start nginx on real N, wait until it answers
@@ -34,7 +35,18 @@
 # route the client (198.18.0.1/32) via the director 198.18.0.2, as a NAT real's default route
 # would if the client were not on the segment: their replies reach the director's XDP program.
 #
-# Everything lives in namespaces created here, addresses only from 198.18.0.0/15; the root
+# FAMILY=dual (IPv6 beside IPv4, from the benchmarking prefix 2001:2::/48 of RFC 5180, the IPv6
+# twin of 198.18.0.0/15; every address nodad, so usable at once; no router advertisements,
+# autoconfiguration or solicitations): client 2001:2::1, director 2001:2::2 (forwarding on) with
+# the VIP 2001:2::100/128 on d0 (deprecated, preferred_lft 0: never a source address), real I
+# 2001:2::(10+I) (written like its IPv4 last octet: 2001:2::11, ::12, ...), nginx also on [::].
+# DR reals hold the VIP on lo, where the kernel never answers neighbour solicitations for it (it
+# answers only for addresses of the receiving interface), as arp_ignore does for IPv4; NAT reals
+# route 2001:2::1/128 via 2001:2::2 and ignore redirects. FAMILY=v4 (the default) keeps IPv6 off
+# on every host.
+#
+# Everything lives in namespaces created here, addresses only from 198.18.0.0/15 (and
+# 2001:2::/48); the root
 # namespace's interfaces and routes are never touched. Per-lab files: /tmp/${PREFIX}lab/.
 set -euo pipefail
 
@@ -43,11 +55,16 @@ NET=198.18.0
 CLIENT_IP=$NET.1
 DIR_IP=$NET.2
 DIR2_IP=$NET.3
+VIP6=2001:2::100
+NET6=2001:2:
+CLIENT6=$NET6:1
+DIR6=$NET6:2
+DIR2_6=$NET6:3
 
 die() { echo "lab.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -99,7 +116,7 @@ http {
     keepalive_timeout 120s;
     keepalive_requests 100000;
     server {
-        listen $(real_port "$p");
+        listen $(real_port "$p");$(if [[ $(lab_family "$p") == dual ]]; then echo; echo "        listen [::]:$(real_port "$p");"; fi)
         location / { return 200 "r$i\n"; }
         location /health { return 200 "OK\n"; }
     }
@@ -179,6 +196,30 @@ lab_mode() {
 
 real_port() { [[ $(lab_mode "$1") == nat ]] && echo 8080 || echo 80; }
 
+# The lab's address families (v4 or dual), kept like its mode.
+lab_family() {
+    local f
+    f=$(labdir "$1")/family
+    [[ -s $f ]] && cat "$f" || echo v4
+}
+
+# ipv6_host NS: IPv6 on, quiet (no RA, autoconf, solicitations or DAD), for FAMILY=dual.
+ipv6_host() {
+    local ns=$1 k
+    for k in all default; do
+        nsx "$ns" sysctl -qw net.ipv6.conf.$k.disable_ipv6=0 net.ipv6.conf.$k.accept_ra=0 \
+            net.ipv6.conf.$k.autoconf=0 net.ipv6.conf.$k.router_solicitations=0 \
+            net.ipv6.conf.$k.accept_dad=0 net.ipv6.conf.$k.dad_transmits=0
+    done
+}
+
+answers6() {  # answers6 PREFIX I: the real answers "rI" to the client directly over IPv6
+    local body
+    body=$(nsx "$1client" curl -6 -s --max-time 2 "http://[$NET6:$((10 + $2))]:$(real_port "$1")/" 2>/dev/null) \
+        || return 1
+    [[ $body == "r$2" ]]
+}
+
 # nat_real PREFIX NS I: a LVS-NAT real. No VIP: the director rewrites the destination to the
 # real's own address and port. Its replies to the client must cross the director, so the client
 # is routed via 198.18.0.2 (on a shared segment the real would otherwise answer the client
@@ -191,6 +232,11 @@ nat_real() {
     ip -n "$ns" addr add "$NET.$((10 + i))/24" dev eth0
     nsx "$ns" sysctl -qw net.ipv4.conf.all.accept_redirects=0 net.ipv4.conf.eth0.accept_redirects=0
     ip -n "$ns" route add "$CLIENT_IP/32" via "$DIR_IP" dev eth0
+    if [[ $FAMILY == dual ]]; then
+        nsx "$ns" sysctl -qw net.ipv6.conf.all.accept_redirects=0 net.ipv6.conf.eth0.accept_redirects=0
+        ip -n "$ns" -6 addr add "$NET6:$((10 + i))/64" dev eth0 nodad
+        ip -n "$ns" -6 route add "$CLIENT6/128" via "$DIR6" dev eth0
+    fi
 }
 
 nat_director() {
@@ -267,9 +313,14 @@ dns_stop() {
 # a real's reply (from the VIP, or translated to it) larger than MTU makes the router send
 # "fragmentation needed" to the VIP: the director must hand it to the real, or the real never
 # learns the path MTU and the transfer stalls.
+#
+# In a dual-stack lab the same for IPv6: the router 2001:2::4 and 2001:2:1::254, the client
+# 2001:2:1::1 (default via the router), 2001:2:1::/64 routed like 198.19.0.0/24 (IPv6 routers never
+# fragment: the router sends Packet Too Big to the VIP; MTU must be >= 1280 then).
 far_up() {
     local p=$1 mtu=$2 ns i
     need_ns "${p}sw"
+    FAMILY=$(lab_family "$p")
     ip netns add "${p}rtr"
     sysctls_host "${p}rtr"
     nsx "${p}rtr" sysctl -qw net.ipv4.conf.all.forwarding=1
@@ -291,22 +342,40 @@ far_up() {
     ip -n "${p}rtr" addr add 198.19.0.254/24 dev far0
     ip -n "${p}far" addr add 198.19.0.1/24 dev eth0
     ip -n "${p}far" route add default via 198.19.0.254
-    for ns in "${p}rtr" "${p}far"; do
-        nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
-    done
+    if [[ $FAMILY == dual ]]; then
+        ((mtu >= 1280)) || die "an IPv6 link needs an MTU of at least 1280 (asked for $mtu)"
+        nsx "${p}rtr" sysctl -qw net.ipv6.conf.all.forwarding=1
+        ip -n "${p}rtr" -6 addr add "$NET6:4/64" dev eth0 nodad
+        ip -n "${p}rtr" -6 addr add 2001:2:1::254/64 dev far0 nodad
+        ip -n "${p}far" -6 addr add 2001:2:1::1/64 dev eth0 nodad
+        ip -n "${p}far" -6 route add default via 2001:2:1::254
+    else
+        for ns in "${p}rtr" "${p}far"; do
+            nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+        done
+    fi
     # NAT reals send their replies to the far client through the director, like the others.
     local via=$NET.4
     [[ $(lab_mode "$p") == nat ]] && via=$DIR_IP
+    local via6=$NET6:4
+    [[ $(lab_mode "$p") == nat ]] && via6=$DIR6
     for ns in $(lab_namespaces "$p"); do
         if [[ $ns == "${p}dir" || $ns == "${p}dir2" ]]; then
             ip -n "$ns" route add 198.19.0.0/24 via "$NET.4"
+            [[ $FAMILY == dual ]] && ip -n "$ns" -6 route add 2001:2:1::/64 via "$NET6:4"
         elif [[ $ns =~ ^${p}r[0-9]+$ ]]; then
             ip -n "$ns" route add 198.19.0.0/24 via "$via"
+            [[ $FAMILY == dual ]] && ip -n "$ns" -6 route add 2001:2:1::/64 via "$via6"
         fi
     done
     # through the router both ways: real 1's nginx answers the far client directly
     [[ $(nsx "${p}far" curl -s --max-time 2 "http://$NET.11:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
         || die "the far client does not reach real 1 through the router"
+    if [[ $FAMILY == dual ]]; then
+        [[ $(nsx "${p}far" curl -6 -s --max-time 2 "http://[$NET6:11]:$(real_port "$p")/" 2>/dev/null) == r1 ]] \
+            || die "the far client does not reach real 1 through the router over IPv6"
+    fi
+    return 0
 }
 
 # ----------------------------------------------------------------------------------------- down
@@ -360,7 +429,11 @@ lab_down() {
 
 sysctls_host() {  # common settings for every host namespace
     local ns=$1
-    nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    if [[ ${FAMILY:-v4} == dual ]]; then
+        ipv6_host "$ns"
+    else
+        nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    fi
 }
 
 # An XDP program that passes everything, for the bridge port facing the director.
@@ -411,6 +484,10 @@ make_director() {
     ip -n "$ns" link set lo up
     link_host "$p" "$ns" d0 "$port"
     ip -n "$ns" addr add "$addr/24" dev d0
+    if [[ $FAMILY == dual ]]; then
+        nsx "$ns" sysctl -qw net.ipv6.conf.all.forwarding=1
+        ip -n "$ns" -6 addr add "$NET6:$((${addr##*.}))/64" dev d0 nodad
+    fi
     if [[ $DIRXDP == driver ]]; then
         ip -n "${p}sw" link set dev "$port" xdpdrv obj "$(labdir "$p")/xdp_pass.o" sec xdp.frags
         # GRO on p-client aggregates the client's segments; the bridge must cut them again for
@@ -432,6 +509,7 @@ lab_up() {
     lab_down "$p"
     mkdir -p "$(labdir "$p")"
     echo "$MODE" >"$(labdir "$p")/mode"
+    echo "$FAMILY" >"$(labdir "$p")/family"
 
     # switch
     ip netns add "${p}sw"
@@ -446,6 +524,9 @@ lab_up() {
     ip -n "${p}client" link set lo up
     link_host "$p" "${p}client" eth0 p-client
     ip -n "${p}client" addr add "$CLIENT_IP/24" dev eth0
+    if [[ $FAMILY == dual ]]; then
+        ip -n "${p}client" -6 addr add "$CLIENT6/64" dev eth0 nodad
+    fi
 
     # director(s): forward (bpf_fib_lookup needs it); a single director owns the VIP (answers
     # ARP for it), a pair leaves it to VRRP
@@ -462,6 +543,12 @@ lab_up() {
     fi
     if ((DIRS == 1)); then
         ip -n "${p}dir" addr add "$VIP/32" dev d0
+        if [[ $FAMILY == dual ]]; then
+            # Deprecated (preferred_lft 0), as xdpvs's VRRP adds IPv6 VIPs: answered in ND,
+            # never the source of the director's own packets (else its health checks would
+            # leave from the VIP, and DR reals, holding it, would answer themselves).
+            ip -n "${p}dir" -6 addr add "$VIP6/128" dev d0 nodad preferred_lft 0
+        fi
     fi
 
     # reals: VIP on lo, never answer ARP for it
@@ -479,11 +566,18 @@ lab_up() {
         link_host "$p" "$ns" eth0 "p-r$i"
         nsx "$ns" sysctl -qw net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2
         ip -n "$ns" addr add "$NET.$((10 + i))/24" dev eth0
+        if [[ $FAMILY == dual ]]; then
+            # The VIP on lo: never answered in neighbour solicitations on eth0.
+            ip -n "$ns" -6 addr add "$VIP6/128" dev lo nodad
+            ip -n "$ns" -6 addr add "$NET6:$((10 + i))/64" dev eth0 nodad
+        fi
     done
     # interfaces made before the `all` switch was set keep IPv6 otherwise
-    for ns in $(lab_namespaces "$p"); do
-        nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
-    done
+    if [[ $FAMILY != dual ]]; then
+        for ns in $(lab_namespaces "$p"); do
+            nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+        done
+    fi
 
     for i in $(seq "$n"); do
         write_nginx_conf "$p" "$i"
@@ -493,11 +587,17 @@ lab_up() {
     # final check: every real answers the client directly
     for i in $(seq "$n"); do
         answers "$p" "$i" || die "real r$i ($NET.$((10 + i))) does not answer the client"
+        if [[ $FAMILY == dual ]]; then
+            answers6 "$p" "$i" || die "real r$i ($NET6:$((10 + i))) does not answer the client over IPv6"
+        fi
     done
     if ((DIRS == 2)); then
         echo "lab $p up: client $CLIENT_IP, directors $DIR_IP and $DIR2_IP (VIP $VIP by VRRP), reals $NET.11..$NET.$((10 + n))"
     else
-        echo "lab $p up ($MODE): client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n)) port $(real_port "$p")"
+        echo "lab $p up ($MODE, $FAMILY): client $CLIENT_IP, director $DIR_IP (VIP $VIP on d0), reals $NET.11..$NET.$((10 + n)) port $(real_port "$p")"
+        if [[ $FAMILY == dual ]]; then
+            echo "  IPv6: client $CLIENT6, director $DIR6 (VIP $VIP6 on d0), reals $NET6:11..$NET6:$((10 + n))"
+        fi
     fi
 }
 
@@ -521,6 +621,8 @@ case $cmd in
         [[ $DIRS == 1 || $DIRS == 2 ]] || die "bad DIRS '$DIRS' (1 or 2)"
         MODE=${7:-dr}
         [[ $MODE == dr || $MODE == nat ]] || die "bad MODE '$MODE' (dr or nat)"
+        FAMILY=${8:-v4}
+        [[ $FAMILY == v4 || $FAMILY == dual ]] || die "bad FAMILY '$FAMILY' (v4 or dual)"
         # On any failure (errexit or die), leave nothing behind.
         trap 'rc=$?; if ((rc)); then echo "lab.sh: up $prefix failed; tearing down" >&2; lab_down "$prefix"; fi; exit $rc' EXIT
         lab_up "$prefix" "$nreals"

@@ -1055,11 +1055,13 @@ impl FibWatch {
             return;
         }
         self.warned = Some(std::time::Instant::now());
-        let cause = crate::preflight::forwarding_problem("ipv4", interface).unwrap_or_else(|| {
-            "the kernel has no route to a real (check `ip route get REAL`) or forwarding is \
+        let cause = crate::preflight::forwarding_problem("ipv4", interface)
+            .or_else(|| crate::preflight::forwarding_problem("ipv6", interface))
+            .unwrap_or_else(|| {
+                "the kernel has no route to a real (check `ip route get REAL`) or forwarding is \
              restricted"
-                .to_string()
-        });
+                    .to_string()
+            });
         warn!(
             dropped = rose,
             "packets to a VIP are being dropped because the FIB lookup toward the real fails \

@@ -37,7 +37,42 @@ pub fn check(cfg: &Config) -> Result<()> {
             bail!("{problem}");
         }
     }
+    if v6 {
+        let table = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        for svc in &cfg.services {
+            let std::net::IpAddr::V6(vip) = svc.address.ip() else {
+                continue;
+            };
+            if svc.forwarding != crate::config::Forwarding::Dr {
+                continue;
+            }
+            if let Some(dev) = preferred_on(&table, vip) {
+                warn!(
+                    service = %svc.name,
+                    "IPv6 VIP {vip} is a preferred address on {dev}: the director's own packets \
+                     to the reals (health checks) may leave from it, and DR reals, which hold \
+                     it, answer themselves. Make it deprecated: `ip -6 addr change {vip}/128 \
+                     dev {dev} preferred_lft 0` (VRRP adds IPv6 VIPs so)"
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The interface holding `ip` as a preferred (not deprecated) address, read from the lines of
+/// `/proc/net/if_inet6` (address in 32 hex digits, ifindex, prefix length, scope, flags, name;
+/// this process's network namespace).
+fn preferred_on(table: &str, ip: std::net::Ipv6Addr) -> Option<String> {
+    const IFA_F_DEPRECATED: u32 = 0x20;
+    let want = format!("{:032x}", u128::from(ip));
+    table.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(4)?, 16).ok()?;
+        (f.first()? == &want.as_str() && flags & IFA_F_DEPRECATED == 0)
+            .then(|| f.get(5).map(|n| n.to_string()))
+            .flatten()
+    })
 }
 
 /// Why forwarding of `family` ("ipv4"/"ipv6") on `ifname` keeps the FIB from answering, if it
@@ -113,6 +148,18 @@ mod tests {
     #[test]
     fn loopback_has_an_mtu() {
         assert!(interface_mtu("lo").is_some_and(|m| m >= 1280));
+    }
+
+    #[test]
+    fn a_preferred_ipv6_vip_is_found_a_deprecated_one_not() {
+        let vip: std::net::Ipv6Addr = "2001:2::100".parse().unwrap();
+        let preferred = "20010002000000000000000000000100 02 80 00 80       d0\n\
+                         20010002000000000000000000000002 02 40 00 80       d0\n";
+        assert_eq!(preferred_on(preferred, vip).as_deref(), Some("d0"));
+        let deprecated = "20010002000000000000000000000100 02 80 00 a0       d0\n";
+        assert_eq!(preferred_on(deprecated, vip), None);
+        assert_eq!(preferred_on("", vip), None);
+        assert_eq!(preferred_on("garbage\n", vip), None);
     }
 
     #[test]

@@ -8,11 +8,16 @@ mod dpnet;
 #[path = "support/packet.rs"]
 mod packet;
 
-use dpnet::{service, service_on, DpNet, Harness, VIP, XDP_DROP, XDP_PASS, XDP_TX};
-use packet::{Frame, ACK, DIRECTOR_MAC, FIN, PSH, RST, SYN};
+use dpnet::{
+    service, service6_on, service_on, DpNet, Harness, VIP, VIP6, XDP_DROP, XDP_PASS, XDP_TX,
+};
+use packet::{
+    ext_fragment, ext_opts, ext_routing, Frame, Frame6, ACK, DIRECTOR_MAC, FIN, PSH, RST, SYN,
+};
 use xdpvs_common::stat;
 
 const CLIENT: &str = "198.18.0.1";
+const CLIENT6: &str = "2001:2::1";
 
 fn syn(sport: u16) -> Frame {
     Frame::tcp(CLIENT, sport, VIP, 80, SYN)
@@ -888,6 +893,100 @@ fn reference_icmp(f: &[u8]) -> Option<([u8; 4], u16, u8)> {
     ))
 }
 
+/// The offset of an IPv6 frame's IPv6 header and the frame's IPv6 packet (header and payload,
+/// without Ethernet padding), if it is an IPv6 frame whose payload length fits.
+fn ipv6_of(f: &[u8]) -> Option<(usize, &[u8])> {
+    let mut l3 = 14;
+    let mut et = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    if et == 0x8100 || et == 0x88a8 {
+        et = u16::from_be_bytes([*f.get(16)?, *f.get(17)?]);
+        l3 = 18;
+    }
+    if et != 0x86dd {
+        return None;
+    }
+    let ip = f.get(l3..l3 + 40)?;
+    if ip[0] >> 4 != 6 {
+        return None;
+    }
+    let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    Some((l3, f.get(l3..l3 + 40 + plen)?))
+}
+
+/// The upper-layer header of an IPv6 packet after the extension headers the program may skip
+/// (hop-by-hop, routing, destination options; a fragment header only if it is an atomic
+/// fragment): its offset and protocol, if every header lies inside the packet.
+fn upper6(ip: &[u8]) -> Option<(usize, u8)> {
+    let mut next = ip[6];
+    let mut off = 40;
+    while matches!(next, 0 | 43 | 60 | 44) {
+        let h = ip.get(off..off + 4)?;
+        let len = if next == 44 {
+            // Offset and M flag (the two reserved bits are ignored, RFC 8200 4.5).
+            if u16::from_be_bytes([h[2], h[3]]) & 0xfff9 != 0 {
+                return None; // a real fragment, first or later
+            }
+            8
+        } else {
+            (usize::from(h[1]) + 1) * 8
+        };
+        next = h[0];
+        off += len;
+        if off > ip.len() {
+            return None;
+        }
+    }
+    Some((off, next))
+}
+
+/// The IPv6 twin of [`reference_parse`]: Some((destination, port, proto)) for a well-formed
+/// unfragmented IPv6 TCP/UDP frame.
+fn reference_parse6(f: &[u8]) -> Option<([u8; 16], u16, u8)> {
+    let (_, ip) = ipv6_of(f)?;
+    let (off, proto) = upper6(ip)?;
+    let l4 = &ip[off..];
+    let min = match proto {
+        6 => 20,
+        17 => 8,
+        _ => return None,
+    };
+    if l4.len() < min
+        || (proto == 6
+            && (usize::from(l4[12] >> 4) * 4 < 20 || usize::from(l4[12] >> 4) * 4 > l4.len()))
+    {
+        return None;
+    }
+    Some((
+        ip[24..40].try_into().ok()?,
+        u16::from_be_bytes([l4[2], l4[3]]),
+        proto,
+    ))
+}
+
+/// The IPv6 twin of [`reference_icmp`]: a well-formed ICMPv6 Destination Unreachable or
+/// Packet Too Big to the quoted packet's source, quoting an IPv6 TCP/UDP packet (no extension
+/// headers) with its ports inside the outer packet.
+fn reference_icmp6(f: &[u8]) -> Option<([u8; 16], u16, u8)> {
+    let (_, ip) = ipv6_of(f)?;
+    let (off, proto) = upper6(ip)?;
+    if proto != 58 {
+        return None;
+    }
+    let icmp = &ip[off..];
+    let q = icmp.get(8..)?;
+    if !matches!(icmp[0], 1 | 2) || q.len() < 44 || q[0] >> 4 != 6 || !matches!(q[6], 6 | 17) {
+        return None;
+    }
+    if ip[24..40] != q[8..24] {
+        return None;
+    }
+    Some((
+        q[8..24].try_into().ok()?,
+        u16::from_be_bytes([q[40], q[41]]),
+        q[6],
+    ))
+}
+
 /// Outcomes of a batch of frames run through [`judge`].
 #[derive(Default, Debug)]
 struct Tally {
@@ -907,11 +1006,15 @@ fn judge(h: &Harness, i: usize, f: &[u8], t: &mut Tally) {
         XDP_TX => {
             t.tx += 1;
             let what = reference_parse(f).or_else(|| reference_icmp(f));
+            let vip6: std::net::Ipv6Addr = VIP6.parse().unwrap();
+            let what6 = reference_parse6(f).or_else(|| reference_icmp6(f));
+            let v6_ok = matches!(what6, Some((a, 80, 6) | (a, 53, 17)) if a == vip6.octets());
             assert!(
-                matches!(
-                    what,
-                    Some(([198, 18, 0, 100], 80, 6) | ([198, 18, 0, 100], 53, 17))
-                ),
+                v6_ok
+                    || matches!(
+                        what,
+                        Some(([198, 18, 0, 100], 80, 6) | ([198, 18, 0, 100], 53, 17))
+                    ),
                 "frame {i} forwarded but is neither a well-formed frame to a service nor an \
                  error about one's flow: {f:02x?}"
             );
@@ -960,7 +1063,10 @@ fn assert_counted_once(h: &Harness, t: &Tally) {
         "drops: {stats:?}"
     );
     assert_eq!(
-        at(stat::PASS_NOT_IP) + at(stat::PASS_NOT_VIP) + at(stat::PASS_ICMP),
+        at(stat::PASS_NOT_IP)
+            + at(stat::PASS_NOT_VIP)
+            + at(stat::PASS_ICMP)
+            + at(stat::PASS_IPV6_EXT),
         t.pass,
         "passes: {stats:?}"
     );
@@ -998,9 +1104,29 @@ fn icmp_about(proto: u8, cport: u16, vport: u16, quote: usize) -> Vec<u8> {
 
 /// The TCP service on VIP:80 and the UDP one on VIP:53, both on reals 1 and 2.
 fn fuzz_services(h: &mut Harness) {
+    use xdpvs::config::Protocol;
     let mut dns = service_on(53, &[(1, 1), (2, 1)]);
-    dns.key = xdpvs::state::service_key(dns.address, xdpvs::config::Protocol::Udp);
-    h.apply(vec![service(&[(1, 1), (2, 1)]), dns]);
+    dns.key = xdpvs::state::service_key(dns.address, Protocol::Udp);
+    h.apply(vec![
+        service(&[(1, 1), (2, 1)]),
+        dns,
+        service6_on(80, Protocol::Tcp, &[(1, 1), (2, 1)]),
+        service6_on(53, Protocol::Udp, &[(1, 1), (2, 1)]),
+    ]);
+}
+
+/// The IPv6 twin of [`icmp_about`]: a Packet Too Big to VIP6 quoting `quote` bytes of the
+/// reply VIP6:`vport` -> client:`cport`.
+fn icmp6_about(proto: u8, cport: u16, vport: u16, quote: usize) -> Vec<u8> {
+    let reply = if proto == 6 {
+        Frame6::tcp(VIP6, vport, CLIENT6, cport, ACK)
+    } else {
+        Frame6::udp(VIP6, vport, CLIENT6, cport)
+    }
+    .payload(64)
+    .build();
+    let q = packet::ip6_packet(&reply);
+    packet::icmp6_frame("2001:2::fe", VIP6, 2, 0, 1280, &q[..quote.min(q.len())])
 }
 
 #[test]
@@ -1026,6 +1152,16 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
             // Errors about the flows the seeds above open (TCP 50000, UDP 50004).
             icmp_about(6, 50000, 80, 40),
             icmp_about(17, 50004, 53, 28),
+            // IPv6: a SYN, a UDP flow, a SYN behind extension headers, errors about the flows.
+            Frame6::tcp(CLIENT6, 50010, VIP6, 80, SYN).build(),
+            Frame6::udp(CLIENT6, 50011, VIP6, 53).payload(12).build(),
+            Frame6::tcp(CLIENT6, 50012, VIP6, 80, SYN)
+                .ext(ext_opts(0, 1))
+                .ext(ext_routing(1))
+                .ext(ext_fragment(0, false))
+                .build(),
+            icmp6_about(6, 50010, 80, 60),
+            icmp6_about(17, 50011, 53, 48),
         ];
         // xorshift64: deterministic, so a failure reproduces.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1036,11 +1172,13 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
             x
         };
         let mut t = Tally::default();
-        for i in 0..20_000 {
+        for i in 0..30_000 {
             let mut f = seeds[i % seeds.len()].clone();
             // A few byte flips in the headers, sometimes a truncation or trailing bytes.
+            // The headers: to the L4 ports (IPv6: past a few extension headers or the quote).
+            let span = if f[12] == 0x86 { 130 } else { 58 };
             for _ in 0..1 + rnd() % 3 {
-                let pos = (rnd() % 58) as usize % f.len();
+                let pos = (rnd() % span) as usize % f.len();
                 f[pos] ^= (rnd() % 255 + 1) as u8;
             }
             match rnd() % 8 {
@@ -1050,7 +1188,7 @@ fn mutated_frames_never_crash_leak_or_reach_a_wrong_real() {
             }
             judge(&h, i, &f, &mut t);
         }
-        println!("20000 mutated frames: {t:?}");
+        println!("30000 mutated frames: {t:?}");
         let st = h.dp.stats().unwrap();
         println!(
             "ICMP: {} forwarded, {} passed",
@@ -1317,6 +1455,9 @@ fn systematic_malformed_frames_are_never_forwarded_and_all_counted() {
         }
         mark("ICMP errors", &t, &mut counts);
 
+        ipv6_cases(&h, &mut run, &mut t);
+        mark("IPv6", &t, &mut counts);
+
         let total = t.tx + t.pass + t.drop;
         println!("{total} systematic frames: {t:?}; by case: {counts:?}");
         assert!(total >= 80_000, "{total}");
@@ -1324,7 +1465,110 @@ fn systematic_malformed_frames_are_never_forwarded_and_all_counted() {
         let stats = h.dp.stats().unwrap();
         // Fragments reached the fragment counter, and malformed frames the malformed one.
         assert!(stats[stat::DROP_FRAGMENT as usize] > 0 && stats[stat::MALFORMED as usize] > 0);
+        assert!(stats[stat::PASS_IPV6_EXT as usize] > 0, "{stats:?}");
     });
+}
+
+/// Malformed and unusual IPv6 frames: every truncation (payload length as sent and fixed up),
+/// every payload length, version byte and next-header value, every length and next-header byte
+/// of an extension header, every value of a fragment header's offset field, and ICMPv6 errors
+/// about a tracked flow mutated as the IPv4 ones are.
+fn ipv6_cases(h: &Harness, run: &mut impl FnMut(&Harness, &[u8], &mut Tally), t: &mut Tally) {
+    // Flows the errors below quote.
+    run(h, &Frame6::tcp(CLIENT6, 52300, VIP6, 80, SYN).build(), t);
+    run(h, &Frame6::udp(CLIENT6, 52301, VIP6, 53).build(), t);
+    let mut vlan = Frame6::tcp(CLIENT6, 52302, VIP6, 80, SYN);
+    vlan.vlan = Some(9);
+    let bases: Vec<Vec<u8>> = vec![
+        Frame6::tcp(CLIENT6, 52300, VIP6, 80, ACK | PSH)
+            .payload(24)
+            .build(),
+        Frame6::udp(CLIENT6, 52301, VIP6, 53).payload(16).build(),
+        Frame6::tcp(CLIENT6, 52303, VIP6, 80, SYN)
+            .ext(ext_opts(0, 1))
+            .ext(ext_routing(1))
+            .ext(ext_opts(60, 2))
+            .build(),
+        Frame6::udp(CLIENT6, 52304, VIP6, 53)
+            .ext(ext_fragment(0, false))
+            .payload(3)
+            .build(),
+        vlan.build(),
+        Frame6::tcp(CLIENT6, 52305, "2001:2::2", 80, SYN).build(),
+    ];
+    let l3 = |f: &[u8]| if f[12] == 0x81 { 18 } else { 14 };
+    for full in &bases {
+        let l3 = l3(full);
+        for len in 14..full.len() {
+            let mut f = full[..len].to_vec();
+            run(h, &f, t);
+            if len >= l3 + 40 {
+                f[l3 + 4..l3 + 6].copy_from_slice(&((len - l3 - 40) as u16).to_be_bytes());
+                run(h, &f, t);
+            }
+        }
+        let plen = full.len() - l3 - 40;
+        for p in (0..=plen as u16 + 64).chain([1500, 65535]) {
+            let mut f = full.clone();
+            f[l3 + 4..l3 + 6].copy_from_slice(&p.to_be_bytes());
+            run(h, &f, t);
+        }
+        for v in 0..=255u8 {
+            let mut f = full.clone();
+            f[l3] = v;
+            run(h, &f, t);
+            let mut f = full.clone();
+            f[l3 + 6] = v;
+            run(h, &f, t);
+        }
+    }
+    // The extension headers of base 2 (hop-by-hop, routing, destination options): each one's
+    // next-header and length byte at every value.
+    let ext = &bases[2];
+    for hdr in [54usize, 62, 86] {
+        for v in 0..=255u8 {
+            for at in [hdr, hdr + 1] {
+                let mut f = ext.clone();
+                f[at] = v;
+                run(h, &f, t);
+            }
+        }
+    }
+    // Every offset/M value of the fragment header of base 3.
+    for om in 0..=u16::MAX {
+        let mut f = bases[3].clone();
+        f[56..58].copy_from_slice(&om.to_be_bytes());
+        run(h, &f, t);
+    }
+    // ICMPv6 errors about the flows: truncated (payload length as sent and fixed up), every
+    // byte of the ICMPv6 header, the quoted IPv6 header and ports at a few values, every
+    // payload length.
+    for full in [
+        icmp6_about(6, 52300, 80, 64),
+        icmp6_about(17, 52301, 53, 48),
+    ] {
+        run(h, &full, t);
+        for len in 14..full.len() {
+            let mut f = full[..len].to_vec();
+            run(h, &f, t);
+            if len >= 54 {
+                f[18..20].copy_from_slice(&((len - 54) as u16).to_be_bytes());
+                run(h, &f, t);
+            }
+        }
+        for pos in 54..full.len().min(54 + 8 + 44) {
+            for v in [0u8, 1, 2, 4, 6, 17, 0x3a, 0x60, 0x80, 0xff] {
+                let mut f = full.clone();
+                f[pos] = v;
+                run(h, &f, t);
+            }
+        }
+        for p in 0..=(full.len() - 54) as u16 + 8 {
+            let mut f = full.clone();
+            f[18..20].copy_from_slice(&p.to_be_bytes());
+            run(h, &f, t);
+        }
+    }
 }
 
 /// Non-IPv4 frames, whole and truncated: passed untouched or dropped, never forwarded.

@@ -839,6 +839,15 @@ impl Validator<'_> {
             )?,
         };
         let forwarding = self.encap(&raw, forwarding, prefix)?;
+        if let (Forwarding::Tunnel(_), true, Some(f)) =
+            (forwarding, vip.is_ipv6(), raw.forwarding.as_ref())
+        {
+            return Err(self.at(
+                f,
+                &key("forwarding"),
+                "tunnel forwarding is IPv4 only for now (IPIP and GUE in IPv4); use dr or nat for an IPv6 VIP".into(),
+            ));
+        }
         let on_failure = match &raw.on_failure {
             None => OnFailure::Quiesce,
             Some(v) => self.choice(
@@ -1177,10 +1186,16 @@ impl Validator<'_> {
             }
         };
         if addr.is_ipv4() != vip.is_ipv4() {
+            let fam = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
             return Err(self.at(
                 v,
                 key,
-                format!("{what} {s} is not in the same address family as the VIP {vip}"),
+                format!(
+                    "{what} {s} is {} but the VIP {vip} is {}: a service's VIP and reals must be \
+                     one address family (xdpvs does not translate between IPv4 and IPv6)",
+                    fam(&addr),
+                    fam(&vip)
+                ),
             ));
         }
         self.usable_ip(v, key, addr.ip())?;
@@ -1212,7 +1227,20 @@ impl Validator<'_> {
 
     fn usable_ip(&self, v: &Spanned<String>, key: &str, ip: IpAddr) -> Result<(), ConfigError> {
         match ip {
-            IpAddr::V6(_) => Err(self.at(v, key, format!("{ip}: IPv6 is not supported yet"))),
+            IpAddr::V6(ip6) if ip6.is_unspecified() || ip6.is_multicast() => {
+                Err(self.at(v, key, format!("{ip} is not a unicast address")))
+            }
+            // ::ffff:a.b.c.d is an IPv4 address in IPv6 clothing; the packets carry the IPv4 one.
+            IpAddr::V6(ip6) if ip6.to_ipv4_mapped().is_some() => Err(self.at(
+                v,
+                key,
+                format!(
+                    "{ip} is an IPv4-mapped address; write the IPv4 address {} instead",
+                    ip6.to_ipv4_mapped()
+                        .map_or_else(String::new, |a| a.to_string())
+                ),
+            )),
+            IpAddr::V6(_) => Ok(()),
             IpAddr::V4(ip4) if ip4.is_unspecified() || ip4.is_multicast() || ip4.is_broadcast() => {
                 Err(self.at(v, key, format!("{ip} is not a unicast address")))
             }
@@ -1746,7 +1774,10 @@ scheduler = "rr"
     fn example_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let example = Config::load(&dir.join("example.toml")).unwrap();
-        assert_eq!(example.services.len(), 2);
+        assert_eq!(example.services.len(), 3);
+        let web6 = example.service("web6").unwrap();
+        assert_eq!(web6.address, sa("[2001:db8::100]:80"));
+        assert_eq!(web6.reals[1].address, sa("[2001:db8::12]:80"));
         let lab = Config::load(&dir.join("lab.toml")).unwrap();
         assert_eq!(lab.director.interface, "d0");
         assert_eq!(lab.director.metrics, Some(sa("127.0.0.1:9469")));
@@ -1965,6 +1996,12 @@ scheduler = "rr"
 
     #[test]
     fn tunnels() {
+        expect_err(
+            &format!("{HEAD}[[service]]\nname = \"web\"\naddress = \"[2001:2::100]:80\"\nforwarding = \"tunnel\"\n"),
+            ("forwarding", 0),
+            "service[0].forwarding",
+            "IPv4 only for now",
+        );
         let real = "[[service.real]]\naddress = \"198.18.0.11:80\"\n";
         let cfg = parse_str(&svc(&format!("forwarding = \"tunnel\"\n{real}"))).unwrap();
         assert_eq!(cfg.services[0].forwarding, Forwarding::Tunnel(Encap::Ipip));
@@ -2052,28 +2089,66 @@ scheduler = "rr"
     }
 
     #[test]
-    fn ipv6_rejected() {
-        let text = format!("{HEAD}[[service]]\nname = \"web\"\naddress = \"[2001:db8::1]:80\"\n");
-        expect_err(
-            &text,
-            ("2001:db8", 0),
-            "service[0].address",
-            "IPv6 is not supported yet",
-        );
+    fn ipv6_services_accepted() {
+        for (fwd, real) in [("dr", "[2001:2::11]:80"), ("nat", "[2001:2::11]:8080")] {
+            for proto in ["tcp", "udp"] {
+                let text = format!(
+                    "{HEAD}[[service]]\nname = \"v6\"\naddress = \"[2001:2::100]:80\"\n\
+                     protocol = \"{proto}\"\nforwarding = \"{fwd}\"\nfallback = \"2001:2::9\"\n\
+                     [[service.real]]\naddress = \"{real}\"\n[[service.real]]\naddress = \"2001:2::12\"\n"
+                );
+                let c = parse_str(&text).unwrap_or_else(|e| panic!("{fwd}/{proto}: {e}"));
+                let s = &c.services[0];
+                assert_eq!(s.address, sa("[2001:2::100]:80"));
+                assert_eq!(s.reals[0].address, sa(real));
+                // A real without a port takes the VIP's, as for IPv4.
+                assert_eq!(s.reals[1].address, sa("[2001:2::12]:80"));
+                assert_eq!(s.fallback, Some(sa("[2001:2::9]:80")));
+                // Printed as ipvsadm does.
+                assert_eq!(s.address.to_string(), "[2001:2::100]:80");
+            }
+        }
+    }
+
+    #[test]
+    fn mixed_family_services_refused() {
+        // A v4 VIP with a v6 real, fallback; a v6 VIP with a v4 real.
         let text = svc("[[service.real]]\naddress = \"[2001:db8::2]:80\"\n");
         expect_err(
             &text,
             ("2001:db8", 0),
             "service[0].real[0].address",
-            "same address family",
+            "is IPv6 but the VIP 198.18.0.100:80 is IPv4: a service's VIP and reals must be one address family",
         );
         let text = svc("fallback = \"2001:db8::9\"\n");
         expect_err(
             &text,
             ("2001:db8", 0),
             "service[0].fallback",
-            "same address family",
+            "is IPv6 but the VIP 198.18.0.100:80 is IPv4",
         );
+        let text = format!(
+            "{HEAD}[[service]]\nname = \"v6\"\naddress = \"[2001:2::100]:80\"\n\
+             [[service.real]]\naddress = \"2001:2::11\"\n[[service.real]]\naddress = \"198.18.0.12:80\"\n"
+        );
+        expect_err(
+            &text,
+            ("198.18.0.12", 0),
+            "service[0].real[1].address",
+            "198.18.0.12:80 is IPv4 but the VIP [2001:2::100]:80 is IPv6",
+        );
+        // Not unicast, or an IPv4 address written as IPv6.
+        for (vip, why) in [
+            ("[::]:80", "not a unicast address"),
+            ("[ff02::1]:80", "not a unicast address"),
+            (
+                "[::ffff:198.18.0.100]:80",
+                "write the IPv4 address 198.18.0.100 instead",
+            ),
+        ] {
+            let text = format!("{HEAD}[[service]]\nname = \"v6\"\naddress = \"{vip}\"\n");
+            expect_err(&text, (vip, 0), "service[0].address", why);
+        }
     }
 
     #[test]

@@ -590,15 +590,24 @@ impl Dataplane {
     /// traffic does not hurry it: a director taking over after its link came back would drop
     /// connections to that real (`drop_no_neigh`) until then.
     pub fn reresolve_neighbours(interface: &str, addrs: impl IntoIterator<Item = SocketAddr>) {
-        let flushed = std::process::Command::new("ip")
-            .args(["-4", "neigh", "flush", "dev", interface])
-            .args(["nud", "incomplete", "nud", "failed"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        if let Err(e) = flushed {
-            tracing::debug!(error = %e, "ip neigh flush failed");
+        let addrs: Vec<SocketAddr> = addrs.into_iter().collect();
+        for (flag, wanted) in [
+            ("-4", addrs.iter().any(SocketAddr::is_ipv4)),
+            ("-6", addrs.iter().any(SocketAddr::is_ipv6)),
+        ] {
+            if !wanted {
+                continue;
+            }
+            let flushed = std::process::Command::new("ip")
+                .args([flag, "neigh", "flush", "dev", interface])
+                .args(["nud", "incomplete", "nud", "failed"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            if let Err(e) = flushed {
+                tracing::debug!(error = %e, "ip neigh flush failed");
+            }
         }
         Self::prime_neighbours(addrs);
     }
@@ -606,12 +615,16 @@ impl Dataplane {
     /// Makes the kernel resolve each real's MAC ahead of traffic (the XDP program reads the
     /// neighbour table and cannot trigger resolution itself): one empty datagram to the discard
     /// port of each address.
+    /// (IPv4: ARP; IPv6: neighbour discovery, through a socket of that family).
     pub fn prime_neighbours(addrs: impl IntoIterator<Item = SocketAddr>) {
-        let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else {
-            return;
-        };
+        let (mut v4, mut v6) = (None, None);
         for a in addrs {
-            if a.is_ipv4() {
+            let sock = if a.is_ipv4() {
+                v4.get_or_insert_with(|| UdpSocket::bind("0.0.0.0:0").ok())
+            } else {
+                v6.get_or_insert_with(|| UdpSocket::bind("[::]:0").ok())
+            };
+            if let Some(sock) = sock {
                 let _ = sock.send_to(&[], SocketAddr::new(a.ip(), 9));
             }
         }

@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -28,6 +28,23 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const DIRECTOR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Connect, read and write timeout of the HTTP helpers.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The IPv6 VIP of a dual-stack lab ([`Lab::up_dual`]): 2001:2::100.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+
+/// `[VIP6]:80`.
+pub fn vip6_addr() -> SocketAddr {
+    SocketAddr::new(VIP6.into(), VIP_PORT)
+}
+
+/// IPv6 address of real `i` in a dual-stack lab: 2001:2::(10+i), written like its IPv4 last
+/// octet (2001:2::11 for real 1).
+pub fn real_ip6(i: usize) -> Ipv6Addr {
+    assert!((1..=80).contains(&i), "real index {i} out of range");
+    let last = u16::from_str_radix(&(10 + i).to_string(), 16).expect("decimal digits");
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, last)
+}
 
 /// `VIP:80`.
 pub fn vip_addr() -> SocketAddr {
@@ -95,21 +112,28 @@ impl Lab {
     /// Builds the lab with `mtu` on every link, prepared for a director in XDP mode `dir_xdp`
     /// ("driver" or "skb"; see scripts/lab.sh).
     pub fn up_with(prefix: &str, reals: usize, mtu: u32, dir_xdp: &str) -> Result<Lab> {
-        Lab::up_full(prefix, reals, mtu, dir_xdp, 1, "dr")
+        Lab::up_full(prefix, reals, mtu, dir_xdp, 1, "dr", "v4")
     }
 
     /// A lab with two directors, `dir` (198.18.0.2) and `dir2` (198.18.0.3), neither holding
     /// the VIP until VRRP elects one (`lab.sh up ... DIRS=2`).
     pub fn up_pair(prefix: &str, reals: usize) -> Result<Lab> {
-        Lab::up_full(prefix, reals, 1500, "driver", 2, "dr")
+        Lab::up_full(prefix, reals, 1500, "driver", 2, "dr", "v4")
     }
 
     /// A LVS-NAT lab (`lab.sh up ... MODE=nat`): no VIP on the reals, nginx on port 8080
     /// ([`NAT_REAL_PORT`]), the reals' route to the client via the director.
     pub fn up_nat(prefix: &str, reals: usize) -> Result<Lab> {
-        Lab::up_full(prefix, reals, 1500, "driver", 1, "nat")
+        Lab::up_full(prefix, reals, 1500, "driver", 1, "nat", "v4")
     }
 
+    /// A dual-stack lab (`lab.sh up ... FAMILY=dual`) in `mode` ("dr" or "nat"): IPv6 beside
+    /// IPv4 on every host, the IPv6 VIP [`VIP6`] on the director, real `i` at [`real_ip6`].
+    pub fn up_dual(prefix: &str, reals: usize, mode: &str) -> Result<Lab> {
+        Lab::up_full(prefix, reals, 1500, "driver", 1, mode, "dual")
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn up_full(
         prefix: &str,
         reals: usize,
@@ -117,6 +141,7 @@ impl Lab {
         dir_xdp: &str,
         dirs: u8,
         mode: &str,
+        family: &str,
     ) -> Result<Lab> {
         let ok_prefix = !prefix.is_empty()
             && prefix.len() <= 10
@@ -144,8 +169,9 @@ impl Lab {
                 dir_xdp,
                 &dirs.to_string(),
                 mode,
+                family,
             ]),
-            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp} {dirs} {mode}"),
+            &format!("lab.sh up {prefix} {reals} {mtu} {dir_xdp} {dirs} {mode} {family}"),
         )?;
         Ok(lab)
     }

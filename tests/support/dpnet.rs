@@ -1,12 +1,12 @@
 //! A private network namespace for running the real XDP program under BPF_PROG_TEST_RUN.
 //!
 //! The program's route lookup (`bpf_fib_lookup`) reads the namespace it runs in, so each test
-//! gets its own: a veth `dpa` (the "director" side, 198.18.0.2/16, MAC `DIRECTOR_MAC`) with
-//! permanent neighbour entries for the reals (MAC `02:00:00:00:HI:LO` for real n), forwarding
-//! on. Nothing touches the root namespace; `Drop` deletes the namespace.
+//! gets its own: a veth `dpa` (the "director" side, 198.18.0.2/16 and 2001:2::2/48, MAC
+//! `DIRECTOR_MAC`) with permanent neighbour entries for the reals, IPv4 and IPv6 (MAC
+//! `02:00:00:00:HI:LO` for real n), forwarding on for both families. Nothing touches the root namespace; `Drop` deletes the namespace.
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
 
 use super::packet::DIRECTOR_MAC;
@@ -15,6 +15,13 @@ use xdpvs::dataplane::{plan::Planner, Dataplane};
 use xdpvs::state::{Desired, DesiredReal, DesiredService};
 
 pub const VIP: &str = "198.18.0.100";
+/// The IPv6 VIP (RFC 5180 benchmarking prefix, as the lab).
+pub const VIP6: &str = "2001:2::100";
+
+/// The IPv6 lab address of real n (1-based), reachable on `dpa`.
+pub fn real_ip6(n: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, n as u16)
+}
 
 /// The lab address of real n (1-based), reachable on `dpa`.
 pub fn real_ip(n: usize) -> Ipv4Addr {
@@ -69,25 +76,26 @@ impl DpNet {
         ip(n, &["link", "set", "dpa", "up"]).expect("dpa up");
         ip(n, &["link", "set", "dpb", "up"]).expect("dpb up");
         ip(n, &["addr", "add", "198.18.0.2/16", "dev", "dpa"]).expect("addr");
-        let st = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.all.forwarding=1",
-            ])
-            .status()
-            .expect("sysctl");
-        assert!(st.success());
+        ip(n, &["addr", "add", "2001:2::2/48", "dev", "dpa", "nodad"]).expect("addr6");
+        for sysctl in [
+            "net.ipv4.conf.all.forwarding=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ] {
+            let st = Command::new("ip")
+                .args(["netns", "exec", &ns, "sysctl", "-qw", sysctl])
+                .status()
+                .expect("sysctl");
+            assert!(st.success(), "{sysctl}");
+        }
         let mut batch = String::new();
         for i in 1..=reals {
             let m = real_mac(i);
-            batch.push_str(&format!(
-                "neigh replace {} lladdr {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} dev dpa nud permanent\n",
-                real_ip(i), m[0], m[1], m[2], m[3], m[4], m[5]
-            ));
+            for a in [IpAddr::from(real_ip(i)), IpAddr::from(real_ip6(i))] {
+                batch.push_str(&format!(
+                    "neigh replace {} lladdr {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} dev dpa nud permanent\n",
+                    a, m[0], m[1], m[2], m[3], m[4], m[5]
+                ));
+            }
         }
         let path = std::env::temp_dir().join(format!("{ns}.neigh"));
         std::fs::write(&path, batch).expect("write batch");
@@ -191,6 +199,53 @@ pub fn service_on(port: u16, reals: &[(usize, u32)]) -> DesiredService {
         table_size: 0,
         sched_flags: 0,
     }
+}
+
+/// The IPv6 twin of [`service_on`]: VIP6:`port` over `proto`, DR, reals `real_ip6(n)`.
+pub fn service6_on(
+    port: u16,
+    proto: xdpvs::config::Protocol,
+    reals: &[(usize, u32)],
+) -> DesiredService {
+    let address: SocketAddr = format!("[{VIP6}]:{port}").parse().expect("vip6");
+    DesiredService {
+        name: format!("v6{proto:?}{port}"),
+        address,
+        key: xdpvs::state::service_key(address, proto),
+        sched: xdpvs_common::sched_kind::WLC,
+        fwd: xdpvs_common::fwd_kind::DR,
+        fallback: None,
+        reals: reals
+            .iter()
+            .map(|(n, w)| DesiredReal {
+                address: SocketAddr::new(real_ip6(*n).into(), port),
+                weight: *w,
+                cut: false,
+            })
+            .collect(),
+        cut_on_remove: false,
+        standby: false,
+        persist: None,
+        tunnel_port: 0,
+        table_size: 0,
+        sched_flags: 0,
+    }
+}
+
+/// An IPv6 NAT service on VIP6:`port` whose reals listen on `real_port`.
+pub fn nat_service6(
+    port: u16,
+    proto: xdpvs::config::Protocol,
+    real_port: u16,
+    reals: &[(usize, u32)],
+) -> DesiredService {
+    let mut s = service6_on(port, proto, reals);
+    s.fwd = xdpvs_common::fwd_kind::NAT;
+    s.name = format!("nat6{proto:?}{port}");
+    for r in &mut s.reals {
+        r.address.set_port(real_port);
+    }
+    s
 }
 
 /// A NAT service on VIP port 80 whose reals listen on `real_port`.
@@ -320,14 +375,20 @@ impl Harness {
     }
 
     pub fn real_id(&self, real: usize, service: &DesiredService) -> u32 {
-        // The real's port: the VIP's unless the service (NAT) gives it another.
+        // The real's address in the service's family; its port: the VIP's unless the service
+        // (NAT) gives it another.
+        let ip: IpAddr = if service.address.is_ipv6() {
+            real_ip6(real).into()
+        } else {
+            real_ip(real).into()
+        };
         let port = service
             .reals
             .iter()
-            .find(|r| r.address.ip() == std::net::IpAddr::from(real_ip(real)))
+            .find(|r| r.address.ip() == ip)
             .map_or(service.address.port(), |r| r.address.port());
         self.planner
-            .real_id(&service.key, SocketAddr::new(real_ip(real).into(), port))
+            .real_id(&service.key, SocketAddr::new(ip, port))
             .expect("real id")
     }
 

@@ -1,8 +1,9 @@
-//! Crafted frames for dataplane tests and benchmarks: Ethernet (optionally 802.1Q) + IPv4 +
-//! TCP/UDP, with correct IPv4 header checksums.
+//! Crafted frames for dataplane tests and benchmarks: Ethernet (optionally 802.1Q) + IPv4 or
+//! IPv6 (with extension headers) + TCP/UDP/ICMP/ICMPv6, with correct checksums, and the
+//! independent parsers that read the program's output frames (every checksum recomputed).
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -420,6 +421,304 @@ pub fn parse_icmp4(f: &[u8]) -> ParsedIcmp4 {
         inner_sport: u16::from_be_bytes([seg[0], seg[1]]),
         inner_dport: u16::from_be_bytes([seg[2], seg[3]]),
         inner_ip_csum_ok: checksum(&inner[..iihl]) == 0,
+        inner_l4_csum_ok,
+    }
+}
+
+// ---- IPv6 ----
+
+/// An IPv6 frame under construction (TCP or UDP, optionally behind extension headers);
+/// `build()` yields the bytes with a correct L4 checksum (UDP over IPv6 must carry one).
+#[derive(Clone, Debug)]
+pub struct Frame6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u8,
+    pub payload: usize,
+    pub hop_limit: u8,
+    /// Extension headers in order: (type, bytes). Each one's first byte (its next-header
+    /// field) is filled in by `build()`; the rest is as given.
+    pub ext: Vec<(u8, Vec<u8>)>,
+}
+
+/// Hop-by-hop (0) or destination-options (60) header of `len8` 8-octet units, padded with PadN.
+pub fn ext_opts(ty: u8, len8: usize) -> (u8, Vec<u8>) {
+    let len = len8 * 8;
+    let mut b = vec![0, (len8 - 1) as u8, 1, (len - 4) as u8];
+    b.resize(len, 0);
+    (ty, b)
+}
+
+/// A routing header (43) of type 4 (segment routing) with no segment left and `n` addresses.
+pub fn ext_routing(n: usize) -> (u8, Vec<u8>) {
+    let len = 8 + 16 * n;
+    let mut b = vec![0, (2 * n) as u8, 4, 0];
+    b.resize(len, 0);
+    for i in 0..n {
+        b[8 + 16 * i] = 0x20;
+        b[8 + 16 * i + 15] = i as u8;
+    }
+    (43, b)
+}
+
+/// A fragment header (44): `offset` in 8-octet units, `more` the M flag.
+pub fn ext_fragment(offset: u16, more: bool) -> (u8, Vec<u8>) {
+    let om = (offset << 3) | u16::from(more);
+    let mut b = vec![0, 0];
+    b.extend_from_slice(&om.to_be_bytes());
+    b.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    (44, b)
+}
+
+impl Frame6 {
+    pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Frame6 {
+        Frame6 {
+            src_mac: CLIENT_MAC,
+            dst_mac: DIRECTOR_MAC,
+            vlan: None,
+            src: src.parse().expect("test address"),
+            dst: dst.parse().expect("test address"),
+            proto: 6,
+            sport,
+            dport,
+            flags,
+            payload: 0,
+            hop_limit: 64,
+            ext: Vec::new(),
+        }
+    }
+
+    pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Frame6 {
+        Frame6 {
+            proto: 17,
+            ..Frame6::tcp(src, sport, dst, dport, 0)
+        }
+    }
+
+    pub fn payload(mut self, n: usize) -> Frame6 {
+        self.payload = n;
+        self
+    }
+
+    pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Frame6 {
+        self.src_mac = src;
+        self.dst_mac = dst;
+        self
+    }
+
+    pub fn ext(mut self, e: (u8, Vec<u8>)) -> Frame6 {
+        self.ext.push(e);
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(128);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        if let Some(tag) = self.vlan {
+            f.extend_from_slice(&[0x81, 0x00]);
+            f.extend_from_slice(&tag.to_be_bytes());
+        }
+        f.extend_from_slice(&[0x86, 0xdd]);
+        let l4_len = if self.proto == 6 { 20 } else { 8 } + self.payload;
+        let ext_len: usize = self.ext.iter().map(|e| e.1.len()).sum();
+        let first = self.ext.first().map_or(self.proto, |e| e.0);
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext_len + l4_len) as u16).to_be_bytes());
+        f.extend_from_slice(&[first, self.hop_limit]);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        for (i, (_, b)) in self.ext.iter().enumerate() {
+            let next = self.ext.get(i + 1).map_or(self.proto, |e| e.0);
+            f.push(next);
+            f.extend_from_slice(&b[1..]);
+        }
+        let l4_start = f.len();
+        f.extend_from_slice(&self.sport.to_be_bytes());
+        f.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == 6 {
+            f.extend_from_slice(&1000u32.to_be_bytes());
+            f.extend_from_slice(&0u32.to_be_bytes());
+            f.extend_from_slice(&[0x50, self.flags]);
+            f.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+        }
+        f.extend((0..self.payload).map(|i| 0xab ^ i as u8));
+        let at = l4_start + if self.proto == 6 { 16 } else { 6 };
+        let mut sum = l4_checksum6(&self.src, &self.dst, self.proto, &f[l4_start..]);
+        if sum == 0 && self.proto == 17 {
+            sum = 0xffff;
+        }
+        f[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        f
+    }
+}
+
+/// The checksum of an upper-layer `seg` (TCP, UDP, ICMPv6) with the IPv6 pseudo-header
+/// (RFC 8200 8.1): 0 over a segment whose stored checksum is right.
+pub fn l4_checksum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, seg: &[u8]) -> u16 {
+    let mut b = Vec::with_capacity(40 + seg.len());
+    b.extend_from_slice(&src.octets());
+    b.extend_from_slice(&dst.octets());
+    b.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+    b.extend_from_slice(&[0, 0, 0, proto]);
+    b.extend_from_slice(seg);
+    checksum(&b)
+}
+
+/// The offset of the upper-layer header of an IPv6 packet `ip` and its protocol, following
+/// hop-by-hop, routing, destination-options and fragment headers (independent of the program).
+pub fn upper_layer6(ip: &[u8]) -> (usize, u8) {
+    let mut next = ip[6];
+    let mut off = 40;
+    while matches!(next, 0 | 43 | 60 | 44) {
+        let len = if next == 44 {
+            8
+        } else {
+            (usize::from(ip[off + 1]) + 1) * 8
+        };
+        next = ip[off];
+        off += len;
+    }
+    (off, next)
+}
+
+/// An IPv6 TCP/UDP frame as read by the tests, independently of the program: every field the
+/// NAT path may touch, and whether the L4 checksum is right (recomputed from scratch).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed6 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub hop_limit: u8,
+    pub l4_csum_ok: bool,
+    pub l4_csum: u16,
+    /// Everything NAT must not change: the IPv6 header but its addresses, the extension
+    /// headers, the L4 header's other fields and the payload.
+    pub rest: Vec<u8>,
+}
+
+pub fn parse6(f: &[u8]) -> Parsed6 {
+    assert_eq!(&f[12..14], &[0x86, 0xdd], "IPv6 ethertype");
+    let ip = &f[14..];
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let ip = &ip[..40 + plen];
+    let (off, proto) = upper_layer6(ip);
+    let src: [u8; 16] = ip[8..24].try_into().unwrap();
+    let dst: [u8; 16] = ip[24..40].try_into().unwrap();
+    let seg = &ip[off..];
+    let csum_at = if proto == 6 { 16 } else { 6 };
+    let l4_csum = u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]);
+    let (s6, d6) = (Ipv6Addr::from(src), Ipv6Addr::from(dst));
+    let mut rest = ip[0..8].to_vec();
+    rest.extend_from_slice(&ip[40..off]);
+    rest.extend_from_slice(&seg[4..csum_at]);
+    rest.extend_from_slice(&seg[csum_at + 2..]);
+    Parsed6 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        src: s6,
+        dst: d6,
+        sport: u16::from_be_bytes([seg[0], seg[1]]),
+        dport: u16::from_be_bytes([seg[2], seg[3]]),
+        proto,
+        hop_limit: ip[7],
+        // A TCP checksum may be 0; a UDP one over IPv6 never is (0 would mean "none").
+        l4_csum_ok: l4_checksum6(&s6, &d6, proto, seg) == 0 && (proto != 17 || l4_csum != 0),
+        l4_csum,
+        rest,
+    }
+}
+
+/// An ICMPv6 frame from `from` to `to`: `ty`, `code`, the 32-bit second word `rest` (the MTU
+/// of a Packet Too Big), then `body`; its checksum computed from scratch.
+pub fn icmp6_frame(from: &str, to: &str, ty: u8, code: u8, rest: u32, body: &[u8]) -> Vec<u8> {
+    let (src, dst): (Ipv6Addr, Ipv6Addr) = (from.parse().unwrap(), to.parse().unwrap());
+    let mut f = DIRECTOR_MAC.to_vec();
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((8 + body.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[ty, code, 0, 0]);
+    f.extend_from_slice(&rest.to_be_bytes());
+    f.extend_from_slice(body);
+    let sum = l4_checksum6(&src, &dst, 58, &f[54..]);
+    f[56..58].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// The IPv6 packet of a built frame (from its IP header on, without Ethernet padding).
+pub fn ip6_packet(frame: &[u8]) -> Vec<u8> {
+    let plen = u16::from_be_bytes([frame[18], frame[19]]) as usize;
+    frame[14..14 + 40 + plen].to_vec()
+}
+
+/// An ICMPv6 error frame as read by the tests, every checksum recomputed from scratch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParsedIcmp6 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub icmp_type: u8,
+    pub code: u8,
+    pub mtu: u32,
+    pub icmp_csum_ok: bool,
+    pub inner_src: Ipv6Addr,
+    pub inner_dst: Ipv6Addr,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    /// The quoted TCP/UDP checksum, when the whole quoted segment is there.
+    pub inner_l4_csum_ok: Option<bool>,
+}
+
+pub fn parse_icmp6(f: &[u8]) -> ParsedIcmp6 {
+    assert_eq!(&f[12..14], &[0x86, 0xdd], "IPv6 ethertype");
+    let ip = &f[14..];
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    assert_eq!(ip[6], 58, "ICMPv6");
+    let (src, dst) = (
+        Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap()),
+        Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap()),
+    );
+    let icmp = &ip[40..40 + plen];
+    let inner = &icmp[8..];
+    let (isrc, idst) = (
+        Ipv6Addr::from(<[u8; 16]>::try_from(&inner[8..24]).unwrap()),
+        Ipv6Addr::from(<[u8; 16]>::try_from(&inner[24..40]).unwrap()),
+    );
+    let iplen = u16::from_be_bytes([inner[4], inner[5]]) as usize;
+    let seg = &inner[40..];
+    let inner_l4_csum_ok =
+        (seg.len() >= iplen).then(|| l4_checksum6(&isrc, &idst, inner[6], &seg[..iplen]) == 0);
+    ParsedIcmp6 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        src,
+        dst,
+        icmp_type: icmp[0],
+        code: icmp[1],
+        mtu: u32::from_be_bytes(icmp[4..8].try_into().unwrap()),
+        icmp_csum_ok: l4_checksum6(&src, &dst, 58, icmp) == 0,
+        inner_src: isrc,
+        inner_dst: idst,
+        inner_sport: u16::from_be_bytes([seg[0], seg[1]]),
+        inner_dport: u16::from_be_bytes([seg[2], seg[3]]),
         inner_l4_csum_ok,
     }
 }

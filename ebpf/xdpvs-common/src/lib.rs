@@ -56,6 +56,7 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Map names, shared so the loader never spells one differently from the program.
 pub mod maps {
@@ -529,9 +530,9 @@ pub mod stat {
     pub const DROP_NO_CONN: u32 = 10;
     /// Packet of a connection whose real was removed: dropped, entry retired.
     pub const DROP_REAL_GONE: u32 = 11;
-    /// IPv4 fragment to a virtual service address: dropped (no L4 header to schedule on).
+    /// IPv4 or IPv6 fragment to a virtual service address: dropped (no L4 header to schedule on).
     pub const DROP_FRAGMENT: u32 = 12;
-    /// IPv4 frame whose packet extends past the linear part of the XDP buffer (multi-buffer
+    /// IP frame whose packet extends past the linear part of the XDP buffer (multi-buffer
     /// XDP: jumbo frames, GRO-aggregated frames); counted whatever happens to it next.
     pub const MULTI_BUFFER: u32 = 13;
     /// Frame forwarded although its IP packet is larger than the egress interface's MTU (GRO
@@ -546,6 +547,12 @@ pub mod stat {
     /// A connection event the sync ring buffer had no room for (the daemon reads too slowly,
     /// or no daemon runs): the peer misses it until the next refresh or dump.
     pub const SYNC_EVENTS_LOST: u32 = 17;
+    /// IPv6 packet whose header chain the program does not follow (AH, ESP, no next header,
+    /// mobility/HIP/shim6/experimental headers, a routing header with segments left, or more
+    /// extension headers than it skips):
+    /// passed to the kernel untouched. Hop-by-hop, routing and destination options are skipped;
+    /// a fragment header is handled like IPv4 fragmentation.
+    pub const PASS_IPV6_EXT: u32 = 18;
     /// Half-open TCP entries (client's first ACK) and UDP flows (second packet) moved from
     /// the embryonic table into the connection table.
     pub const EMBRYO_PROMOTED: u32 = 20;
@@ -585,7 +592,7 @@ pub mod stat {
     pub const TUNNEL_FRAG_NEEDED: u32 = 32;
     /// The same without DF (XDP cannot fragment), or a tagged one: dropped.
     pub const DROP_TUNNEL_MTU: u32 = 33;
-    /// Slots 18, 19, 30 and 34..40 are reserved (named `unused_N`), so a new counter does not
+    /// Slots 19, 30 and 34..40 are reserved (named `unused_N`), so a new counter does not
     /// change the map layout of pinned maps.
     pub const COUNT: u32 = 40;
 }
@@ -610,7 +617,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "pass_split_headers",
     "drop_standby",
     "sync_events_lost",
-    "unused_18",
+    "pass_ipv6_ext",
     "unused_19",
     "embryo_promoted",
     "embryo_expired",

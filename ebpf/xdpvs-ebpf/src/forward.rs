@@ -13,6 +13,11 @@
 //! generic mode it is a GRO aggregate the stack segments on the way out, in native mode the
 //! driver decides (veth drops it, counting an `xdp_tx_errors`).
 //!
+//! IPv6 takes the same path with an AF_INET6 route lookup (the FIB resolves the next hop
+//! through the neighbour table, as ARP does for IPv4). The hop limit, like the IPv4 TTL, is
+//! left as the client sent it: the director is not a router hop for the flow (IPVS does the
+//! same), and NAT replies keep the real's.
+//!
 //! NAT replies ([`to_client`]) go wherever the FIB routes the client; that lookup is not cached
 //! (clients are many, and the next hop toward them is usually one router), so a reply costs one
 //! route lookup. Like a real's, a client's next hop without a resolved MAC drops the packet
@@ -22,16 +27,17 @@ use aya_ebpf::{
     helpers::generated::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use xdpvs_common::{stat, Real};
+use xdpvs_common::{stat, Addr, Real, FAMILY_V6};
 
 use crate::maps::{count, FIB_SCRATCH, NEXTHOP, REAL_STATS};
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 /// Largest IP packet of a standard Ethernet MTU: frames up to this size skip the MTU check.
-const ETH_DATA_LEN: u16 = 1500;
+const ETH_DATA_LEN: u32 = 1500;
 const MTU_CHK_FRAG_NEEDED: i64 = 1;
 
 /// How long a cached next hop is used before the FIB is asked again (a real whose MAC changes,
@@ -43,7 +49,7 @@ pub struct NextHop {
     /// `bpf_ktime_get_ns` after which the entry must be refreshed; 0 = empty.
     pub expires_ns: u64,
     /// The real address this entry was resolved for.
-    pub addr: u32,
+    pub addr: Addr,
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
@@ -65,8 +71,8 @@ pub fn to_real(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, now: u
         }
     };
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let dst = real.addr.w[0];
-    let fresh = unsafe { (*hop).expires_ns > now && (*hop).addr == dst };
+    let dst = &real.addr;
+    let fresh = unsafe { (*hop).expires_ns > now && (*hop).addr == *dst };
     if !fresh {
         let rc = resolve(ctx, pkt, dst, ingress, hop, now);
         if rc != FIB_SUCCESS {
@@ -109,21 +115,7 @@ pub fn to_client(ctx: &XdpContext, pkt: &Packet) -> u32 {
         Some(f) => unsafe { &mut *f },
         None => return xdp_action::XDP_DROP,
     };
-    *fib = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = pkt.proto;
-    fib.ifindex = ingress;
-    fib.__bindgen_anon_1.tot_len = 0;
-    fib.__bindgen_anon_3.ipv4_src = pkt.src.w[0];
-    fib.__bindgen_anon_4.ipv4_dst = pkt.dst.w[0];
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = lookup(ctx, fib, pkt, &pkt.dst, ingress);
     if rc != FIB_SUCCESS {
         count(if rc == FIB_NO_NEIGH {
             stat::DROP_NO_NEIGH
@@ -163,8 +155,8 @@ pub(crate) fn send(ctx: &XdpContext, pkt: &Packet, egress: u32, ingress: u32) ->
 
 /// The IP packet is larger than `ifindex`'s MTU.
 #[inline(never)]
-fn over_mtu(ctx: &XdpContext, ifindex: u32, ip_len: u16) -> bool {
-    let mut mtu_len = ip_len as u32;
+fn over_mtu(ctx: &XdpContext, ifindex: u32, ip_len: u32) -> bool {
+    let mut mtu_len = ip_len;
     let rc = unsafe { bpf_check_mtu(ctx.ctx as *mut _, ifindex, &mut mtu_len, 0, 0) };
     rc == MTU_CHK_FRAG_NEEDED
 }
@@ -174,7 +166,7 @@ fn over_mtu(ctx: &XdpContext, ifindex: u32, ip_len: u16) -> bool {
 fn resolve(
     ctx: &XdpContext,
     pkt: &Packet,
-    dst: u32,
+    dst: &Addr,
     ingress: u32,
     hop: *mut NextHop,
     now: u64,
@@ -184,30 +176,42 @@ fn resolve(
         Some(f) => unsafe { &mut *f },
         None => return -1,
     };
+    let rc = lookup(ctx, fib, pkt, dst, ingress);
+    if rc == FIB_SUCCESS {
+        unsafe {
+            (*hop).dmac = fib.dmac;
+            (*hop).smac = fib.smac;
+            (*hop).ifindex = fib.ifindex;
+            (*hop).addr = *dst;
+            (*hop).expires_ns = now + NEXTHOP_TTL_NS;
+        }
+    }
+    rc
+}
+
+/// The route from `pkt`'s source to `dst` (of `pkt`'s family), into `fib`. tot_len 0: no MTU
+/// check here (a real's entry is cached for frames of every size; `send` checks the MTU).
+#[inline(always)]
+fn lookup(ctx: &XdpContext, fib: &mut FibParams, pkt: &Packet, dst: &Addr, ingress: u32) -> i64 {
     *fib = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.ifindex = ingress;
-    // tot_len 0: no MTU check here (the entry is cached for frames of every size).
     fib.__bindgen_anon_1.tot_len = 0;
-    fib.__bindgen_anon_3.ipv4_src = pkt.src.w[0];
-    fib.__bindgen_anon_4.ipv4_dst = dst;
-    let rc = unsafe {
+    if pkt.family == FAMILY_V6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = pkt.src.w;
+        fib.__bindgen_anon_4.ipv6_dst = dst.w;
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = pkt.src.w[0];
+        fib.__bindgen_anon_4.ipv4_dst = dst.w[0];
+    }
+    unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
             fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
-    };
-    if rc == FIB_SUCCESS {
-        unsafe {
-            (*hop).dmac = fib.dmac;
-            (*hop).smac = fib.smac;
-            (*hop).ifindex = fib.ifindex;
-            (*hop).addr = dst;
-            (*hop).expires_ns = now + NEXTHOP_TTL_NS;
-        }
     }
-    rc
 }

@@ -4,7 +4,8 @@
 //! to the kernel untouched, so the director host keeps working); find the flow in the
 //! connection table ([`conntrack`]) or, for a new connection, pick a real with the service's
 //! scheduler ([`schedule`]); then send the frame to that real ([`forward`]). ICMP errors about
-//! a tracked flow follow the flow to its real ([`icmp`]).
+//! a tracked flow follow the flow to its real ([`icmp`], [`icmp6`]). IPv4 and IPv6 share
+//! every step but parsing, the NAT rewrite and the ICMP errors.
 //!
 //! Runtime configuration lives in maps written by the control plane, never in compile-time
 //! switches. Map types come from `xdpvs-common`, shared with the control plane.
@@ -17,6 +18,7 @@ mod atomic;
 mod conntrack;
 mod forward;
 mod icmp;
+mod icmp6;
 mod maps;
 mod nat;
 mod parse;
@@ -32,7 +34,7 @@ use aya_ebpf::{
 };
 use xdpvs_common::{
     fwd_kind, sched_kind, stat, ConnKey, ExpireRequest, Real, Service, SyncEvent, NO_REAL,
-    PROTO_ICMP, PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, SETTINGS_F_NAT, SVC_F_DRAINING, SVC_F_STANDBY,
 };
 
 use crate::conntrack::{Lookup, Reply};
@@ -44,29 +46,35 @@ use crate::parse::Packet;
 /// or dropping them; [`parse`] reads headers from the linear part only.
 #[xdp(frags)]
 pub fn xdpvs(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
-        parse::Parsed::Packet(pkt) if pkt.proto == PROTO_ICMP => icmp::handle(&ctx, &pkt),
-        parse::Parsed::Packet(pkt) => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
+    // Written whole by `parse` when it returns PACKET, read only then: no zeroing per packet.
+    let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
+    let verdict = parse::parse(&ctx, slot.as_mut_ptr());
+    if verdict != parse::PACKET {
+        count(verdict & !parse::DROP);
+        return if verdict & parse::DROP != 0 {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        };
+    }
+    // SAFETY: PACKET means every field was written (see `parse`).
+    let pkt = unsafe { slot.assume_init_ref() };
+    match pkt.proto {
+        PROTO_ICMP => icmp::handle(&ctx, pkt),
+        PROTO_ICMPV6 => icmp6::handle(&ctx, pkt),
+        _ => match unsafe { maps::SERVICES.get(&pkt.service_key()) } {
             Some(svc) => {
-                let mut verdict = handle(&ctx, &pkt, svc);
+                let mut verdict = handle(&ctx, pkt, svc);
                 if verdict == MISS {
-                    verdict = miss(&ctx, &pkt, svc, svc.fwd == fwd_kind::NAT);
+                    verdict = miss(&ctx, pkt, svc, svc.fwd == fwd_kind::NAT);
                 }
                 if verdict & TUNNEL != 0 {
-                    verdict = tunnel_send(&ctx, &pkt, svc, verdict & !TUNNEL);
+                    verdict = tunnel_send(&ctx, pkt, svc, verdict & !TUNNEL);
                 }
                 verdict
             }
-            None => not_a_service(&ctx, &pkt),
+            None => not_a_service(&ctx, pkt),
         },
-        parse::Parsed::Pass(reason) => {
-            count(reason);
-            xdp_action::XDP_PASS
-        }
-        parse::Parsed::Drop(reason) => {
-            count(reason);
-            xdp_action::XDP_DROP
-        }
     }
 }
 
@@ -213,6 +221,11 @@ fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, svc: &Service, 
 /// siblings of one another, at the least depth (see `tunnel`).
 #[inline(never)]
 fn tunnel_send(ctx: &XdpContext, pkt: &Packet, svc: &Service, id: u32) -> u32 {
+    if pkt.family != xdpvs_common::FAMILY_V4 {
+        // The config refuses IPv6 tunnel services; a stale map is no reason to send garbage.
+        count(stat::DROP_TUNNEL_MTU);
+        return xdp_action::XDP_DROP;
+    }
     let Some(real) = maps::REALS.get(id) else {
         count(stat::DROP_NO_REAL);
         return xdp_action::XDP_DROP;

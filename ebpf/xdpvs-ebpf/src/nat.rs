@@ -7,13 +7,18 @@
 //! are taken over 16-bit words exactly as they lie in memory, which the one's-complement sum
 //! allows (RFC 1071), so nothing is byte-swapped.
 //!
-//! What is rewritten lies at fixed offsets of the IPv4 header and at the L4 header found past
-//! any IP options, so options are carried through untouched; the packet's size never changes,
-//! so NAT needs no more MTU than DR. `parse` hands on only frames whose IP and L4 headers (up to
-//! the checksum) lie whole in the linear part; a split multi-buffer frame is passed untouched
-//! (`pass_split_headers`), and the check here stays as a guard: nothing is ever half-written.
+//! IPv6 ([`rewrite6`]) has no header checksum: only the L4 checksum changes, for the 16-byte
+//! address in its pseudo-header and the port. UDP over IPv6 must carry a checksum, so none is
+//! left 0 (a computed 0 is sent as 0xffff, RFC 8200 8.1).
+//!
+//! What is rewritten lies at fixed offsets of the IP header and at the L4 header found past
+//! any IPv4 options or IPv6 extension headers, so those are carried through untouched; the
+//! packet's size never changes, so NAT needs no more MTU than DR. `parse` hands on only frames
+//! whose IP and L4 headers (up to the checksum) lie whole in the linear part; a split
+//! multi-buffer frame is passed untouched (`pass_split_headers`), and the check here stays as a
+//! guard: nothing is ever half-written.
 use aya_ebpf::programs::XdpContext;
-use xdpvs_common::{Addr, PROTO_TCP};
+use xdpvs_common::{Addr, FAMILY_V6, PROTO_TCP};
 
 use crate::parse::Packet;
 
@@ -49,6 +54,9 @@ pub(crate) fn update(csum: u16, diff: u64) -> u16 {
 /// temporaries stay off the callers' frames (see `handle`).
 #[inline(never)]
 pub fn rewrite(ctx: &XdpContext, pkt: &Packet, addr: Addr, port: u16, dst: bool) -> bool {
+    if pkt.family == FAMILY_V6 {
+        return rewrite6(ctx, pkt, &addr, port, dst);
+    }
     let end = ctx.data_end();
     // Bounded for the verifier: l3 is 14 or 18, the IP header at most 60 bytes.
     let ip = ctx.data() + ((pkt.l3 as usize) & 0x1f);
@@ -94,6 +102,58 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, addr: Addr, port: u16, dst: bool)
             }
             *l4_csum = new;
         }
+    }
+    true
+}
+
+/// One's-complement sum of `~old + new` over the eight 16-bit words of two IPv6 addresses.
+#[inline(always)]
+pub(crate) fn addr6_diff(old: &Addr, new: &Addr) -> u64 {
+    let mut d = 0;
+    for i in 0..4 {
+        d += words(!old.w[i]) + words(new.w[i]);
+    }
+    d
+}
+
+/// Offset of the source address in the IPv6 header (the destination follows at +16).
+const IP6_SRC: usize = 8;
+
+/// [`rewrite`] for IPv6: the address and port, and the L4 checksum (no IP checksum).
+#[inline(never)]
+fn rewrite6(ctx: &XdpContext, pkt: &Packet, addr: &Addr, port: u16, dst: bool) -> bool {
+    let end = ctx.data_end();
+    // Bounded for the verifier: l3 is 14 or 18, l4 below `parse::MAX_L4_OFF` (< 512).
+    let ip = ctx.data() + ((pkt.l3 as usize) & 0x1f);
+    let l4 = ctx.data() + ((pkt.l4 as usize) & 0x1ff);
+    let tcp = pkt.proto == PROTO_TCP;
+    if ip + 40 > end {
+        return false;
+    }
+    let csum_off = if tcp { TCP_CSUM } else { UDP_CSUM };
+    if l4 + csum_off + 2 > end {
+        return false;
+    }
+    let l4_csum = (l4 + csum_off) as *mut u16;
+    let (old_addr, old_port) = if dst {
+        (&pkt.dst, pkt.dport)
+    } else {
+        (&pkt.src, pkt.sport)
+    };
+    let d = addr6_diff(old_addr, addr) + (!old_port) as u64 + port as u64;
+    let (a, p) = if dst {
+        (ip + IP6_SRC + 16, l4 + 2)
+    } else {
+        (ip + IP6_SRC, l4)
+    };
+    unsafe {
+        *(a as *mut [u32; 4]) = addr.w;
+        *(p as *mut u16) = port;
+        let mut new = update(*l4_csum, d);
+        if new == 0 && !tcp {
+            new = 0xffff;
+        }
+        *l4_csum = new;
     }
     true
 }

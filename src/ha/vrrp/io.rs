@@ -406,7 +406,12 @@ impl Instance {
             }
             cmd.args(["addr", op, &cidr, "dev", &self.config.interface]);
             if op == "add" && a.ip.is_ipv6() {
-                cmd.arg("nodad");
+                // Deprecated at once (preferred_lft 0): still answered in neighbour discovery
+                // and accepted, but never picked as the source of the director's own packets
+                // (RFC 6724 rule 3). A preferred /128 VIP would win source selection over the
+                // /64 interface address (longest match within the prefix), and DR reals would
+                // answer the health checks to the VIP, which they hold themselves.
+                cmd.args(["nodad", "preferred_lft", "0"]);
             }
             let out = cmd.stdin(std::process::Stdio::null()).output().await;
             let failed = match out {
