@@ -6,8 +6,8 @@ use aya_ebpf::{
 use xdpvs_common::{
     Conn, ConnKey, Layout, PersistKey, Real, RealConns, RealSet, RealStats, Service, ServiceKey,
     ServiceState, Settings, TableBlock, Template, DEFAULT_CONN_TABLE_SIZE,
-    DEFAULT_EMBRYONIC_TABLE_SIZE, DEFAULT_TABLE_POOL_BLOCKS, MAX_REALS, MAX_REALSETS,
-    MAX_SERVICES, PERSIST_TABLE_SIZE,
+    DEFAULT_EMBRYONIC_TABLE_SIZE, DEFAULT_TABLE_POOL_BLOCKS, MAX_REALS, MAX_REALSETS, MAX_SERVICES,
+    PERSIST_TABLE_SIZE,
 };
 
 #[map(name = "SERVICES")]

@@ -87,7 +87,11 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, real: &Real, gue_port: u16) -> u32 
     };
     *fib = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = if gue_port != 0 { IPPROTO_UDP } else { IPPROTO_IPIP };
+    fib.l4_protocol = if gue_port != 0 {
+        IPPROTO_UDP
+    } else {
+        IPPROTO_IPIP
+    };
     fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     fib.__bindgen_anon_1.tot_len = outer_len as u16;
     fib.__bindgen_anon_4.ipv4_dst = real.addr.w[0];
@@ -157,7 +161,15 @@ pub fn encap(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, gue_port
         let inner = ip + overhead;
         let tos = *((inner + 1) as *const u8);
         let frag = u16::from_be(*((inner + 6) as *const u16));
-        write_ipv4(ip, tos, outer_len as u16, frag & IP_DF, proto, src, real.addr.w[0]);
+        write_ipv4(
+            ip,
+            tos,
+            outer_len as u16,
+            frag & IP_DF,
+            proto,
+            src,
+            real.addr.w[0],
+        );
         if gue {
             let udp = ip + IPV4_HLEN;
             let sport = 0xc000 | (flow_hash(pkt) & 0x3fff) as u16;
@@ -201,7 +213,12 @@ fn inner_tos_frag(ctx: &XdpContext, l3: usize) -> Option<(u8, u16)> {
     if ip + IPV4_HLEN > ctx.data_end() {
         return None;
     }
-    unsafe { Some((*((ip + 1) as *const u8), u16::from_be(*((ip + 6) as *const u16)))) }
+    unsafe {
+        Some((
+            *((ip + 1) as *const u8),
+            u16::from_be(*((ip + 6) as *const u16)),
+        ))
+    }
 }
 
 /// Writes a 20-byte IPv4 header (no options, id 0) at `ip`, checksum included.
