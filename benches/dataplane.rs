@@ -682,6 +682,12 @@ fn measure(p: &Params) -> Result<Report> {
         let mut with_v6 = with_nat;
         with_v6.push(service6_on(80, xdpvs::config::Protocol::Tcp, &(1..=8).map(|i| (i, 1)).collect::<Vec<_>>()));
         with_v6.push(nat_service6(NAT_PORT, xdpvs::config::Protocol::Tcp, 8080, &[(1, 1), (2, 1), (3, 1), (4, 1)]));
+        for (port, fwd, tport) in [(TUN_PORT, fwd_kind::TUNNEL, 0), (GUE_PORT, fwd_kind::GUE, 6080)] {
+            let mut t = service6_on(port, xdpvs::config::Protocol::Tcp, &[(1, 1), (2, 1), (3, 1), (4, 1)]);
+            t.fwd = fwd;
+            t.tunnel_port = tport;
+            with_v6.push(t);
+        }
         h.apply(with_v6);
         let xdpvs = |f: &[u8], r: u32| -> Result<(u32, Duration)> {
             let (out, d) = h.run_repeat(f, r);
@@ -696,6 +702,15 @@ fn measure(p: &Params) -> Result<Report> {
             if h.run(est).action != XDP_TX {
                 bail!("could not set up the IPv6 flow to port {vport}");
             }
+        }
+        let mut v6_tunnel = Vec::new();
+        for port in [TUN_PORT, GUE_PORT] {
+            for f in [SYN, ACK] {
+                if h.run(&Frame6::tcp(CLIENT6, EST_SPORT, VIP6, port, f).build()).action != XDP_TX {
+                    bail!("could not set up the IPv6 tunnel flow on port {port}");
+                }
+            }
+            v6_tunnel.push(Frame6::tcp(CLIENT6, EST_SPORT, VIP6, port, ACK).build());
         }
         let v6_nat_reply = Frame6::tcp(&dpnet::real_ip6(v6_real).to_string(), 8080, CLIENT6, EST_SPORT, ACK)
             .macs(dpnet::real_mac(v6_real), packet::DIRECTOR_MAC)
@@ -715,6 +730,8 @@ fn measure(p: &Params) -> Result<Report> {
             ("IPv6 NAT: established flow (DNAT, L4 checksum with the v6 pseudo-header, XDP_TX)", &v6_nat_est),
             ("IPv6 NAT: real's reply (reply entry + flow lookup, SNAT, FIB lookup, XDP_TX)", &v6_nat_reply),
             ("ICMPv6: packet too big about a NAT flow (quote read, translated, XDP_TX)", &icmp6_nat),
+            ("IPv6 tunnel (IPv6 in IPv6): established flow (FIB lookup with source, outer IPv6, XDP_TX)", &v6_tunnel[0]),
+            ("IPv6 tunnel GUE: established flow (+ UDP, GUE, the UDP checksum from headers)", &v6_tunnel[1]),
         ];
         for (name, frame) in v6_cases {
             eprintln!("dataplane bench: {name}");

@@ -839,15 +839,7 @@ impl Validator<'_> {
             )?,
         };
         let forwarding = self.encap(&raw, forwarding, prefix)?;
-        if let (Forwarding::Tunnel(_), true, Some(f)) =
-            (forwarding, vip.is_ipv6(), raw.forwarding.as_ref())
-        {
-            return Err(self.at(
-                f,
-                &key("forwarding"),
-                "tunnel forwarding is IPv4 only for now (IPIP and GUE in IPv4); use dr or nat for an IPv6 VIP".into(),
-            ));
-        }
+
         let on_failure = match &raw.on_failure {
             None => OnFailure::Quiesce,
             Some(v) => self.choice(
@@ -1996,11 +1988,14 @@ scheduler = "rr"
 
     #[test]
     fn tunnels() {
-        expect_err(
-            &format!("{HEAD}[[service]]\nname = \"web\"\naddress = \"[2001:2::100]:80\"\nforwarding = \"tunnel\"\n"),
-            ("forwarding", 0),
-            "service[0].forwarding",
-            "IPv4 only for now",
+        let v6 = format!(
+            "{HEAD}[[service]]\nname = \"web\"\naddress = \"[2001:2::100]:80\"\nforwarding = \"tunnel\"\n\
+             [[service.real]]\naddress = \"[2001:2::11]:80\"\n"
+        );
+        assert_eq!(
+            parse_str(&v6).unwrap().services[0].forwarding,
+            Forwarding::Tunnel(Encap::Ipip),
+            "IPv6 in IPv6"
         );
         let real = "[[service.real]]\naddress = \"198.18.0.11:80\"\n";
         let cfg = parse_str(&svc(&format!("forwarding = \"tunnel\"\n{real}"))).unwrap();

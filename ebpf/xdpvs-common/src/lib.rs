@@ -592,7 +592,10 @@ pub mod stat {
     pub const TUNNEL_FRAG_NEEDED: u32 = 32;
     /// The same without DF (XDP cannot fragment), or a tagged one: dropped.
     pub const DROP_TUNNEL_MTU: u32 = 33;
-    /// Slots 19, 30 and 34..40 are reserved (named `unused_N`), so a new counter does not
+    /// An IPv6 packet with extension headers to a GUE tunnel service: dropped (its outer UDP
+    /// checksum is computed from the headers that follow the IPv6 header directly).
+    pub const DROP_TUNNEL_EXT: u32 = 34;
+    /// Slots 19, 30 and 35..40 are reserved (named `unused_N`), so a new counter does not
     /// change the map layout of pinned maps.
     pub const COUNT: u32 = 40;
 }
@@ -633,7 +636,7 @@ pub const STAT_NAMES: [&str; stat::COUNT as usize] = [
     "persist_hit",
     "tunnel_frag_needed",
     "drop_tunnel_mtu",
-    "unused_34",
+    "drop_tunnel_ext",
     "unused_35",
     "unused_36",
     "unused_37",

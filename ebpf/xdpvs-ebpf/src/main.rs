@@ -28,6 +28,7 @@ mod schedule;
 mod sweep;
 mod sync;
 mod tunnel;
+mod tunnel6;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
@@ -221,11 +222,6 @@ fn to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real, svc: &Service, 
 /// siblings of one another, at the least depth (see `tunnel`).
 #[inline(never)]
 fn tunnel_send(ctx: &XdpContext, pkt: &Packet, svc: &Service, id: u32) -> u32 {
-    if pkt.family != xdpvs_common::FAMILY_V4 {
-        // The config refuses IPv6 tunnel services; a stale map is no reason to send garbage.
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
     let Some(real) = maps::REALS.get(id) else {
         count(stat::DROP_NO_REAL);
         return xdp_action::XDP_DROP;
@@ -235,14 +231,24 @@ fn tunnel_send(ctx: &XdpContext, pkt: &Packet, svc: &Service, id: u32) -> u32 {
     } else {
         0
     };
+    let v6 = pkt.family == xdpvs_common::FAMILY_V6;
     let rc = tunnel::route(ctx, pkt, real, port);
     if rc & tunnel::TOO_BIG != 0 {
-        return tunnel::too_big(ctx, pkt, rc as u16);
+        return if v6 {
+            tunnel6::too_big(ctx, pkt, rc & !tunnel::TOO_BIG)
+        } else {
+            tunnel::too_big(ctx, pkt, rc as u16)
+        };
     }
     if rc != 0 {
         return xdp_action::XDP_DROP;
     }
-    match tunnel::encap(ctx, pkt, id, real, port) {
+    let egress = if v6 {
+        tunnel6::encap(ctx, pkt, id, real, port)
+    } else {
+        tunnel::encap(ctx, pkt, id, real, port)
+    };
+    match egress {
         0 => xdp_action::XDP_DROP,
         egress => forward::send(ctx, pkt, egress, unsafe { (*ctx.ctx).ingress_ifindex }),
     }

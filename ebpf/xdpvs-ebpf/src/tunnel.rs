@@ -15,7 +15,7 @@
 //! it, a client packet with DF set is answered with ICMP "fragmentation needed" carrying the
 //! MTU minus the tunnel's overhead (what IPVS's `ip_vs_tunnel_xmit` does), built here and sent
 //! back with XDP_TX (`tunnel_frag_needed`); without DF it is dropped (`drop_tunnel_mtu`: XDP
-//! cannot fragment). Only IPv4 inside IPv4 for now; VLAN-tagged frames keep their tags.
+//! cannot fragment). IPv6 services: `tunnel6`. VLAN-tagged frames keep their tags.
 //!
 //! This kernel has no ipip or fou module, so encapsulation is covered by dataplane tests only
 //! (exact outer headers and checksums), never end to end here.
@@ -24,33 +24,41 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use xdpvs_common::{stat, Real};
+use xdpvs_common::{stat, Real, FAMILY_V6};
 
 use crate::maps::{count, FIB_SCRATCH, REAL_STATS, TUNNEL_SCRATCH};
 use crate::parse::Packet;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 const FIB_NO_NEIGH: i64 = 7;
 const FIB_FRAG_NEEDED: i64 = 8;
 /// `BPF_FIB_LOOKUP_SRC`: the lookup also fills in the source address to use (kernel 6.6+).
 const FIB_LOOKUP_SRC: u32 = 1 << 4;
 const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_IPV6: u8 = 41;
+pub(crate) const IPPROTO_UDP: u8 = 17;
 const IPV4_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-const GUE_HLEN: usize = 4;
+pub(crate) const IPV6_HLEN: usize = 40;
+pub(crate) const UDP_HLEN: usize = 8;
+pub(crate) const GUE_HLEN: usize = 4;
+/// The smallest MTU an IPv6 link has (RFC 8200): a Packet Too Big never announces less.
+const IPV6_MIN_MTU: u32 = 1280;
 const IP_DF: u16 = 0x4000;
 const TTL: u8 = 64;
 /// Bytes of the client's packet an ICMP error quotes: its IP header (without options) and
 /// the first 8 bytes of its payload (RFC 792), enough for the client to find its socket.
 const QUOTE: usize = 28;
-const ICMP_HLEN: usize = 8;
+pub(crate) const ICMP_HLEN: usize = 8;
+/// The quote of an ICMPv6 Packet Too Big: the IPv6 header and 8 bytes of what follows.
+pub(crate) const QUOTE6: usize = 48;
 
 /// What `too_big` keeps aside while it rewrites the frame (kernel-private scratch).
 #[repr(C)]
 pub struct TooBigScratch {
-    pub quote: [u16; QUOTE / 2],
+    /// The IPv4 error quotes the first 28 bytes, the IPv6 one 48.
+    pub quote: [u16; QUOTE6 / 2],
     pub client_mac: [u8; 6],
     pub own_mac: [u8; 6],
 }
@@ -62,13 +70,19 @@ pub const TOO_BIG: u32 = 1 << 30;
 /// `route`'s result when the packet was dropped (and counted).
 pub const DROPPED: u32 = 1 << 29;
 
-/// The tunnel's overhead: outer IPv4, plus UDP and GUE with a GUE port.
+/// The tunnel's overhead: the outer IP header (of the packet's family: IPv4 in IPv4, IPv6 in
+/// IPv6), plus UDP and GUE with a GUE port.
 #[inline(always)]
-fn overhead(gue_port: u16) -> usize {
-    if gue_port != 0 {
-        IPV4_HLEN + UDP_HLEN + GUE_HLEN
+pub(crate) fn overhead(pkt: &Packet, gue_port: u16) -> usize {
+    let ip = if pkt.family == FAMILY_V6 {
+        IPV6_HLEN
     } else {
         IPV4_HLEN
+    };
+    if gue_port != 0 {
+        ip + UDP_HLEN + GUE_HLEN
+    } else {
+        ip
     }
 }
 
@@ -80,21 +94,32 @@ fn overhead(gue_port: u16) -> usize {
 /// 512-byte bound (and BPF calls take at most five arguments).
 #[inline(never)]
 pub fn route(ctx: &XdpContext, pkt: &Packet, real: &Real, gue_port: u16) -> u32 {
-    let outer_len = pkt.ip_len as usize + overhead(gue_port);
+    let outer_len = pkt.ip_len as usize + overhead(pkt, gue_port);
     let fib = match FIB_SCRATCH.get_ptr_mut(0) {
         Some(f) => unsafe { &mut *f },
         None => return DROPPED,
     };
     *fib = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = if gue_port != 0 {
-        IPPROTO_UDP
-    } else {
-        IPPROTO_IPIP
-    };
+    let v6 = pkt.family == FAMILY_V6;
     fib.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     fib.__bindgen_anon_1.tot_len = outer_len as u16;
-    fib.__bindgen_anon_4.ipv4_dst = real.addr.w[0];
+    if v6 {
+        fib.family = AF_INET6;
+        fib.l4_protocol = if gue_port != 0 {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_IPV6
+        };
+        fib.__bindgen_anon_4.ipv6_dst = real.addr.w;
+    } else {
+        fib.family = AF_INET;
+        fib.l4_protocol = if gue_port != 0 {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_IPIP
+        };
+        fib.__bindgen_anon_4.ipv4_dst = real.addr.w[0];
+    }
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
@@ -105,7 +130,11 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, real: &Real, gue_port: u16) -> u32 
     };
     if rc == FIB_FRAG_NEEDED {
         let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
-        return TOO_BIG | mtu.saturating_sub(overhead(gue_port) as u32);
+        let mut announce = mtu.saturating_sub(overhead(pkt, gue_port) as u32);
+        if v6 && announce < IPV6_MIN_MTU {
+            announce = IPV6_MIN_MTU;
+        }
+        return TOO_BIG | announce;
     }
     if rc != FIB_SUCCESS {
         count(if rc == FIB_NO_NEIGH {
@@ -123,7 +152,7 @@ pub fn route(ctx: &XdpContext, pkt: &Packet, real: &Real, gue_port: u16) -> u32 
 #[inline(never)]
 pub fn encap(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, gue_port: u16) -> u32 {
     let gue = gue_port != 0;
-    let overhead = overhead(gue_port);
+    let overhead = overhead(pkt, gue_port);
     // Little is kept across the helper call (each live value costs stack): the inner header's
     // fields are read at its new place afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
@@ -192,7 +221,7 @@ pub fn encap(ctx: &XdpContext, pkt: &Packet, real_id: u32, real: &Real, gue_port
 
 /// Copies bytes `OVER + 12 .. OVER + 22` of the frame to `12 .. 22`; false if it is too short.
 #[inline(always)]
-fn move_tags<const OVER: usize>(start: usize, end: usize) -> bool {
+pub(crate) fn move_tags<const OVER: usize>(start: usize, end: usize) -> bool {
     if start + OVER + 22 > end {
         return false;
     }
@@ -244,7 +273,7 @@ unsafe fn write_ipv4(ip: usize, tos: u8, tot_len: u16, frag: u16, proto: u8, src
 }
 
 #[inline(always)]
-fn fold(mut s: u32) -> u16 {
+pub(crate) fn fold(mut s: u32) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s as u16
@@ -252,8 +281,9 @@ fn fold(mut s: u32) -> u16 {
 
 /// A hash of the client's address and port (the GUE source port's low bits).
 #[inline(always)]
-fn flow_hash(pkt: &Packet) -> u32 {
-    let h = pkt.src.w[0] ^ (pkt.sport as u32).rotate_left(16) ^ pkt.dport as u32;
+pub(crate) fn flow_hash(pkt: &Packet) -> u32 {
+    let a = pkt.src.w[0] ^ pkt.src.w[1] ^ pkt.src.w[2] ^ pkt.src.w[3];
+    let h = a ^ (pkt.sport as u32).rotate_left(16) ^ pkt.dport as u32;
     h.wrapping_mul(0x9e37_79b1) >> 16
 }
 
