@@ -1020,11 +1020,17 @@ fn judge(h: &Harness, i: usize, f: &[u8], t: &mut Tally) {
             );
             if out.frame.len() != f.len() || out.frame[12..] != f[12..] {
                 // Not forwarded: a mid-flow segment of no flow, answered with a RST.
+                let tcp6 = matches!(what6, Some((a, 80, 6)) if a == vip6.octets());
                 assert!(
-                    matches!(what, Some(([198, 18, 0, 100], 80, 6))),
+                    tcp6 || matches!(what, Some(([198, 18, 0, 100], 80, 6))),
                     "frame {i}: changed but not a TCP segment to the service: {f:02x?}"
                 );
-                if let Err(e) = packet::check_reset(f, &out.frame) {
+                let checked = if tcp6 {
+                    packet::check_reset6(f, &out.frame)
+                } else {
+                    packet::check_reset(f, &out.frame)
+                };
+                if let Err(e) = checked {
                     panic!("frame {i}: {e}; in {f:02x?}");
                 }
                 t.reset += 1;

@@ -802,3 +802,37 @@ fn ipv6_persistence_masks_the_whole_address() {
         assert_eq!(connect("2001:db8:1::1", 42002, 81), r);
     });
 }
+
+/// A mid-flow IPv6 segment of no flow under a load-based scheduler (the daemon restarted
+/// `--fresh`, the entry evicted) is answered with a RST, as for IPv4, so the client fails at
+/// once; one with extension headers, or itself a RST, is dropped. Nothing is tracked.
+#[test]
+#[ignore = "needs root"]
+fn lost_ipv6_flows_get_a_reset() {
+    if !common::require_root("lost_ipv6_flows_get_a_reset") {
+        return;
+    }
+    net("v6rst", 1).run(|| {
+        let mut h = Harness::new();
+        h.apply(vec![service6_on(80, Protocol::Tcp, &[(1, 1)])]);
+        for (flags, payload) in [(ACK, 0), (ACK | PSH, 300), (FIN, 10), (PSH, 5)] {
+            let seg = Frame6::tcp(CLIENT, 45000, VIP6, 80, flags)
+                .payload(payload)
+                .build();
+            let out = h.run(&seg);
+            assert_eq!(out.action, XDP_TX, "flags {flags:#x}: answered");
+            packet::check_reset6(&seg, &out.frame)
+                .unwrap_or_else(|e| panic!("flags {flags:#x}: {e}"));
+        }
+        let with_ext = Frame6::tcp(CLIENT, 45001, VIP6, 80, ACK)
+            .ext(ext_opts(60, 1))
+            .build();
+        assert_eq!(h.run(&with_ext).action, XDP_DROP);
+        let rst = Frame6::tcp(CLIENT, 45002, VIP6, 80, packet::RST).build();
+        assert_eq!(h.run(&rst).action, XDP_DROP, "never a RST for a RST");
+        let st = h.dp.stats().unwrap();
+        assert_eq!(st[stat::MISS_RESET as usize], 4);
+        assert_eq!(st[stat::DROP_NO_CONN as usize], 2);
+        assert!(h.dp.connections().is_empty());
+    });
+}

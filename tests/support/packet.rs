@@ -301,6 +301,70 @@ pub fn check_reset(inp: &[u8], out: &[u8]) -> Result<(), String> {
     }
 }
 
+/// The IPv6 twin of [`check_reset`]: `out` is the RST answering the TCP segment `inp` (no
+/// extension headers), checked field by field, its checksum with the IPv6 pseudo-header.
+pub fn check_reset6(inp: &[u8], out: &[u8]) -> Result<(), String> {
+    let l3 = if inp[12..14] == [0x81, 0x00] { 18 } else { 14 };
+    if out.len() < l3 + 60 || out[l3 - 2..l3] != [0x86, 0xdd] {
+        return Err(format!("not an IPv6 frame of 60 bytes: {out:02x?}"));
+    }
+    let (i, o) = (&inp[l3..], &out[l3..]);
+    let plen = u16::from_be_bytes([i[4], i[5]]) as usize;
+    let seg = &i[40..40 + plen];
+    let flags = seg[13];
+    let doff = ((seg[12] >> 4) as usize) * 4;
+    let seq = u32::from_be_bytes(seg[4..8].try_into().unwrap());
+    let ack = u32::from_be_bytes(seg[8..12].try_into().unwrap());
+    let (want_seq, want_ack, want_flags) = if flags & ACK != 0 {
+        (ack, 0, RST)
+    } else {
+        let len =
+            (seg.len() - doff) as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+        (0, seq.wrapping_add(len), RST | ACK)
+    };
+    let mut errs = vec![];
+    let mut want = |what: &str, ok: bool| {
+        if !ok {
+            errs.push(what.to_string());
+        }
+    };
+    want("frame ends after the TCP header", out.len() == l3 + 60);
+    want("dst MAC is the sender's", out[0..6] == inp[6..12]);
+    want("src MAC is the one it was sent to", out[6..12] == inp[0..6]);
+    want("a VLAN tag kept", out[12..l3] == inp[12..l3]);
+    want("IPv6", o[0] >> 4 == 6);
+    want("payload length 20", u16::from_be_bytes([o[4], o[5]]) == 20);
+    want("next header TCP", o[6] == 6);
+    want("hop limit set", o[7] > 0);
+    want(
+        "addresses swapped",
+        o[8..24] == i[24..40] && o[24..40] == i[8..24],
+    );
+    let t = &o[40..60];
+    want(
+        "ports swapped",
+        t[0..2] == seg[2..4] && t[2..4] == seg[0..2],
+    );
+    want(
+        "sequence number",
+        u32::from_be_bytes(t[4..8].try_into().unwrap()) == want_seq,
+    );
+    want(
+        "acknowledgment number",
+        u32::from_be_bytes(t[8..12].try_into().unwrap()) == want_ack,
+    );
+    want("header 20 bytes", t[12] >> 4 == 5);
+    want("flags", t[13] == want_flags);
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&o[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&o[24..40]).unwrap());
+    want("TCP checksum", l4_checksum6(&src, &dst, 6, t) == 0);
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not the RST for it: {}", errs.join(", ")))
+    }
+}
+
 /// An ARP request frame (not IP: must be passed).
 pub fn arp() -> Vec<u8> {
     let mut f = vec![0xff; 6];
