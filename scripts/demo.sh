@@ -168,7 +168,6 @@ wait_vrrp() {
 }
 
 # Column of real $1 in `xdpvs list`: weight (4), health (7).
-real_col() { xdpvs_list 2>/dev/null | awk -v a="$1" -v c="$2" '$1 == "->" && $2 == a {print $c}'; }
 
 show_list() { xdpvs_list | sed 's/^/   /'; }
 
@@ -181,9 +180,14 @@ log_transitions() {
 
 # wait_health ADDR STATE SECONDS: until `xdpvs list` shows the real in STATE; 0 if it did.
 wait_health() {
-    local end=$(($(now_ms) + $3 * 1000))
+    local end=$(($(now_ms) + $3 * 1000)) row
     while (($(now_ms) < end)); do
-        [[ $(real_col "$1" 7) == "$2" ]] && return 0
+        # Health (column 7) and the weight in force in the dataplane (column 4): down means
+        # out of rotation in the packet path, up back in it.
+        row=$(xdpvs_list 2>/dev/null | awk -v a="$1" '$1 == "->" && $2 == a {print $7, $4}')
+        case "$2 ${row:-}" in
+            "down down 0" | "up up "[1-9]*) return 0 ;;
+        esac
         sleep 0.02
     done
     return 1

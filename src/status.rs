@@ -84,7 +84,9 @@ pub fn build(src: Sources<'_>) -> Result<Status> {
             let (active, inactive, connections, packets, bytes) = counters(rc.address)?;
             reals.push(RealStatus {
                 address: rc.address.to_string(),
-                weight: if dr.cut { 0 } else { dr.weight },
+                // The weight in force in the dataplane (the last apply's), so `list` never
+                // shows a real out of rotation before the packet path has it so.
+                weight: index.live_weight(&ds.key, rc.address),
                 configured_weight: rc.weight,
                 admin: rt.overrides.get(&id).copied(),
                 up,

@@ -52,6 +52,8 @@ enum Request {
 #[derive(Debug, Default)]
 pub struct Index {
     reals: HashMap<(ServiceKey, SocketAddr), u32>,
+    /// Each real's weight in the maps, as of the last apply.
+    weights: HashMap<(ServiceKey, SocketAddr), u32>,
     services: HashMap<ServiceKey, u32>,
     draining: Vec<Draining>,
 }
@@ -60,6 +62,7 @@ impl Index {
     fn of(p: &Programmer) -> Index {
         Index {
             reals: p.planner.real_ids(),
+            weights: p.planner.live_weights(),
             services: p.planner.service_ids(),
             draining: p.planner.draining(),
         }
@@ -67,6 +70,12 @@ impl Index {
 
     pub fn real_id(&self, service: &ServiceKey, real: SocketAddr) -> Option<u32> {
         self.reals.get(&(*service, real)).copied()
+    }
+
+    /// The weight the dataplane schedules `real` with now (0 if it is out of the set): the
+    /// last apply's, which may trail a health change by the owner's write.
+    pub fn live_weight(&self, service: &ServiceKey, real: SocketAddr) -> u32 {
+        self.weights.get(&(*service, real)).copied().unwrap_or(0)
     }
 
     pub fn service_id(&self, service: &ServiceKey) -> Option<u32> {

@@ -202,6 +202,21 @@ impl Planner {
         self.reals.iter().map(|(k, r)| (*k, r.id)).collect()
     }
 
+    /// The weight every real has in its service's live set (reals out of the set are absent):
+    /// what the dataplane schedules with now.
+    pub fn live_weights(&self) -> HashMap<(ServiceKey, SocketAddr), u32> {
+        let by_id: HashMap<u32, RealKey> = self.reals.iter().map(|(k, r)| (r.id, *k)).collect();
+        let mut out = HashMap::new();
+        for e in self.services.values() {
+            for slot in &e.set.slots[..(e.set.count as usize).min(MAX_REALS_PER_SERVICE)] {
+                if let Some(k) = by_id.get(&slot.real) {
+                    out.insert(*k, slot.weight);
+                }
+            }
+        }
+        out
+    }
+
     /// Every service that holds an id, with its id.
     pub fn service_ids(&self) -> HashMap<ServiceKey, u32> {
         self.services.iter().map(|(k, e)| (*k, e.id)).collect()
