@@ -167,8 +167,6 @@ wait_vrrp() {
     return 1
 }
 
-# Column of real $1 in `xdpvs list`: weight (4), health (7).
-
 show_list() { xdpvs_list | sed 's/^/   /'; }
 
 # The daemon's log lines about real 2's health transitions (time and message, no colours).
