@@ -13,8 +13,8 @@
 //! connection tables: an error is no sign of life of the flow, and never moves its state.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use xdpvs_common::{
-    stat, state, Addr, Conn, ConnKey, ServiceKey, CONN_F_NAT, CONN_F_REPLY, FAMILY_V4, PROTO_TCP,
-    PROTO_UDP, REAL_F_VALID, SVC_F_STANDBY,
+    stat, state, Addr, Conn, ConnKey, Real, ServiceKey, CONN_F_NAT, CONN_F_REPLY, FAMILY_V4,
+    PROTO_TCP, PROTO_UDP, REAL_F_VALID, SVC_F_STANDBY,
 };
 
 use crate::maps::{count, CONNS, EMBRYOS, REALS, SERVICES};
@@ -95,49 +95,87 @@ fn to_real(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         proto: iproto,
         family: FAMILY_V4,
     };
-    match unsafe { SERVICES.get(&svc) } {
-        Some(s) if s.flags & SVC_F_STANDBY != 0 => {
-            count(stat::DROP_STANDBY);
-            return Some(xdp_action::XDP_DROP);
-        }
-        Some(_) => {}
-        None => return None,
-    }
-    let conn: *const Conn = match CONNS.get_ptr(&key) {
-        Some(c) => c,
-        None => EMBRYOS.get_ptr(&key)?,
+    let (real_id, real, nat) = match flow_of(&svc, &key) {
+        Flow::Kernel => return None,
+        Flow::Drop => return Some(xdp_action::XDP_DROP),
+        Flow::To { id, real, nat } => (id, real, nat),
     };
-    let (st, flags, real_id, nat_addr, nat_port) = unsafe {
-        (
-            (*conn).state,
-            (*conn).flags,
-            (*conn).real,
-            (*conn).nat_addr.w[0],
-            (*conn).nat_port,
-        )
-    };
-    if flags & CONN_F_REPLY != 0 || !state::is_live(st) {
-        return None;
-    }
-    let real = match REALS.get(real_id) {
-        Some(r) if r.flags & REAL_F_VALID != 0 => *r,
-        _ => return None,
-    };
-    if flags & CONN_F_NAT != 0 {
+    if let Some((nat_addr, nat_port)) = nat {
         let l4csum_end = il4_off + if iproto == PROTO_TCP { 18 } else { 8 };
         // The quoted L4 checksum, if the quote holds it (routers may quote only 8 bytes).
         let l4csum = l4csum_end <= ip_end;
         let quote = il4_off as u32
             | if l4csum { Q_L4CSUM } else { 0 }
             | if iproto == PROTO_TCP { Q_TCP } else { 0 };
-        if !translate(ctx, pkt, quote, nat_addr, nat_port) {
+        if !translate(ctx, pkt, quote, nat_addr.w[0], nat_port) {
             count(stat::PASS_SPLIT_HEADERS);
             return Some(xdp_action::XDP_DROP);
         }
     }
+    Some(send_to_real(ctx, pkt, real_id, &real))
+}
+
+/// What an ICMP error about a quoted packet's flow is for.
+pub(crate) enum Flow {
+    /// No live flow (or a reply entry): the kernel's.
+    Kernel,
+    /// A flow of a service this director holds as a VRRP backup: dropped (counted).
+    Drop,
+    /// A live flow to a valid real; `nat`: its NAT address and port.
+    To {
+        id: u32,
+        real: Real,
+        nat: Option<(Addr, u16)>,
+    },
+}
+
+/// The flow `key` of service `svc` an error quotes (both families: the connection tables are
+/// family-wide). Read-only: an error is no sign of life of the flow.
+#[inline(always)]
+pub(crate) fn flow_of(svc: &ServiceKey, key: &ConnKey) -> Flow {
+    match unsafe { SERVICES.get(svc) } {
+        Some(s) if s.flags & SVC_F_STANDBY != 0 => {
+            count(stat::DROP_STANDBY);
+            return Flow::Drop;
+        }
+        Some(_) => {}
+        None => return Flow::Kernel,
+    }
+    let conn: *const Conn = match CONNS.get_ptr(key) {
+        Some(c) => c,
+        None => match EMBRYOS.get_ptr(key) {
+            Some(c) => c,
+            None => return Flow::Kernel,
+        },
+    };
+    let (st, flags, id, nat_addr, nat_port) = unsafe {
+        (
+            (*conn).state,
+            (*conn).flags,
+            (*conn).real,
+            (*conn).nat_addr,
+            (*conn).nat_port,
+        )
+    };
+    if flags & CONN_F_REPLY != 0 || !state::is_live(st) {
+        return Flow::Kernel;
+    }
+    match REALS.get(id) {
+        Some(r) if r.flags & REAL_F_VALID != 0 => Flow::To {
+            id,
+            real: *r,
+            nat: (flags & CONN_F_NAT != 0).then_some((nat_addr, nat_port)),
+        },
+        _ => Flow::Kernel,
+    }
+}
+
+/// Sends an error (translated if need be) to its flow's real, counted `icmp_to_real`.
+#[inline(always)]
+pub(crate) fn send_to_real(ctx: &XdpContext, pkt: &Packet, id: u32, real: &Real) -> u32 {
     count(stat::ICMP_TO_REAL);
     let now = unsafe { bpf_ktime_get_ns() };
-    Some(crate::forward::to_real(ctx, pkt, real_id, &real, now))
+    crate::forward::to_real(ctx, pkt, id, real, now)
 }
 
 /// Rewrites a NAT flow's ICMP error for its real: the outer destination (VIP -> real), the

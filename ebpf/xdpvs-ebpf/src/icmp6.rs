@@ -10,13 +10,11 @@
 //! its neighbours), echo, errors about no tracked flow, and quotes we do not read (an extension
 //! header in the quoted packet, a quote too short for its ports). Read-only on the connection
 //! tables, as for IPv4.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
-use xdpvs_common::{
-    stat, state, Addr, Conn, ConnKey, ServiceKey, CONN_F_NAT, CONN_F_REPLY, FAMILY_V6, PROTO_TCP,
-    PROTO_UDP, REAL_F_VALID, SVC_F_STANDBY,
-};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use xdpvs_common::{stat, Addr, ConnKey, ServiceKey, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::{count, CONNS, EMBRYOS, REALS, SERVICES};
+use crate::icmp::{flow_of, send_to_real, Flow};
+use crate::maps::count;
 use crate::nat::{addr6_diff, update};
 use crate::parse::Packet;
 
@@ -90,35 +88,12 @@ fn to_real(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         proto: inh,
         family: FAMILY_V6,
     };
-    match unsafe { SERVICES.get(&svc) } {
-        Some(s) if s.flags & SVC_F_STANDBY != 0 => {
-            count(stat::DROP_STANDBY);
-            return Some(xdp_action::XDP_DROP);
-        }
-        Some(_) => {}
-        None => return None,
-    }
-    let conn: *const Conn = match CONNS.get_ptr(&key) {
-        Some(c) => c,
-        None => EMBRYOS.get_ptr(&key)?,
+    let (real_id, real, nat) = match flow_of(&svc, &key) {
+        Flow::Kernel => return None,
+        Flow::Drop => return Some(xdp_action::XDP_DROP),
+        Flow::To { id, real, nat } => (id, real, nat),
     };
-    let (st, flags, real_id, nat_addr, nat_port) = unsafe {
-        (
-            (*conn).state,
-            (*conn).flags,
-            (*conn).real,
-            (*conn).nat_addr,
-            (*conn).nat_port,
-        )
-    };
-    if flags & CONN_F_REPLY != 0 || !state::is_live(st) {
-        return None;
-    }
-    let real = match REALS.get(real_id) {
-        Some(r) if r.flags & REAL_F_VALID != 0 => *r,
-        _ => return None,
-    };
-    if flags & CONN_F_NAT != 0 {
+    if let Some((nat_addr, nat_port)) = nat {
         let l4csum_end = il4_off + if inh == PROTO_TCP { 18 } else { 8 };
         let l4csum = l4csum_end <= ip_end;
         let quote = il4_off as u32
@@ -129,9 +104,7 @@ fn to_real(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
             return Some(xdp_action::XDP_DROP);
         }
     }
-    count(stat::ICMP_TO_REAL);
-    let now = unsafe { bpf_ktime_get_ns() };
-    Some(crate::forward::to_real(ctx, pkt, real_id, &real, now))
+    Some(send_to_real(ctx, pkt, real_id, &real))
 }
 
 /// Rewrites a NAT flow's ICMPv6 error for its real: the outer destination (VIP -> real), the

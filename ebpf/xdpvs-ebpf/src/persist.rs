@@ -75,6 +75,16 @@ pub fn remember(svc: &Service, pkt: &Packet, real: u32, now: u64) {
     let Some(s) = key(svc, pkt) else {
         return;
     };
+    // The template that placed this connection: its time restarts in place (a plain store;
+    // an LRU insert would take the map's locks for every persistent connection).
+    if let Some(t) = PERSIST.get_ptr_mut(&s.key) {
+        unsafe {
+            if (*t).real == real {
+                (*t).used_ns = now;
+                return;
+            }
+        }
+    }
     s.template = Template {
         real,
         _pad: 0,

@@ -287,6 +287,44 @@ pub(crate) fn flow_hash(pkt: &Packet) -> u32 {
     h.wrapping_mul(0x9e37_79b1) >> 16
 }
 
+/// Turns the frame around for an error about it: keeps its first `Q` bytes after Ethernet (the
+/// quote, which moves when the error's headers go in front of it) and its MACs aside in
+/// per-CPU map memory (off the stack, which is near the verifier's bound here), cuts the frame
+/// to `LEN` bytes and writes the MACs back swapped. Returns the quote and the new start; `None`
+/// if the frame is too short or cannot be cut (the caller counts it).
+#[inline(always)]
+pub(crate) fn turn_around<const Q: usize, const LEN: usize>(
+    ctx: &XdpContext,
+) -> Option<(&'static TooBigScratch, usize)> {
+    let keep = unsafe { &mut *TUNNEL_SCRATCH.get_ptr_mut(0)? };
+    let start = ctx.data();
+    if start + 14 + Q > ctx.data_end() {
+        return None;
+    }
+    unsafe {
+        let mut i = 0;
+        while i < Q / 2 {
+            keep.quote[i] = *((start + 14 + 2 * i) as *const u16);
+            i += 1;
+        }
+        keep.client_mac = *((start + 6) as *const [u8; 6]);
+        keep.own_mac = *(start as *const [u8; 6]);
+    }
+    let full = crate::parse::frame_len(ctx);
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, LEN as i32 - full as i32) } != 0 {
+        return None;
+    }
+    let start = ctx.data();
+    if start + LEN > ctx.data_end() {
+        return None;
+    }
+    unsafe {
+        *(start as *mut [u8; 6]) = keep.client_mac;
+        *((start + 6) as *mut [u8; 6]) = keep.own_mac;
+    }
+    Some((keep, start))
+}
+
 /// Answers the client's packet with ICMP "fragmentation needed" (next-hop MTU `mtu`) if it has
 /// DF set; drops it otherwise. The frame is cut to the error's size and rewritten in place:
 /// Ethernet back to the sender, IPv4 from the VIP (whose path is too small, as IPVS answers),
@@ -304,40 +342,12 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> u32 {
         count(stat::DROP_TUNNEL_MTU);
         return xdp_action::XDP_DROP;
     }
-    let reply_len = 14 + IPV4_HLEN + ICMP_HLEN + QUOTE;
-    // The quote moves from 14 to 42 (the regions overlap) and the MACs swap: both are kept
-    // aside in per-CPU map memory, off the stack, which is near the verifier's bound here.
-    let Some(keep) = TUNNEL_SCRATCH.get_ptr_mut(0) else {
+    const REPLY: usize = 14 + IPV4_HLEN + ICMP_HLEN + QUOTE;
+    let Some((keep, start)) = turn_around::<QUOTE, REPLY>(ctx) else {
+        count(stat::DROP_TUNNEL_MTU);
         return xdp_action::XDP_DROP;
     };
-    let keep = unsafe { &mut *keep };
-    let start = ctx.data();
-    if start + 14 + QUOTE > ctx.data_end() {
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
     unsafe {
-        let mut i = 0;
-        while i < QUOTE / 2 {
-            keep.quote[i] = *((start + 14 + 2 * i) as *const u16);
-            i += 1;
-        }
-        keep.client_mac = *((start + 6) as *const [u8; 6]);
-        keep.own_mac = *(start as *const [u8; 6]);
-    }
-    let full = crate::parse::frame_len(ctx);
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, reply_len as i32 - full as i32) } != 0 {
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
-    let start = ctx.data();
-    if start + reply_len > ctx.data_end() {
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
-    unsafe {
-        *(start as *mut [u8; 6]) = keep.client_mac;
-        *((start + 6) as *mut [u8; 6]) = keep.own_mac;
         let ip = start + 14;
         write_ipv4(
             ip,

@@ -20,8 +20,8 @@ use xdpvs_common::{stat, Real};
 use crate::maps::{count, FIB_SCRATCH, REAL_STATS, TUNNEL_SCRATCH};
 use crate::parse::Packet;
 use crate::tunnel::{
-    flow_hash, fold, move_tags, overhead, GUE_HLEN, ICMP_HLEN, IPPROTO_IPV6, IPPROTO_UDP,
-    IPV6_HLEN, QUOTE6, UDP_HLEN,
+    flow_hash, fold, move_tags, overhead, turn_around, GUE_HLEN, ICMP_HLEN, IPPROTO_IPV6,
+    IPPROTO_UDP, IPV6_HLEN, QUOTE6, UDP_HLEN,
 };
 
 const HOP_LIMIT: u8 = 64;
@@ -129,39 +129,13 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> u32 {
         count(stat::DROP_TUNNEL_MTU);
         return xdp_action::XDP_DROP;
     }
-    let reply_len = 14 + IPV6_HLEN + ICMP_HLEN + QUOTE6;
-    let Some(keep) = TUNNEL_SCRATCH.get_ptr_mut(0) else {
+    const REPLY: usize = 14 + IPV6_HLEN + ICMP_HLEN + QUOTE6;
+    let Some((keep, start)) = turn_around::<QUOTE6, REPLY>(ctx) else {
+        count(stat::DROP_TUNNEL_MTU);
         return xdp_action::XDP_DROP;
     };
-    let keep = unsafe { &mut *keep };
-    let start = ctx.data();
-    if start + 14 + QUOTE6 > ctx.data_end() {
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
-    unsafe {
-        let mut i = 0;
-        while i < QUOTE6 / 2 {
-            keep.quote[i] = *((start + 14 + 2 * i) as *const u16);
-            i += 1;
-        }
-        keep.client_mac = *((start + 6) as *const [u8; 6]);
-        keep.own_mac = *(start as *const [u8; 6]);
-    }
-    let full = crate::parse::frame_len(ctx);
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, reply_len as i32 - full as i32) } != 0 {
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
-    let start = ctx.data();
-    if start + reply_len > ctx.data_end() {
-        count(stat::DROP_TUNNEL_MTU);
-        return xdp_action::XDP_DROP;
-    }
     let plen = (ICMP_HLEN + QUOTE6) as u16;
     unsafe {
-        *(start as *mut [u8; 6]) = keep.client_mac;
-        *((start + 6) as *mut [u8; 6]) = keep.own_mac;
         *((start + 12) as *mut u16) = 0x86ddu16.to_be();
         let ip = start + 14;
         *(ip as *mut u32) = (6u32 << 28).to_be();
