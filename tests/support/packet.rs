@@ -243,18 +243,6 @@ pub fn check_reset(inp: &[u8], out: &[u8]) -> Result<(), String> {
     let (i, o) = (&inp[l3..], &out[l3..]);
     let ihl = ((i[0] & 0x0f) as usize) * 4;
     let tot = u16::from_be_bytes([i[2], i[3]]) as usize;
-    let seg = &i[ihl..tot];
-    let flags = seg[13];
-    let doff = ((seg[12] >> 4) as usize) * 4;
-    let seq = u32::from_be_bytes(seg[4..8].try_into().unwrap());
-    let ack = u32::from_be_bytes(seg[8..12].try_into().unwrap());
-    let (want_seq, want_ack, want_flags) = if flags & ACK != 0 {
-        (ack, 0, RST)
-    } else {
-        let len =
-            (seg.len() - doff) as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
-        (0, seq.wrapping_add(len), RST | ACK)
-    };
     let mut errs = vec![];
     let mut want = |what: &str, ok: bool| {
         if !ok {
@@ -262,9 +250,6 @@ pub fn check_reset(inp: &[u8], out: &[u8]) -> Result<(), String> {
         }
     };
     want("frame ends after the TCP header", out.len() == l3 + 40);
-    want("dst MAC is the sender's", out[0..6] == inp[6..12]);
-    want("src MAC is the one it was sent to", out[6..12] == inp[0..6]);
-    want("a VLAN tag kept", out[12..l3] == inp[12..l3]);
     want("IPv4, no options", o[0] == 0x45);
     want("total length 40", u16::from_be_bytes([o[2], o[3]]) == 40);
     want("protocol TCP", o[9] == 6);
@@ -274,31 +259,12 @@ pub fn check_reset(inp: &[u8], out: &[u8]) -> Result<(), String> {
         o[12..16] == i[16..20] && o[16..20] == i[12..16],
     );
     want("IP checksum", checksum(&o[..20]) == 0);
-    let t = &o[20..40];
-    want(
-        "ports swapped",
-        t[0..2] == seg[2..4] && t[2..4] == seg[0..2],
-    );
-    want(
-        "sequence number",
-        u32::from_be_bytes(t[4..8].try_into().unwrap()) == want_seq,
-    );
-    want(
-        "acknowledgment number",
-        u32::from_be_bytes(t[8..12].try_into().unwrap()) == want_ack,
-    );
-    want("header 20 bytes", t[12] >> 4 == 5);
-    want("flags", t[13] == want_flags);
     let (src, dst): ([u8; 4], [u8; 4]) =
         (o[12..16].try_into().unwrap(), o[16..20].try_into().unwrap());
+    let t = &o[20..40];
     want("TCP checksum", l4_checksum(&src, &dst, 6, t) == 0);
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "not the RST for the segment: {errs:?}; out {out:02x?}"
-        ))
-    }
+    rst_fields(inp, out, l3, &i[ihl..tot], t, &mut errs);
+    reset_result(errs, out)
 }
 
 /// The IPv6 twin of [`check_reset`]: `out` is the RST answering the TCP segment `inp` (no
@@ -310,7 +276,32 @@ pub fn check_reset6(inp: &[u8], out: &[u8]) -> Result<(), String> {
     }
     let (i, o) = (&inp[l3..], &out[l3..]);
     let plen = u16::from_be_bytes([i[4], i[5]]) as usize;
-    let seg = &i[40..40 + plen];
+    let mut errs = vec![];
+    let mut want = |what: &str, ok: bool| {
+        if !ok {
+            errs.push(what.to_string());
+        }
+    };
+    want("frame ends after the TCP header", out.len() == l3 + 60);
+    want("IPv6", o[0] >> 4 == 6);
+    want("payload length 20", u16::from_be_bytes([o[4], o[5]]) == 20);
+    want("next header TCP", o[6] == 6);
+    want("hop limit set", o[7] > 0);
+    want(
+        "addresses swapped",
+        o[8..24] == i[24..40] && o[24..40] == i[8..24],
+    );
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&o[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&o[24..40]).unwrap());
+    let t = &o[40..60];
+    want("TCP checksum", l4_checksum6(&src, &dst, 6, t) == 0);
+    rst_fields(inp, out, l3, &i[40..40 + plen], t, &mut errs);
+    reset_result(errs, out)
+}
+
+/// What both families' RSTs share: the Ethernet header turned around (a tag kept), and the
+/// TCP header `t` answering segment `seg` as RFC 793 (3.4) prescribes.
+fn rst_fields(inp: &[u8], out: &[u8], l3: usize, seg: &[u8], t: &[u8], errs: &mut Vec<String>) {
     let flags = seg[13];
     let doff = ((seg[12] >> 4) as usize) * 4;
     let seq = u32::from_be_bytes(seg[4..8].try_into().unwrap());
@@ -322,25 +313,14 @@ pub fn check_reset6(inp: &[u8], out: &[u8]) -> Result<(), String> {
             (seg.len() - doff) as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
         (0, seq.wrapping_add(len), RST | ACK)
     };
-    let mut errs = vec![];
     let mut want = |what: &str, ok: bool| {
         if !ok {
             errs.push(what.to_string());
         }
     };
-    want("frame ends after the TCP header", out.len() == l3 + 60);
     want("dst MAC is the sender's", out[0..6] == inp[6..12]);
     want("src MAC is the one it was sent to", out[6..12] == inp[0..6]);
     want("a VLAN tag kept", out[12..l3] == inp[12..l3]);
-    want("IPv6", o[0] >> 4 == 6);
-    want("payload length 20", u16::from_be_bytes([o[4], o[5]]) == 20);
-    want("next header TCP", o[6] == 6);
-    want("hop limit set", o[7] > 0);
-    want(
-        "addresses swapped",
-        o[8..24] == i[24..40] && o[24..40] == i[8..24],
-    );
-    let t = &o[40..60];
     want(
         "ports swapped",
         t[0..2] == seg[2..4] && t[2..4] == seg[0..2],
@@ -355,13 +335,15 @@ pub fn check_reset6(inp: &[u8], out: &[u8]) -> Result<(), String> {
     );
     want("header 20 bytes", t[12] >> 4 == 5);
     want("flags", t[13] == want_flags);
-    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&o[8..24]).unwrap());
-    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&o[24..40]).unwrap());
-    want("TCP checksum", l4_checksum6(&src, &dst, 6, t) == 0);
+}
+
+fn reset_result(errs: Vec<String>, out: &[u8]) -> Result<(), String> {
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(format!("not the RST for it: {}", errs.join(", ")))
+        Err(format!(
+            "not the RST for the segment: {errs:?}; out {out:02x?}"
+        ))
     }
 }
 
